@@ -1,0 +1,234 @@
+"""The handwritten Transformer against transformers: logits, greedy tokens, checkpoint round trips,
+prefix embeddings, batched KV-cached generation and sampling.
+
+Run:  python -m pytest tests/test_model.py -q
+"""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from common import UserError
+from model import (Transformer, embed_rows, generate, load_embedding_matrix, sample_next,
+                   _decode_step, KVCache)
+
+
+def test_logits_match_transformers(hf_checkpoint):
+    family, path, hf = hf_checkpoint
+    ours = Transformer.from_pretrained(path)
+    ids = torch.randint(0, 97, (3, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids)).abs().max().item()
+    assert diff <= 1e-4, f"{family}: max |logits diff| = {diff}"
+
+
+def test_greedy_generation_matches_transformers(hf_checkpoint):
+    family, path, hf = hf_checkpoint
+    ours = Transformer.from_pretrained(path)
+    prompt = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(2))
+    theirs = hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)[0, 12:].tolist()
+    mine = generate(ours, [prompt[0].tolist()], max_new_tokens=32, temperature=0).token_lists()[0]
+    assert mine == theirs
+
+
+def test_prefix_of_real_token_embeddings_equals_those_tokens(hf_checkpoint):
+    _, path, _ = hf_checkpoint
+    model = Transformer.from_pretrained(path)
+    tokens = [5, 17, 33, 8, 60, 2, 41]
+    prefix_tokens, prompt = tokens[:3], tokens[3:]
+    prefix = model.embed_tokens.weight[prefix_tokens].detach()             # (3, d)
+    with torch.no_grad():
+        embeds, mask = embed_rows(model, [prompt], [prefix])
+        with_prefix = model(inputs_embeds=embeds, attention_mask=mask)
+        plain = model(torch.tensor([tokens]))
+    torch.testing.assert_close(with_prefix, plain, atol=1e-5, rtol=0)
+
+
+def test_left_padded_batch_rows_equal_rows_alone(hf_checkpoint):
+    _, path, _ = hf_checkpoint
+    model = Transformer.from_pretrained(path)
+    g = torch.Generator().manual_seed(3)
+    d = model.config.hidden_size
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 11, 2, 8)]
+    prefixes = [torch.randn(L, d, generator=g) * 0.5 if L else None for L in (0, 3, 1, 4)]
+    with torch.no_grad():
+        embeds, mask = embed_rows(model, prompts, prefixes)
+        batched = model(inputs_embeds=embeds, attention_mask=mask)
+        for i in range(4):
+            e, m = embed_rows(model, [prompts[i]], [prefixes[i]])
+            alone = model(inputs_embeds=e, attention_mask=m)[0]
+            n = alone.shape[0]
+            torch.testing.assert_close(batched[i, -n:], alone, atol=1e-5, rtol=0)
+
+
+def _generate_without_cache(model, prompt, prefix, max_new_tokens, stop_tokens):
+    """Reference: recompute the whole sequence for every new token, greedily."""
+    tokens = []
+    for _ in range(max_new_tokens):
+        e, m = embed_rows(model, [prompt + tokens], [prefix])
+        tokens.append(int(model(inputs_embeds=e, attention_mask=m)[0, -1].argmax()))
+        if tokens[-1] in stop_tokens:
+            break
+    return tokens
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_batched_cached_generation_equals_recomputation(hf_checkpoint, static):
+    """Mixed prompt and prefix lengths, stop tokens that end some rows early (so finished rows
+    are dropped from the batch mid-way), and both the dynamic and the static decode step."""
+    _, path, _ = hf_checkpoint
+    model = Transformer.from_pretrained(path)
+    g = torch.Generator().manual_seed(4)
+    d = model.config.hidden_size
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 9, 1, 6, 3)]
+    prefixes = [torch.randn(L, d, generator=g) if L else None for L in (2, 0, 1, 3, 0)]
+    with torch.no_grad():
+        expected = [_generate_without_cache(model, p, x, 20, stop_tokens=())
+                    for p, x in zip(prompts, prefixes)]
+    # pick stop tokens that some rows emit early, so they finish at different steps
+    stop = {expected[0][3], expected[2][6]}
+    with torch.no_grad():
+        expected = [_generate_without_cache(model, p, x, 20, stop_tokens=stop)
+                    for p, x in zip(prompts, prefixes)]
+    out = generate(model, prompts, prefixes, max_new_tokens=20, temperature=0,
+                   stop_tokens=stop, static=static)
+    assert out.token_lists() == expected
+    assert out.stopped.tolist() == [e[-1] in stop for e in expected]
+    assert out.lengths.tolist() == [len(e) for e in expected]
+
+
+def test_sampling_reproducible_and_respects_top_k_top_p():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=g) * 3
+    draw = lambda seed, **kw: sample_next(logits, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(draw(7), draw(7))
+    assert not torch.equal(draw(7), draw(8))
+    for _ in range(20):
+        seed = int(torch.randint(0, 10**6, (1,), generator=g))
+        top_k = draw(seed, top_k=5)
+        allowed = logits.topk(5, dim=-1).indices
+        assert (allowed == top_k[:, None]).any(-1).all()
+        top_p = draw(seed, top_p=0.6, temperature=0.7)
+        probs = (logits / 0.7).softmax(-1)
+        sorted_p, order = probs.sort(-1, descending=True)
+        n_keep = ((sorted_p.cumsum(-1) - sorted_p) < 0.6).sum(-1)          # nucleus size
+        rank = (order == top_p[:, None]).float().argmax(-1)
+        assert (rank < n_keep).all()
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
+
+
+def test_seeded_generate_is_reproducible(hf_checkpoint):
+    _, path, _ = hf_checkpoint
+    model = Transformer.from_pretrained(path)
+    prompts = [[5, 6, 7], [8, 9]]
+    run = lambda seed: generate(model, prompts, max_new_tokens=16, temperature=1.0, top_p=0.9,
+                                generator=torch.Generator().manual_seed(seed)).token_lists()
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_save_pretrained_loads_in_transformers(hf_checkpoint, tmp_path):
+    family, path, hf = hf_checkpoint
+    ours = Transformer.from_pretrained(path)
+    ours.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+    assert reloaded.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert os.path.exists(tmp_path / "out" / "generation_config.json")
+
+
+def test_sharded_transformers_checkpoint_loads(tmp_path):
+    from conftest import make_hf_model
+    hf = make_hf_model("qwen3_untied_gqa4")
+    hf.save_pretrained(tmp_path, max_shard_size="50KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    ours = Transformer.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=0)
+    E = load_embedding_matrix(str(tmp_path))
+    assert torch.equal(E, hf.model.embed_tokens.weight.detach())
+
+
+def test_token_logprobs_equal_log_softmax_of_logits(hf_checkpoint):
+    _, path, _ = hf_checkpoint
+    model = Transformer.from_pretrained(path)
+    embeds, mask = embed_rows(model, [[4, 5, 6, 7, 8], [9, 10, 11]])
+    targets = torch.randint(0, 97, mask.shape)
+    loss_mask = mask.clone()
+    loss_mask[:, :2] = False
+    lp, ent = model.token_logprobs(embeds, mask, targets, loss_mask, temperature=0.8, chunk=3)
+    ref = (model(inputs_embeds=embeds, attention_mask=mask) / 0.8).log_softmax(-1)
+    ref_lp = ref.gather(-1, targets[..., None]).squeeze(-1) * loss_mask
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
+    ref_ent = -(ref.exp() * ref).sum(-1) * loss_mask
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+    lp.sum().backward()     # gradients flow through the chunked, recomputed path
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_prefix_gradient_only_when_asked(hf_checkpoint):
+    _, path, _ = hf_checkpoint
+    model = Transformer.from_pretrained(path)
+    prefix = torch.randn(2, model.config.hidden_size, requires_grad=True)
+    embeds, mask = embed_rows(model, [[4, 5]], [prefix])
+    model(inputs_embeds=embeds, attention_mask=mask).sum().backward()
+    assert prefix.grad is not None and prefix.grad.abs().sum() > 0
+    frozen = torch.randn(2, model.config.hidden_size)
+    embeds, mask = embed_rows(model, [[4, 5]], [frozen])
+    assert not frozen.requires_grad and frozen.grad is None
+
+
+# -- bad input: one clear message ------------------------------------------------------------
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        Transformer.from_pretrained(str(tmp_path / "nope" / "model"))
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def _copy_checkpoint(path, dest, edit_config=None, drop_tensor=None):
+    from safetensors.torch import load_file, save_file
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    if edit_config:
+        edit_config(cfg)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    if drop_tensor:
+        tensors.pop(drop_tensor)
+    save_file(tensors, str(dest / "model.safetensors"))
+
+
+def test_missing_tensor(hf_checkpoint, tmp_path):
+    _, path, _ = hf_checkpoint
+    _copy_checkpoint(path, tmp_path, drop_tensor="model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(UserError, match="lacks 1 tensors.*model.layers.1.mlp.up_proj.weight"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_wrong_shape(hf_checkpoint, tmp_path):
+    _, path, _ = hf_checkpoint
+    _copy_checkpoint(path, tmp_path, edit_config=lambda c: c.update(intermediate_size=128))
+    with pytest.raises(UserError, match="has shape .* config.json implies"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_unreachable_hub_id_is_a_clear_error():
+    with pytest.raises(UserError, match="could not fetch 'no-such-org/no-such-model'"):
+        Transformer.from_pretrained("no-such-org/no-such-model")
