@@ -91,6 +91,46 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def sync_gradients(model, bucket_numel=2**26):
+    """Average gradients over ranks. The one place where data-parallel ranks synchronise: every
+    rank starts from the same weights and applies the same averaged gradient, so they stay equal.
+    Gradients are flattened into buckets so that a 4B model needs few all-reduce calls."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    grads = []
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if g is not None and (not bucket or (g.dtype == bucket[0].dtype and size < bucket_numel)):
+            bucket.append(g)
+            size += g.numel()
+            continue
+        if bucket:
+            flat = torch.cat([b.flatten() for b in bucket])
+            dist.all_reduce(flat)
+            flat /= world
+            for b, synced in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(synced.view_as(b))
+        bucket, size = ([g], g.numel()) if g is not None else ([], 0)
+
+
+def check_ranks_in_sync(model):
+    """Compare a checksum of the weights across ranks; raise if any rank drifted apart."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    local = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()[None]
+    all_sums = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_sums, local)
+    if any(not torch.equal(s, all_sums[0]) for s in all_sums):
+        raise RuntimeError(f"ranks hold different weights: checksums {[s.item() for s in all_sums]}")
+    print0(f"weights identical on {len(all_sums)} ranks (checksum {all_sums[0].item():.6f})")
+
+
 def all_reduce_mean(values, device):
     """Average a list of floats over ranks (identity without DDP)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -158,6 +198,20 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+def atomic_save_file(path, write_fn):
+    """write_fn(tmp_path) writes a file that then replaces `path` in one rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def atomic_save_dir(path, write_fn):

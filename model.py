@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common import UserError, atomic_save_dir, atomic_write_json
+from common import UserError, atomic_save_dir, atomic_save_file, atomic_write_json
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -488,6 +488,26 @@ def embed_rows(model, token_rows, prefixes=None):
     return embeds, mask
 
 
+def completion_batch(model, prompts, completions, prefixes=None):
+    """The training layout: rows [prefix_i; prompt_i; completion_i], left padded.
+
+    Returns inputs_embeds (B, T, d), attention_mask (B, T), targets (B, T) and loss_mask (B, T):
+    position t predicts targets[:, t], and loss_mask is True exactly at the positions that predict
+    a completion token, so prefix, prompt and padding never carry loss.
+    """
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    embeds, mask = embed_rows(model, rows, prefixes)
+    B, T = mask.shape
+    targets = torch.zeros(B, T, dtype=torch.long)
+    loss_mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        n = len(c)
+        if n:
+            targets[i, T - n - 1:T - 1] = torch.as_tensor(c, dtype=torch.long)
+            loss_mask[i, T - n - 1:T - 1] = True
+    return embeds, mask, targets.to(mask.device), loss_mask.to(mask.device)
+
+
 # -----------------------------------------------------------------------------
 # 3. KV cache and generation
 
@@ -708,8 +728,8 @@ class PaletteVAE(nn.Module):
         """z (..., k) -> h_hat (..., d) in the (unstandardised) space of h."""
         return self.decoder(z) * self.h_std + self.h_mean
 
-    def loss(self, h, beta, generator=None):
-        """Negative ELBO pieces, averaged over the batch: recon + beta * KL.
+    def forward(self, h, beta, generator=None):
+        """The training loss: negative ELBO pieces, averaged over the batch: recon + beta * KL.
         recon = ||h_hat - h||^2 in standardised units; KL(N(mu, sigma^2) || N(0, I)) closed form."""
         mu, logvar = self.encode(h)                                              # (N, k) each
         eps = torch.randn(mu.shape, generator=generator, device=mu.device)
@@ -726,16 +746,13 @@ class PaletteVAE(nn.Module):
 
 def save_vae(vae, out_dir, meta):
     """vae.safetensors (weights and statistics) + vae.json (dimensions, beta, the model it
-    belongs to with its embedding fingerprint, per-domain latent statistics), atomically."""
-    from common import atomic_save_dir
-
-    def write(tmp):
-        state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-        save_file(state, os.path.join(tmp, "vae.safetensors"))
-        atomic_write_json(os.path.join(tmp, "vae.json"), {
-            "dim": vae.dim, "latent_dim": vae.latent_dim, "hidden_dim": vae.hidden_dim,
-            "depth": vae.depth, **meta})
-    atomic_save_dir(out_dir, write)
+    belongs to with its embedding fingerprint, per-domain latent statistics), each written
+    atomically into out_dir (which may also hold the run's logs)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+    atomic_save_file(os.path.join(out_dir, "vae.safetensors"), lambda tmp: save_file(state, tmp))
+    atomic_write_json(os.path.join(out_dir, "vae.json"), {
+        "dim": vae.dim, "latent_dim": vae.latent_dim, "hidden_dim": vae.hidden_dim,
+        "depth": vae.depth, **meta})
 
 
 def load_vae(vae_dir, E=None):
