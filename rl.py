@@ -1,4 +1,4 @@
-"""Stage 3: GRPO / RLOO with latent-guided exploration (Reasoning Palette).
+r"""Stage 3: GRPO / RLOO with latent-guided exploration (Reasoning Palette).
 
 Each step takes P prompts (sharded over ranks; a group never spans ranks) and samples G
 completions of each. Before sampling, the schedule decides how many rollouts of each group carry

@@ -1,4 +1,4 @@
-"""Stage 2: the SFT warm-up that teaches the policy to read prefixes.
+r"""Stage 2: the SFT warm-up that teaches the policy to read prefixes.
 
 Each (question q, answer o) pair is trained on as [p; E(q); E(o)] where p is L prefix embeddings
 decoded from a PRIOR sample z ~ N(0, I) (never the pair's own posterior: the prefix must not

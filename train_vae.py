@@ -1,4 +1,4 @@
-"""Stage 1: the reasoning-strategy VAE.
+r"""Stage 1: the reasoning-strategy VAE.
 
 For each (question q, answer o) pair, h = mean over tokens of E([q; o]), with E the policy's frozen
 token-embedding matrix (read alone from the checkpoint; the model itself is never built). A small

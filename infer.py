@@ -1,0 +1,156 @@
+r"""Latent-guided generation: complete prompts under N latents, one block per (prompt, latent).
+
+Latent i is one draw of L prefix embeddings (from the VAE's prior or a domain region, or a
+baseline source), shared by every prompt, so block i of each prompt shows what "strategy i" does
+with it. Decoding is greedy by default: any difference between latents is then the prefix's
+doing, not token randomness (the paper's Fig. 1). With --prefix-source none, N latents are N
+identical greedy completions, or N samples with --temperature > 0. Generation stops at the
+tokenizer's eos. Prompts are decoded latent by latent (all prompts of latent i in batches of
+--batch-size rows) and printed as each batch finishes; --out also writes one JSON line per
+(prompt, latent): {"prompt_index", "prompt", "latent", "prefix_source", "region", "L",
+"temperature", "seed", "completion", "num_tokens", "stopped"}.
+
+Toy world:
+    python infer.py --model runs/toy/sft/model --vae runs/toy/vae --num-latents 4 --prompt "47+38=?"
+    python infer.py --model runs/toy/base --prefix-source none --temperature 1 --num-latents 4 \
+        --prompts-file runs/toy/data/math_test.jsonl --out runs/toy/infer.jsonl
+A real model (one process; pick the GPU with CUDA_VISIBLE_DEVICES):
+    python infer.py --model runs/rl-qwen3-4b/model --vae runs/vae-qwen3-4b --region math --L 1 \
+        --template math --num-latents 8 --max-new-tokens 1024 --dtype bfloat16 \
+        --prompt "What is the sum of the first 100 odd numbers?"
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from common import UserError, compute_init, run_main
+from data import TEMPLATES, format_prompt
+from model import PREFIX_SOURCES, Transformer, generate, make_prefix_source
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# Prompts
+parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+parser.add_argument("--prompts-file", default=None,
+                    help="one prompt per line, or JSON lines with a 'problem' field")
+parser.add_argument("--template", default="plain", choices=TEMPLATES)
+# Model
+parser.add_argument("--model", required=True, help="hub id or checkpoint directory")
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+# Palette
+parser.add_argument("--prefix-source", default="vae", choices=PREFIX_SOURCES)
+parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
+parser.add_argument("--region", default=None, help="sample z from this domain's region, not the prior")
+parser.add_argument("--L", type=int, default=1, help="prefix tokens per latent (0: no prefix)")
+parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
+parser.add_argument("--num-latents", type=int, default=4, help="latents (blocks) per prompt")
+# Decoding
+parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy per latent")
+parser.add_argument("--top-p", type=float, default=1.0)
+parser.add_argument("--max-new-tokens", type=int, default=256)
+parser.add_argument("--batch-size", type=int, default=64, help="prompts per generate() call")
+parser.add_argument("--seed", type=int, default=0, help="seeds the latents and the token sampler")
+# Output
+parser.add_argument("--out", default=None, help="also write one JSON line per (prompt, latent) here")
+
+
+def read_prompts(path):
+    """Prompts of a file: plain lines, or JSON lines whose 'problem' field is the prompt."""
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts-file {path}: no such file")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+                if not isinstance(row.get("problem"), str):
+                    raise UserError(f"{path}:{lineno}: JSON line has no 'problem' string field")
+                line = row["problem"]
+            prompts.append(line)
+    if not prompts:
+        raise UserError(f"--prompts-file {path}: no prompts in it")
+    return prompts
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.L < 0:
+        raise UserError(f"--L must be >= 0, got {args.L}")
+    if args.num_latents < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UserError("--num-latents, --batch-size and --max-new-tokens must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.prefix_source == "vae" and args.vae is None:
+        raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py); "
+                        "or choose --prefix-source none, noise or random_decoder")
+    texts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not texts:
+        raise UserError("no prompts: pass --prompt \"...\" (repeatable) or --prompts-file FILE")
+    _, _, _, _, device = compute_init()
+
+    from transformers import AutoTokenizer
+    dtype = getattr(torch, args.dtype)
+    model = Transformer.from_pretrained(args.model, device=device, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model.source_dir)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError(f"{args.model}: the tokenizer has no eos token to stop generation at")
+    E = model.embed_tokens.weight.detach().float().cpu()
+    source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
+    prompts = [tokenizer(format_prompt(t, args.template, tokenizer), add_special_tokens=False)["input_ids"]
+               for t in texts]
+    context = model.config.max_position_embeddings
+    for i, p in enumerate(prompts):
+        if len(p) + args.L + args.max_new_tokens > context:
+            raise UserError(f"prompt {i}: {len(p)} tokens + L {args.L} + --max-new-tokens "
+                            f"{args.max_new_tokens} exceeds the model's context of {context}")
+
+    # All latents up front from one seeded generator: latent i is the same whatever the prompts.
+    g_latent = torch.Generator().manual_seed(args.seed)
+    latents = source.sample(args.num_latents, args.L, generator=g_latent)      # (N, L, d) or None
+    g_sample = torch.Generator(device=device).manual_seed(args.seed + 1)
+    label = "none" if latents is None else \
+        f"{source.name}{':' + args.region if args.region else ''}, L={args.L}"
+    out_file = None
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        out_file = open(args.out, "w", encoding="utf-8")
+    try:
+        for i in range(args.num_latents):
+            prefix = None if latents is None else latents[i].to(device, dtype)       # (L, d)
+            for s in range(0, len(prompts), args.batch_size):
+                batch = prompts[s:s + args.batch_size]
+                out = generate(model, batch, None if prefix is None else [prefix] * len(batch),
+                               args.max_new_tokens, args.temperature, top_p=args.top_p,
+                               stop_tokens=[eos], generator=g_sample)
+                completions = tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)
+                for j, completion in enumerate(completions):
+                    p = s + j
+                    print(f"=== prompt {p} | latent {i} ({label}) ===\n{completion}", flush=True)
+                    if out_file:
+                        out_file.write(json.dumps({
+                            "prompt_index": p, "prompt": texts[p], "latent": i,
+                            "prefix_source": source.name if latents is not None else "none",
+                            "region": args.region, "L": args.L if latents is not None else 0,
+                            "temperature": args.temperature, "seed": args.seed,
+                            "completion": completion, "num_tokens": int(out.lengths[j]),
+                            "stopped": bool(out.stopped[j])}) + "\n")
+                if out_file:
+                    out_file.flush()
+    finally:
+        if out_file:
+            out_file.close()
+    if args.out:
+        print(f"wrote {len(prompts) * args.num_latents} completions to {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

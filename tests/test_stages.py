@@ -1,0 +1,286 @@
+"""The training stages end to end on a tiny toy world built in the test: train_vae.py,
+sft_warmup.py and rl.py (schedules, replayed prefixes, learning, resume, torchrun, bad input).
+
+Run:  python -m pytest tests/test_stages.py -q        (about three minutes on two cores)
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny world: char tokenizer, 2-digit addition data, a 2-layer model pretrained for 400
+    steps (greedy pass@1 about 30%, so RL has reward to start from and room above), a VAE."""
+    from common import RunDir
+    from model import ModelConfig, Transformer
+    from toy import build_world
+    from toy.task import generate as toy_rows, write_jsonl
+    from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+    root = tmp_path_factory.mktemp("world")
+    tokenizer = build_tokenizer(str(root / "tokenizer"))
+    rows = toy_rows("math", 3000, seed=1, digits=2)
+    write_jsonl(rows, str(root / "math_train.jsonl"))
+    write_jsonl(toy_rows("math", 40, seed=2, digits=2, exclude={r["problem"] for r in rows}),
+                str(root / "math_test.jsonl"))
+    for domain in ("math", "code", "qa"):
+        write_jsonl(toy_rows(domain, 150, seed=3), str(root / f"vae_{domain}.jsonl"))
+    torch.manual_seed(0)
+    config = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=64,
+                         intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                         max_position_embeddings=256, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model = Transformer(config)
+    model.init_weights()
+    args = build_world.parse_args(["--out", str(root), "--steps", "400", "--warmup", "20"])
+    build_world.train(model, build_world.encode_examples(rows, tokenizer), args, RunDir(str(root)))
+    model.save_pretrained(str(root / "base"), tokenizer_dir=str(root / "tokenizer"))
+    run_script("train_vae.py", "--model", root / "base", "--out", root / "vae", "--steps", "300",
+               "--data", ",".join(f"{d}={root}/vae_{d}.jsonl" for d in ("math", "code", "qa")))
+    return root
+
+
+def run_script(script, *args, nproc=None, check=True):
+    cmd = [sys.executable, os.path.join(REPO, script)] if nproc is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+         os.path.join(REPO, script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc else "2", PYTHONPATH=REPO)
+    result = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def rl_args(world, out, *extra):
+    return ("--model", world / "base", "--vae", world / "vae", "--data", world / "math_train.jsonl",
+            "--out", out, "--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "40",
+            "--lr", "1e-4", "--temperature", "0.8", "--warmup-steps", "3", "--eval-every", "0",
+            "--sample-every", "0", *extra)
+
+
+def metrics(path):
+    return [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+
+
+# -- pieces of the stages ------------------------------------------------------------------------
+
+def test_silhouette_by_hand():
+    from train_vae import silhouette_score
+    x = torch.tensor([[0.0], [1.0], [10.0], [12.0]])
+    # point 0: a = 1, b = (10 + 12) / 2 = 11 -> 10/11; point 1: a = 1, b = 10 -> 9/10
+    # point 2: a = 2, b = 9.5 -> 7.5/9.5; point 3: a = 2, b = 11.5 -> 9.5/11.5
+    expected = (10 / 11 + 9 / 10 + 7.5 / 9.5 + 9.5 / 11.5) / 4
+    assert silhouette_score(x, torch.tensor([0, 0, 1, 1])) == pytest.approx(expected)
+
+
+def test_schedules_give_prefixed_counts_and_L():
+    from rl import prefix_plan
+    G = 8
+    assert [prefix_plan("none", t, G, 0.5, 8) for t in (0, 0.6)] == [(0, 0), (0, 0)]
+    assert [prefix_plan("two-stage", t, G, 0.5, 8) for t in (0, 0.49, 0.5, 0.9)] == \
+        [(8, 8), (8, 8), (0, 0), (0, 0)]
+    assert [prefix_plan("linear", t, G, 0.5, 8)[0] for t in (0, 0.25, 0.5, 0.75, 0.99)] == \
+        [8, 6, 4, 2, 0]
+    assert [prefix_plan("constant", t, G, 0.25, 4) for t in (0, 0.9)] == [(2, 4), (2, 4)]
+    assert prefix_plan("linear", 0.1, G, 0.5, 0) == (0, 0)
+
+
+def test_step_prompts_are_a_function_of_the_step():
+    from rl import step_prompts
+    rows = [{"problem": str(i)} for i in range(10)]
+    first = [r["problem"] for s in range(5) for r in step_prompts(rows, s, 4, seed=3)]
+    assert first == [r["problem"] for s in range(5) for r in step_prompts(rows, s, 4, seed=3)]
+    assert sorted(first[:10]) == sorted(str(i) for i in range(10))   # an epoch visits each once
+
+
+def test_stored_prefix_replays_to_identical_logprobs(world):
+    from model import Transformer, completion_batch, generate, make_prefix_source
+    model = Transformer.from_pretrained(str(world / "base"))
+    E = model.embed_tokens.weight.detach()
+    source = make_prefix_source("vae", E, str(world / "vae"))
+    prefixes = list(source.sample(3, 4, generator=torch.Generator().manual_seed(0)))
+    prefixes[1] = None
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    out = generate(model, prompts, prefixes, max_new_tokens=12, temperature=0)
+    completions = out.token_lists()
+    with torch.no_grad():
+        batch = completion_batch(model, prompts, completions, prefixes)
+        lp_batch, _ = model.token_logprobs(*batch)
+        hidden_logits = model(inputs_embeds=batch[0], attention_mask=batch[1])
+        for i in range(3):
+            alone = completion_batch(model, [prompts[i]], [completions[i]], [prefixes[i]])
+            lp_alone, _ = model.token_logprobs(*alone)
+            n = len(completions[i])
+            torch.testing.assert_close(lp_batch[i, -n - 1:-1], lp_alone[0, -n - 1:-1], atol=1e-5, rtol=0)
+        # greedy tokens are the argmax under the replayed context: sampler and trainer agree
+        for i, c in enumerate(completions):
+            n = len(c)
+            assert hidden_logits[i, -n - 1:-1].argmax(-1).tolist() == c
+        # and the prefix matters: another latent gives other log-probs for the same tokens
+        other = list(source.sample(3, 4, generator=torch.Generator().manual_seed(1)))
+        lp_other, _ = model.token_logprobs(*completion_batch(model, prompts, completions, other))
+    n = len(completions[0])
+    assert not torch.allclose(lp_other[0, -n - 1:-1], lp_batch[0, -n - 1:-1])
+
+
+def test_sft_loss_covers_only_the_answer():
+    from model import ModelConfig, Transformer, completion_batch
+    model = Transformer(ModelConfig(vocab_size=20, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=8))
+    prefix = torch.randn(2, 16)
+    _, mask, targets, loss_mask = completion_batch(model, [[3, 4, 5], [6]], [[7, 8], [9, 10, 11]],
+                                                   [prefix, None])
+    # row 0: [p p 3 4 5 7 8] (T = 7); row 1: [pad pad pad 6 9 10 11]
+    assert mask.tolist() == [[True] * 7, [False] * 3 + [True] * 4]
+    assert loss_mask.tolist() == [[False] * 4 + [True] * 2 + [False],
+                                  [False] * 3 + [True] * 3 + [False]]
+    assert targets[loss_mask].tolist() == [7, 8, 9, 10, 11]
+
+
+# -- the stage scripts -----------------------------------------------------------------------------
+
+def test_train_vae_outputs(world):
+    vae_json = json.load(open(world / "vae" / "vae.json"))
+    assert set(vae_json["domains"]) == {"math", "code", "qa"}
+    assert -1 <= vae_json["silhouette"] <= 1
+    assert os.path.getsize(world / "vae" / "latents.png") > 1000
+    assert abs(vae_json["norms"]["prefix"] - vae_json["norms"]["token_embedding"]) < 1e-3
+
+
+def test_sft_uses_prior_samples_and_changes_the_model(world, tmp_path, monkeypatch):
+    import model as model_module
+    import sft_warmup
+
+    def no_posterior(*args, **kwargs):
+        raise AssertionError("the warm-up must decode prior samples, never a pair's posterior")
+    monkeypatch.setattr(model_module.PaletteVAE, "encode", no_posterior)
+    drawn = []
+    original = model_module.VAEPrefix._draw
+    monkeypatch.setattr(model_module.VAEPrefix, "_draw",
+                        lambda self, n, L, g: drawn.append((n, L, self.region)) or original(self, n, L, g))
+    monkeypatch.setattr(sys, "argv", ["sft_warmup.py", "--model", str(world / "base"), "--vae",
+                                      str(world / "vae"), "--data", str(world / "math_train.jsonl"),
+                                      "--out", str(tmp_path), "--steps", "3", "--batch-size", "8",
+                                      "--micro-batch-size", "4", "--lr", "1e-3"])
+    sft_warmup.main()
+    assert drawn and all(n == 4 and L == 1 and region is None for n, L, region in drawn)
+    before = load_file(str(world / "base" / "model.safetensors"))
+    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert len(metrics(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_rl_raises_the_reward(world, tmp_path, estimator):
+    run_script("rl.py", *rl_args(world, tmp_path, "--steps", "40", "--schedule", "none",
+                                 "--prefix-source", "none", "--estimator", estimator,
+                                 "--save-every", "0"))
+    rewards = [m["reward_mean"] for m in metrics(tmp_path)]
+    start, end = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
+    assert end > start + 0.08, f"{estimator}: reward {start:.3f} -> {end:.3f}"
+
+
+def test_rl_resume_continues_to_the_same_state(world, tmp_path):
+    """A run killed (SIGKILL) after its first checkpoint, then resumed, ends where a run that was
+    never interrupted ends: same weights, same per-step rewards."""
+    import time
+    common = ("--schedule", "linear", "--L", "2", "--steps", "12", "--save-every", "3",
+              "--prompts-per-step", "4", "--group-size", "4")
+    run_script("rl.py", *rl_args(world, tmp_path / "straight", *common))
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "rl.py"),
+                             *[str(a) for a in rl_args(world, tmp_path / "killed", *common)]],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
+    while not state_file.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    assert proc.wait() == -9, "the run finished before it could be killed"
+    killed_at = json.load(open(state_file))["step"]
+    assert killed_at < 12
+    run_script("rl.py", *rl_args(world, tmp_path / "killed", *common, "--resume"))
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in metrics(tmp_path / "killed")] == list(range(12))
+    assert [m["reward_mean"] for m in metrics(tmp_path / "killed")] == \
+        [m["reward_mean"] for m in metrics(tmp_path / "straight")]
+
+
+@pytest.mark.parametrize("script", ["sft_warmup.py", "rl.py"])
+def test_torchrun_two_ranks_stay_in_sync(world, tmp_path, script):
+    if script == "sft_warmup.py":
+        args = ("--model", world / "base", "--vae", world / "vae", "--data",
+                world / "math_train.jsonl", "--out", tmp_path, "--steps", "2", "--batch-size", "8",
+                "--micro-batch-size", "2", "--lr", "1e-3")
+    else:
+        args = rl_args(world, tmp_path, "--steps", "2", "--prompts-per-step", "4",
+                       "--group-size", "4", "--schedule", "linear", "--L", "2")
+    result = run_script(script, *args, nproc=2)
+    assert "weights identical on 2 ranks" in result.stdout
+    assert os.path.exists(tmp_path / "model" / "model.safetensors")
+
+
+# -- bad input: one clear message, nothing written is lost --------------------------------------
+
+def _fails_with(result, message):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_bad_inputs_get_one_clear_message(world, tmp_path):
+    _fails_with(run_script("rl.py", *rl_args(world, tmp_path, "--L", "-1"), check=False),
+                "--L must be >= 0")
+    _fails_with(run_script("rl.py", *rl_args(world, tmp_path, "--steps", "1"), "--data",
+                           tmp_path / "missing.jsonl", check=False), "missing.jsonl")
+    _fails_with(run_script("sft_warmup.py", "--model", tmp_path / "nowhere", "--data", "x.jsonl",
+                           "--out", tmp_path, check=False), "does not exist")
+    # a VAE trained for another model
+    from model import ModelConfig, Transformer
+    other = Transformer(ModelConfig(vocab_size=52, hidden_size=64, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, tie_word_embeddings=True))
+    other.init_weights()
+    other.save_pretrained(str(tmp_path / "other"), tokenizer_dir=str(world / "tokenizer"))
+    _fails_with(run_script("rl.py", *rl_args(world, tmp_path / "o", "--steps", "1"), "--model",
+                           tmp_path / "other", check=False), "trained for another model")
+    # a prompt longer than the context
+    long_row = {"problem": "1+1=?" * 60, "answer": "2", "domain": "math", "source": "toy"}
+    (tmp_path / "long.jsonl").write_text(json.dumps(long_row) + "\n")
+    _fails_with(run_script("rl.py", *rl_args(world, tmp_path / "l", "--steps", "1"), "--data",
+                           tmp_path / "long.jsonl", check=False), "exceeds the model's context")
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(world, tmp_path, monkeypatch):
+    """The loss turns NaN in step 3 (as a bf16 overflow would): the run stops with a message and
+    the checkpoint written after steps 0-2 stays intact."""
+    import rl
+    from common import UserError
+    calls = {"step": 0}
+    real_loss = rl.policy_loss
+
+    def loss_that_breaks(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return (loss * float("nan") if calls["step"] >= 4 else loss), stats
+
+    real_plan = rl.prefix_plan
+    monkeypatch.setattr(rl, "prefix_plan", lambda *a: calls.update(step=calls["step"] + 1) or real_plan(*a))
+    monkeypatch.setattr(rl, "policy_loss", loss_that_breaks)
+    monkeypatch.setattr(sys, "argv", ["rl.py", *[str(a) for a in rl_args(
+        world, tmp_path, "--steps", "8", "--save-every", "3", "--prompts-per-step", "4",
+        "--group-size", "4", "--schedule", "none", "--prefix-source", "none")]])
+    with pytest.raises(UserError, match="non-finite loss at step 3.*last good checkpoint"):
+        rl.main()
+    state = json.load(open(tmp_path / "checkpoint" / "trainer_state.json"))
+    assert state["step"] == 3
+    tensors = load_file(str(tmp_path / "checkpoint" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in tensors.values())
