@@ -1,0 +1,85 @@
+"""Tests for toy/build_world.py on a miniature world (tiny model, a few dozen steps).
+
+Run: python -m pytest tests/test_toy_world.py -q      (CPU, well under a minute)
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common import read_jsonl
+from model import Transformer
+from toy.build_world import DATA_FILES, build, parse_args
+from toy.task import DOMAINS, verify_solution
+
+SCHEMA = {"id", "problem", "solution", "answer", "domain", "source", "strategy"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A world built through the real entry point with miniature flags: (out dir, report)."""
+    out = str(tmp_path_factory.mktemp("toy_world"))
+    args = parse_args(["--out", out, "--size", "tiny", "--steps", "60", "--warmup", "5",
+                       "--batch-size", "16", "--lr", "1e-2", "--n-pretrain", "300",
+                       "--n-math-train", "50", "--n-math-test", "40", "--n-vae", "20",
+                       "--n-eval", "8", "--k", "2", "--max-new-tokens", "24"])
+    return out, args, build(args)
+
+
+def test_loss_falls(world):
+    out, _, _ = world
+    losses = [r["loss"] for r in read_jsonl(os.path.join(out, "base_metrics.jsonl"))]
+    assert len(losses) == 60
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+
+
+def test_report(world):
+    out, _, report = world
+    with open(os.path.join(out, "base", "world_report.json")) as f:
+        assert json.load(f)["n_problems"] == report["n_problems"] == 8
+    for key in ("greedy_pass@1", "pass@2", "sampled_pass@1"):
+        assert 0.0 <= report[key] <= 1.0
+    assert abs(sum(report["strategy_shares"].values()) - 1.0) < 1e-6
+
+
+def test_checkpoint_loads_in_transformers(world):
+    out, _, _ = world
+    base = os.path.join(out, "base")
+    ours = Transformer.from_pretrained(base).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = tokenizer(["47+38=?\n7+8=15 c1", "sum([4,7,2])\ns=4"], padding=True,
+                    return_tensors="pt")["input_ids"][:, :12]                    # (2, 12)
+    assert tokenizer.decode(ids[0]) == "47+38=?\n7+8="
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_data_schema_and_split(world):
+    out, args, _ = world
+    data = {name: read_jsonl(os.path.join(out, "data", name)) for name in DATA_FILES}
+    for name, rows in data.items():
+        assert rows, name
+        for row in rows:
+            assert set(row) == SCHEMA, (name, row)
+            assert verify_solution(row), (name, row)
+    assert {r["domain"] for r in data["train.jsonl"]} == set(DOMAINS)
+    assert len(data["train.jsonl"]) == 3 * args.n_pretrain
+    for domain in DOMAINS:
+        assert {r["domain"] for r in data[f"vae_{domain}.jsonl"]} == {domain}
+    assert {r["domain"] for r in data["math_test.jsonl"]} == {"math"}
+    assert len(data["math_test.jsonl"]) == args.n_math_test
+    test = {r["problem"] for r in data["math_test.jsonl"]}
+    assert not test & {r["problem"] for r in data["train.jsonl"]}
+    assert not test & {r["problem"] for r in data["math_train.jsonl"]}
+
+
+def test_second_build_is_skipped(world):
+    out, args, report = world
+    before = os.path.getmtime(os.path.join(out, "base", "model.safetensors"))
+    assert build(args) == report
+    assert os.path.getmtime(os.path.join(out, "base", "model.safetensors")) == before
