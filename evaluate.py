@@ -44,7 +44,7 @@ import torch.distributed as dist
 from common import UserError, atomic_write_json, atomic_write_text, compute_init, print0, run_main
 from data import (BENCHMARKS, GRADER, TEMPLATES, format_prompt, grade, grading_kind_for,
                   load_benchmark, load_rows, resolve_benchmark)
-from model import PREFIX_SOURCES, Transformer, generate, make_prefix_source
+from model import PREFIX_SOURCES, generate, load_policy, make_prefix_source
 
 MODES = ("sample", "greedy-latent", "latent-sample")
 
@@ -197,13 +197,10 @@ def main(argv=None):
     master = rank == 0
     os.makedirs(args.out, exist_ok=True)
 
-    from transformers import AutoTokenizer
     dtype = getattr(torch, args.dtype)
-    model = Transformer.from_pretrained(args.model, device=device, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model.source_dir)
+    model, tokenizer = load_policy(args.model, device, dtype)
+    model.eval()
     eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError(f"{args.model}: the tokenizer has no eos token to stop generation at")
     E = model.embed_tokens.weight.detach().float().cpu()
     source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
     settings = {k: getattr(args, k) for k in ("model", "template", "mode", "n", "top_p", "max_new_tokens",

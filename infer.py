@@ -28,7 +28,7 @@ import torch
 
 from common import UserError, compute_init, run_main
 from data import TEMPLATES, format_prompt
-from model import PREFIX_SOURCES, Transformer, generate, make_prefix_source
+from model import PREFIX_SOURCES, generate, load_policy, make_prefix_source
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Prompts
@@ -96,13 +96,10 @@ def main(argv=None):
         raise UserError("no prompts: pass --prompt \"...\" (repeatable) or --prompts-file FILE")
     _, _, _, _, device = compute_init()
 
-    from transformers import AutoTokenizer
     dtype = getattr(torch, args.dtype)
-    model = Transformer.from_pretrained(args.model, device=device, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model.source_dir)
+    model, tokenizer = load_policy(args.model, device, dtype)
+    model.eval()
     eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError(f"{args.model}: the tokenizer has no eos token to stop generation at")
     E = model.embed_tokens.weight.detach().float().cpu()
     source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
     prompts = [tokenizer(format_prompt(t, args.template, tokenizer), add_special_tokens=False)["input_ids"]

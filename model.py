@@ -19,7 +19,7 @@ import math
 import os
 import re
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -357,6 +357,17 @@ class Transformer(nn.Module):
                     shutil.copy(src, os.path.join(tmp, name))
 
         atomic_save_dir(out_dir, write)
+
+
+def load_policy(path_or_id, device="cpu", dtype=torch.float32):
+    """The policy and its tokenizer, as every stage loads them. The tokenizer must have an eos
+    token: generation stops at it and the warm-up ends every answer with it."""
+    from transformers import AutoTokenizer
+    model = Transformer.from_pretrained(path_or_id, device=device, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model.source_dir)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{path_or_id}: the tokenizer has no eos token to end completions with")
+    return model, tokenizer
 
 
 def _chunk_logprobs(hidden, targets, weight, temperature):

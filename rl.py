@@ -61,8 +61,9 @@ from common import (RunDir, UserError, all_reduce_mean, atomic_save_dir, atomic_
                     sync_gradients, check_ranks_in_sync)
 from data import GRADER, check_gold_answers, format_prompt, grade, grading_kind_for, load_mixture
 from model import (ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, PREFIX_SOURCES, Transformer,
-                   completion_batch, generate, group_advantages, loss_token_weights,
-                   make_prefix_source, policy_loss)
+                   completion_batch, generate, group_advantages, load_embedding_matrix,
+                   load_policy, loss_token_weights, make_prefix_source, policy_loss,
+                   resolve_checkpoint)
 
 SCHEDULES = ("none", "two-stage", "linear", "constant")
 
@@ -192,21 +193,18 @@ def main():
     ckpt_dir = run.file("checkpoint")
 
     # -- model, optional reference, prefix source ------------------------------------------
-    from transformers import AutoTokenizer
     dtype = getattr(torch, args.dtype)
     start_step = 0
     resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "trainer_state.json"))
-    model = Transformer.from_pretrained(os.path.join(ckpt_dir, "model") if resuming else args.model,
-                                        device=device, dtype=dtype)
+    model, tokenizer = load_policy(os.path.join(ckpt_dir, "model") if resuming else args.model,
+                                   device, dtype)
     model.gradient_checkpointing = args.activation_checkpointing
-    tokenizer = AutoTokenizer.from_pretrained(model.source_dir)
     eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError(f"{args.model}: the tokenizer has no eos token to stop generation at")
     ref_model = None
     if args.kl_coef > 0:
         ref_model = Transformer.from_pretrained(args.model, device=device, dtype=dtype).eval().requires_grad_(False)
-    E = Transformer.from_pretrained(args.model).embed_tokens.weight.detach() if resuming \
+    # prefixes are scaled to the starting policy's token norm, also when resuming
+    E = load_embedding_matrix(resolve_checkpoint(args.model)) if resuming \
         else model.embed_tokens.weight.detach().float().cpu().clone()
     source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
     del E

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from common import (RunDir, UserError, compute_init, print0, run_main, seed_everything,
                     sync_gradients, check_ranks_in_sync)
 from data import format_prompt, grade, grading_kind_for, load_mixture
-from model import (PREFIX_SOURCES, Transformer, completion_batch, generate, make_prefix_source)
+from model import PREFIX_SOURCES, completion_batch, generate, load_policy, make_prefix_source
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Data
@@ -84,6 +84,7 @@ def prefix_sensitivity(model, tokenizer, rows, source, L, template, max_new_toke
             prefixes = list(source.sample(len(rows), L, generator=g))
             outs = decode(generate(model, prompts, prefixes, max_new_tokens, temperature=0, stop_tokens=stop))
             answers.append(outs)
+        result["pass1_with_prefix"] = sum(grade(c, r["answer"], kind) for c, r in zip(answers[0], rows)) / len(rows)
         result["frac_differ_between_prefixes"] = sum(a != b for a, b in zip(*answers)) / len(rows)
     model.train()
     return result
@@ -103,11 +104,7 @@ def main():
     seed_everything(args.seed)
     run = RunDir(args.out, args, master)
 
-    from transformers import AutoTokenizer
-    model = Transformer.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(model.source_dir)
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{args.model}: the tokenizer has no eos token to end answers with")
+    model, tokenizer = load_policy(args.model, device, getattr(torch, args.dtype))
     E = model.embed_tokens.weight.detach().float().cpu().clone()   # frozen copy for the source
     source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
 

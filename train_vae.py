@@ -21,7 +21,6 @@ A real model (the paper used about 5K pairs in all):
 """
 
 import argparse
-import os
 
 import numpy as np
 import torch

@@ -235,5 +235,5 @@ def test_bad_input_exits_with_one_line(world, tmp_path):
         proc = subprocess.run([sys.executable, script, "--model", world["model"], *flags], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
-        assert f"error: " in proc.stderr and message in proc.stderr
+        assert "error: " in proc.stderr and message in proc.stderr
         assert "Traceback" not in proc.stderr

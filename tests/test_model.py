@@ -11,8 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common import UserError
-from model import (Transformer, embed_rows, generate, load_embedding_matrix, sample_next,
-                   _decode_step, KVCache)
+from model import Transformer, embed_rows, generate, load_embedding_matrix, sample_next
 
 
 def test_logits_match_transformers(hf_checkpoint):

@@ -120,7 +120,7 @@ def test_none_source_and_bad_L(tmp_path):
 
 def test_domain_region_samples_near_its_mean(tmp_path):
     E = torch.randn(80, 24)
-    vae = _trained_vae(tmp_path, E)
+    _trained_vae(tmp_path, E)
     source = make_prefix_source("vae", E, vae_dir=tmp_path / "vae", region="code")
     z = source.region_mean + torch.randn(4000, 4) @ source.region_chol.T
     loaded, meta = load_vae(tmp_path / "vae", E)

@@ -31,7 +31,7 @@ parser.add_argument("--n", type=int, default=32, help="candidates per problem")
 # (b) RL
 parser.add_argument("--seeds", type=int, default=3)
 parser.add_argument("--rl-steps", type=int, default=40)
-parser.add_argument("--rl-flags", default="--prompts-per-step 16 --group-size 8 --lr 1e-4 --max-new-tokens 64",
+parser.add_argument("--rl-flags", default="--prompts-per-step 16 --group-size 8 --lr 2e-5 --max-new-tokens 64",
                     help="flags shared by every RL run")
 parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results section")
 
@@ -71,14 +71,16 @@ def inference_table(world, out, args):
 
 def rl_comparison(world, out, args):
     """(b): the same RL budget for every arm; held-out greedy pass@1 after RL, reward curves."""
+    vae = ["--vae", f"{world}/vae"]
     arms = [("baseline", "sft_plain", ["--schedule", "none", "--prefix-source", "none"]),
-            ("linear", "sft", ["--schedule", "linear", "--L", 8, "--vae", f"{world}/vae"]),
-            ("two-stage", "sft", ["--schedule", "two-stage", "--L", 8, "--vae", f"{world}/vae"])]
+            ("linear L=1", "sft", ["--schedule", "linear", "--L", 1, *vae]),
+            ("two-stage L=1", "sft", ["--schedule", "two-stage", "--L", 1, *vae]),
+            ("linear L=8", "sft", ["--schedule", "linear", "--L", 8, *vae])]
     curves, finals = {}, {}
     for estimator in ("grpo", "rloo"):
         for arm, start, flags in arms:
             for seed in range(args.seeds):
-                run_dir = f"{out}/{estimator}_{arm}_seed{seed}"
+                run_dir = f"{out}/{estimator}_{arm.replace(' ', '_').replace('=', '')}_seed{seed}"
                 if not os.path.exists(f"{run_dir}/model/config.json"):
                     run("rl.py", "--model", f"{world}/{start}/model", "--data", f"{world}/data/math_train.jsonl",
                         "--eval-data", f"{world}/data/math_test.jsonl", "--eval-problems", 200,
