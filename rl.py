@@ -74,7 +74,7 @@ parser.add_argument("--per-domain-cap", type=int, default=None)
 parser.add_argument("--template", default="plain", help="plain | math | chat")
 parser.add_argument("--eval-data", default=None, help="held-out problems for greedy pass@1")
 parser.add_argument("--eval-problems", type=int, default=200)
-parser.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (0: off)")
+parser.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (0: only at the end)")
 # Model
 parser.add_argument("--model", required=True, help="hub id or checkpoint directory (after sft_warmup.py)")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -400,7 +400,7 @@ def main():
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             checkpoint(step + 1)
 
-    if eval_rows and args.eval_every:
+    if eval_rows:
         final = evaluate_greedy()
         run.log({"step": args.steps, "eval_pass1": final})
         print0(f"held-out greedy pass@1 after RL: {final:.3f}")

@@ -17,9 +17,9 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,10 +55,11 @@ def inference_table(world, out, args):
         "--config-name", "greedy (no prefix)", "--prefix-source", "none")
     run("evaluate.py", *common, "--mode", "sample", "--temperature", 1, "-n", args.n, "--k", ks,
         "--config-name", "token sampling T=1", "--prefix-source", "none")
-    for source in ("vae", "noise", "random_decoder"):
+    for source, region in (("vae", None), ("vae", "math"), ("noise", None), ("random_decoder", None)):
+        label = f"{source} (math region)" if region else source
         run("evaluate.py", *common, "--mode", "greedy-latent", "--prefix-source", source,
             "--vae", f"{world}/vae", "--L", 1, "-n", args.n, "--k", ks,
-            "--config-name", f"greedy per latent, {source} L=1")
+            "--config-name", f"greedy per latent, {label} L=1", *(["--region", region] if region else []))
     results = json.load(open(os.path.join(out, "results.json")))["configs"]
     lines = ["| decoding | " + " | ".join(f"pass@{k}" for k in ks.split(",")) + " |",
              "| --- |" + " --- |" * len(ks.split(","))]
@@ -144,16 +145,13 @@ def main():
     world = args.world
     out = f"{world}/report"
     os.makedirs(out, exist_ok=True)
-    t0 = time.time()
     base = json.load(open(f"{world}/base/world_report.json"))
     vae = json.load(open(f"{world}/vae/vae.json"))
     sft = [json.loads(l) for l in open(f"{world}/sft/summary.jsonl")][-1]
     table_a = inference_table(world, f"{out}/inference", args)
     table_b = rl_comparison(world, f"{out}/rl", args)
-    minutes = (time.time() - t0) / 60
     section = f"""Measured by `bash runs/toy.sh` (its last step is `python -m toy.report --world {world}`) on
-this project's 2-core CPU machine; the report itself took {minutes:.0f} minutes. Numbers are what came
-out, whatever their sign.
+this project's 2-core CPU machine. Numbers are what came out, whatever their sign.
 
 **The world.** Base model: {base['n_params'] / 1e6:.2f}M parameters, built in {base['build_seconds']:.0f} s;
 held-out greedy pass@1 {100 * base['greedy_pass@1']:.1f}%, pass@8 {100 * base['pass@8']:.1f}% (sampled).
@@ -172,11 +170,20 @@ curves in `{world}/report/rl/reward_curves.png`):
 
 {table_b}
 
+The training reward averages over all rollouts, prefixed ones included, so the palette arms'
+curves start lower by construction (a prefixed rollout is less often right); the held-out column
+is measured without prefixes for every arm and is the comparison at equal steps.
+
 **(c) Domains in latent space.** Silhouette of the math / code / qa posterior means:
 {vae['silhouette']:.3f} (PCA picture: `{world}/vae/latents.png`). Norms: token embedding
 {vae['norms']['token_embedding']:.3f}, mean-pooled h {vae['norms']['mean_pooled_h']:.3f}, decoded prefix
 {vae['norms']['prefix']:.3f}.
 """
+    # the pictures the README shows (runs/ is not committed)
+    os.makedirs(os.path.join(REPO, "docs"), exist_ok=True)
+    shutil.copy(f"{world}/vae/latents.png", os.path.join(REPO, "docs", "toy_latents.png"))
+    shutil.copy(f"{out}/rl/reward_curves.png", os.path.join(REPO, "docs", "toy_reward_curves.png"))
+    section += "\n![latent space](docs/toy_latents.png) ![reward curves](docs/toy_reward_curves.png)\n"
     open(f"{out}/report.md", "w").write(section)
     print(section)
     if not args.no_readme:
