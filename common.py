@@ -240,13 +240,20 @@ def atomic_save_dir(path, write_fn):
 # Run directory: args.json, metrics.jsonl (append-only, one JSON object per step)
 
 class RunDir:
-    def __init__(self, path, args=None, master=True):
+    LOGS = ("metrics.jsonl", "samples.jsonl", "summary.jsonl")
+
+    def __init__(self, path, args=None, master=True, resume=False):
+        """A run's directory. A fresh run starts its logs anew (a rerun into the same directory
+        must not mix two runs' records); a resumed one keeps them (see truncate_log)."""
         self.path = path
         self.master = master
         if master:
             os.makedirs(path, exist_ok=True)
             if args is not None:
                 atomic_write_json(os.path.join(path, "args.json"), vars(args))
+            for name in () if resume else self.LOGS:
+                if os.path.exists(self.file(name)):
+                    os.remove(self.file(name))
 
     def file(self, name):
         return os.path.join(self.path, name)

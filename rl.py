@@ -189,13 +189,13 @@ def main():
         raise UserError(f"--prompts-per-step {P} must be a multiple of the {world_size} ranks")
     master = rank == 0
     seed_everything(args.seed)
-    run = RunDir(args.out, args, master)
-    ckpt_dir = run.file("checkpoint")
+    ckpt_dir = os.path.join(args.out, "checkpoint")
+    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "trainer_state.json"))
+    run = RunDir(args.out, args, master, resume=resuming)
 
     # -- model, optional reference, prefix source ------------------------------------------
     dtype = getattr(torch, args.dtype)
     start_step = 0
-    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "trainer_state.json"))
     model, tokenizer = load_policy(os.path.join(ckpt_dir, "model") if resuming else args.model,
                                    device, dtype)
     model.gradient_checkpointing = args.activation_checkpointing
