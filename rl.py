@@ -132,12 +132,13 @@ def prefix_plan(schedule, tau, G, rho, L):
 def step_prompts(rows, step, P, seed):
     """The P problems of a step: consecutive slices of per-epoch shuffles of the data, so the data
     position is a function of the step alone and a resumed run continues exactly."""
-    out = []
+    out, orders = [], {}
     for k in range(step * P, (step + 1) * P):
         epoch, i = divmod(k, len(rows))
-        order = list(range(len(rows)))
-        random.Random(seed + epoch).shuffle(order)
-        out.append(rows[order[i]])
+        if epoch not in orders:
+            orders[epoch] = list(range(len(rows)))
+            random.Random(seed + epoch).shuffle(orders[epoch])
+        out.append(rows[orders[epoch][i]])
     return out
 
 
@@ -218,7 +219,8 @@ def main():
     bad = check_gold_answers(rows, kind)
     if bad:
         print0(f"warning: {len(bad)} gold answers cannot be parsed (first: {bad[0]}); they are left out")
-        rows = [r for r in rows if r.get("id") not in set(bad)]
+        bad = set(bad)
+        rows = [r for r in rows if r.get("id") not in bad]
     encode = lambda r: tokenizer(format_prompt(r["problem"], args.template, tokenizer),
                                  add_special_tokens=False)["input_ids"]
     context = model.config.max_position_embeddings
