@@ -231,3 +231,17 @@ def test_wrong_shape(hf_checkpoint, tmp_path):
 def test_unreachable_hub_id_is_a_clear_error():
     with pytest.raises(UserError, match="could not fetch 'no-such-org/no-such-model'"):
         Transformer.from_pretrained("no-such-org/no-such-model")
+
+
+def test_activation_checkpointing_gives_the_same_gradients(hf_checkpoint):
+    _, path, _ = hf_checkpoint
+    grads = []
+    for checkpointing in (False, True):
+        model = Transformer.from_pretrained(path).train()
+        model.gradient_checkpointing = checkpointing
+        embeds, mask = embed_rows(model, [[4, 5, 6, 7], [8, 9]])
+        targets = torch.randint(0, 97, mask.shape, generator=torch.Generator().manual_seed(0))
+        lp, _ = model.token_logprobs(embeds, mask, targets, mask)
+        lp.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)

@@ -4,6 +4,7 @@ sft_warmup.py and rl.py (schedules, replayed prefixes, learning, resume, torchru
 Run:  python -m pytest tests/test_stages.py -q        (about three minutes on two cores)
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -187,6 +188,22 @@ def test_rl_raises_the_reward(world, tmp_path, estimator):
     rewards = [m["reward_mean"] for m in metrics(tmp_path)]
     start, end = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     assert end > start + 0.08, f"{estimator}: reward {start:.3f} -> {end:.3f}"
+
+
+def test_rl_several_updates_per_batch_with_kl(world, tmp_path):
+    """The other objective paths: old log-probs from a first forward pass (2 epochs x 2
+    minibatches), k3 KL to a reference model, seq-mean aggregation, masked truncations and
+    activation checkpointing. After the first update the ratio leaves 1, so the KL is positive."""
+    run_script("rl.py", *rl_args(world, tmp_path, "--steps", "2", "--prompts-per-step", "4",
+                                 "--group-size", "4", "--schedule", "constant", "--rho", "0.5",
+                                 "--L", "2", "--epochs", "2", "--minibatches", "2",
+                                 "--micro-batch-size", "4", "--kl-coef", "0.05",
+                                 "--aggregation", "seq-mean", "--truncated", "mask",
+                                 "--activation-checkpointing"))
+    records = metrics(tmp_path)
+    assert len(records) == 2 and all(r["rho"] == 0.5 for r in records)
+    assert any(r["kl"] > 0 for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records)
 
 
 def test_rl_resume_continues_to_the_same_state(world, tmp_path):
