@@ -201,8 +201,8 @@ def main(argv=None):
     model, tokenizer = load_policy(args.model, device, dtype)
     model.eval()
     eos = tokenizer.eos_token_id
-    E = model.embed_tokens.weight.detach().float().cpu()
-    source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
+    source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, args.vae,
+                                args.region, args.tie, args.seed)
     settings = {k: getattr(args, k) for k in ("model", "template", "mode", "n", "top_p", "max_new_tokens",
                                               "seed", "prefix_source", "vae", "region", "L", "tie", "dtype")}
     settings["temperature"] = temperature

@@ -100,8 +100,8 @@ def main(argv=None):
     model, tokenizer = load_policy(args.model, device, dtype)
     model.eval()
     eos = tokenizer.eos_token_id
-    E = model.embed_tokens.weight.detach().float().cpu()
-    source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
+    source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, args.vae,
+                                args.region, args.tie, args.seed)
     prompts = [tokenizer(format_prompt(t, args.template, tokenizer), add_special_tokens=False)["input_ids"]
                for t in texts]
     context = model.config.max_position_embeddings

@@ -876,8 +876,10 @@ PREFIX_SOURCES = ("none", "vae", "noise", "random_decoder")
 
 
 def make_prefix_source(name, E, vae_dir=None, region=None, tie=False, seed=0):
-    """Build a prefix source for the policy whose embedding matrix is E (V, d)."""
-    token_norm = E.float().norm(dim=-1).mean()
+    """Build a prefix source for the policy whose embedding matrix is E (V, d). A source keeps
+    only E's mean row norm (and the VAE checks E's fingerprint), so E may be a live parameter."""
+    E = E.detach().float().cpu()
+    token_norm = E.norm(dim=-1).mean()
     if name == "none":
         return PrefixSource(E.shape[1], token_norm)
     if name == "noise":

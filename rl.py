@@ -205,10 +205,8 @@ def main():
     if args.kl_coef > 0:
         ref_model = Transformer.from_pretrained(args.model, device=device, dtype=dtype).eval().requires_grad_(False)
     # prefixes are scaled to the starting policy's token norm, also when resuming
-    E = load_embedding_matrix(resolve_checkpoint(args.model)) if resuming \
-        else model.embed_tokens.weight.detach().float().cpu().clone()
+    E = load_embedding_matrix(resolve_checkpoint(args.model)) if resuming else model.embed_tokens.weight
     source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
-    del E
 
     # -- data ------------------------------------------------------------------------------------
     rows = [r for r in load_mixture(args.data, per_domain_cap=args.per_domain_cap, seed=args.seed)

@@ -105,8 +105,8 @@ def main():
     run = RunDir(args.out, args, master)
 
     model, tokenizer = load_policy(args.model, device, getattr(torch, args.dtype))
-    E = model.embed_tokens.weight.detach().float().cpu().clone()   # frozen copy for the source
-    source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
+    source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, args.vae,
+                                args.region, args.tie, args.seed)
 
     # -- (prompt, answer) token pairs --------------------------------------------------------
     rows = [r for r in load_mixture(args.data, per_domain_cap=args.per_domain_cap, seed=args.seed)
