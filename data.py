@@ -6,8 +6,13 @@ Every loader yields rows in one schema (the one of ../shared/data/*.jsonl):
 
 plus whatever extra fields the source has (id, source, subject, level, ...). `answer` is
 the short final answer a grader compares against; `solution` is a worked solution. A
-source is a local JSON-lines file or a Hugging Face hub dataset id; a mixture spec
+source is a local JSON-lines file (UTF-8) or a Hugging Face hub dataset id; a mixture spec
 `math=a.jsonl,code=b.jsonl,qa=c.jsonl` combines several into the VAE's training mix.
+
+Every row also carries `grading_kind` ('math', 'gsm8k' or 'toy'), decided once here when it
+is loaded: the row's own `grading_kind` field if it has one, else from its `source` field, else
+from the file name or hub id (see grading_kind_for). Every stage grades a row by that kind, so a
+row scores the same in RL as in evaluation.
 
 Grading (`grade(completion, answer, kind)`) returns 1.0 or 0.0 and never raises or hangs:
 a completion that cannot be graded in `Grader.timeout` seconds scores 0 and is counted
@@ -24,6 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
+from decimal import Decimal
 from pathlib import Path
 
 from common import UserError
@@ -42,11 +48,12 @@ class DataError(UserError, ValueError):
 
 def _text(value):
     """A field as a plain string: lists keep their first item (OlympiadBench's final_answer),
-    integral floats lose their '.0' (AMC's answers), surrounding $...$ is dropped."""
+    integral floats lose their '.0' (AMC's answers), surrounding $...$ is dropped. Values that
+    are neither text nor numbers are returned as they are, for load_rows to refuse."""
     if isinstance(value, list):
         value = value[0] if value else None
-    if value is None:
-        return None
+    if value is None or not isinstance(value, (str, int, float)):
+        return value
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
@@ -93,9 +100,18 @@ def _read_jsonl(path):
     if not path.is_file():
         raise DataError(f"{path}: no such file. Pass a JSON-lines file (one {{\"problem\": ...}} "
                         "object per line) or a Hugging Face dataset id such as openai/gsm8k.")
+    try:
+        f = open(path, "rb")  # bytes, decoded line by line, so a bad byte is reported with its line
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at "
+                                f"byte {e.start + 1} of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -136,15 +152,28 @@ def load_rows(source, domain=None, split="train", limit=None, seed=0):
     located = _read_jsonl(source) if is_file else _read_hub(source, split)
     rows = []
     for where, row in located:
-        if not isinstance(row.get("problem"), str) or not row["problem"].strip():
+        if row.get("problem") is None:
             raise DataError(f"{where}: row has no 'problem' field (a non-empty string; "
                             "'question' and 'query' are accepted too)")
+        if not isinstance(row["problem"], str) or not row["problem"].strip():
+            raise DataError(f"{where}: 'problem' is {_describe(row['problem'])}; "
+                            "expected a non-empty string")
+        for name in ("answer", "solution"):  # text the graders and tokenizers read, or absent
+            if row.get(name) is not None and not isinstance(row[name], str):
+                raise DataError(f"{where}: {name!r} is {_describe(row[name])}; expected a string"
+                                + (" or a number" if name == "answer" else "") + ", or null")
         row["domain"] = domain or row.get("domain")
         if not row["domain"]:
             raise DataError(f"{where}: row has no 'domain' field; add one to each row or give "
                             f"the domain in the data spec, e.g. math={source}")
+        if not isinstance(row["domain"], str):
+            raise DataError(f"{where}: 'domain' is {_describe(row['domain'])}; expected a string")
         row.setdefault("answer", None)
         row.setdefault("solution", None)
+        row["grading_kind"] = row.get("grading_kind") or grading_kind_for(row.get("source") or source)
+        if row["grading_kind"] not in GRADING_KINDS:
+            raise DataError(f"{where}: 'grading_kind' is {row['grading_kind']!r}; "
+                            f"known: {', '.join(GRADING_KINDS)}")
         rows.append(row)
     if not rows:
         raise DataError(f"{source}: no rows (empty file or split)")
@@ -152,6 +181,14 @@ def load_rows(source, domain=None, split="train", limit=None, seed=0):
         keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
         rows = [rows[i] for i in keep]
     return rows
+
+
+def _describe(value):
+    """'a list', 'a dict', 'an empty string': what a field holds, for error messages."""
+    if isinstance(value, str) and not value.strip():
+        return "an empty string"
+    name = type(value).__name__
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
 def parse_data_spec(spec):
@@ -240,7 +277,7 @@ def format_prompt(problem, template, tokenizer=None):
 
 GRADING_KINDS = ("math", "gsm8k", "toy")
 MAX_ANSWER_CHARS = 1000  # longest \boxed{} span graded; gold answers are at most ~200 chars
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")  # 1,000  -3  2.5  ("18." -> 18)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")  # 1,000  -3  2.5  ("18." -> 18); no inf, no 1e5
 
 # math-verify logs each parse failure with its full input: a 100 KB completion would flood
 # the log. Failures are counted in Grader.failures instead.
@@ -262,20 +299,25 @@ def last_boxed(text):
 
 
 def _number(text):
-    try:
-        return float(text.replace(",", "").replace("$", "").strip())
-    except ValueError:
+    """The exact value of a number written the way _NUMBER reads one ('1,000', '-2.50', '$18'),
+    else None ('inf', '1e400', 'eighteen'). A Decimal, not a float: integers and decimals of
+    any length compare exactly, and nothing overflows to infinity (as a float a 400-digit gold
+    answer is inf, and any prediction was within a relative tolerance of it)."""
+    text = text.replace("$", "").strip()
+    if _NUMBER.fullmatch(text) is None:
         return None
+    return Decimal(text.replace(",", ""))
 
 
 def gsm8k_prediction(completion):
     """The number a GSM8K completion answers: the first number after the last '####' if
-    there is one, else the last number inside the last \\boxed{}, else the last number."""
+    there is one, else the last number inside the last \\boxed{}, else the last number. A box
+    without a number is no answer: small chat models echo the prompt's instruction as "The
+    answer is within \\boxed{}." after answering in prose, so the prose's last number counts."""
     if "####" in completion:
         found = _NUMBER.findall(completion.rpartition("####")[2])
         return _number(found[0]) if found else None
-    boxed = last_boxed(completion)
-    found = _NUMBER.findall(completion if boxed is None else boxed)
+    found = _NUMBER.findall(last_boxed(completion) or "") or _NUMBER.findall(completion)
     return _number(found[-1]) if found else None
 
 
@@ -284,8 +326,23 @@ class GradingTimeout(BaseException):
     math-verify and sympy cannot swallow it and keep computing."""
 
 
+_MATH_VERIFY = None  # (parse, verify) once warm_math_grader() has run
+
+
+def warm_math_grader():
+    """Import math-verify and grade one answer, without a deadline. The first math grade in a
+    process otherwise pays for importing sympy and building the LaTeX parser (one to a few
+    seconds under load) inside its deadline, and a correct answer scores 0. Idempotent."""
+    global _MATH_VERIFY
+    if _MATH_VERIFY is None:
+        from math_verify import parse, verify  # lazy: only math grading needs sympy
+        verify(parse("\\boxed{\\frac{1}{2}}"), parse("\\boxed{0.5}"))
+        _MATH_VERIFY = parse, verify
+    return _MATH_VERIFY
+
+
 def _math_verify_equal(gold, pred):
-    from math_verify import parse, verify  # lazy: sympy takes a second to import
+    parse, verify = warm_math_grader()
     # Both spans are wrapped in \boxed{} so math-verify reads them as LaTeX answers.
     # Its own timeouts are off (None): they use signal.alarm, which would cancel ours.
     g = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)
@@ -310,6 +367,7 @@ def _run_with_deadline(seconds, fn, *args):
 
 def _worker_main():
     """Loop of the grading subprocess: one JSON [gold, pred] per line in, one reply out."""
+    warm_math_grader()  # before "ready": the parent gives start-up its own, longer wait
     print("ready", flush=True)
     for line in sys.stdin:
         try:
@@ -342,8 +400,7 @@ class Grader:
                 return float(toy_grade(completion, answer))
             if kind == "gsm8k":
                 pred, gold = gsm8k_prediction(completion), _number(str(answer))
-                return float(pred is not None and gold is not None
-                             and abs(pred - gold) <= 1e-6 * max(1.0, abs(gold)))
+                return float(pred is not None and gold is not None and pred == gold)
             pred = last_boxed(completion)
             return 0.0 if pred is None else float(self.math_equal(str(answer), pred))
         except (Exception, GradingTimeout):
@@ -353,6 +410,7 @@ class Grader:
     def math_equal(self, gold, pred):
         """math-verify equivalence of two LaTeX answer spans, time-bounded; raises on timeout."""
         if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+            warm_math_grader()  # outside the deadline
             return _run_with_deadline(self.timeout, _math_verify_equal, gold, pred)
         with self._lock:  # one request at a time on the worker's pipe
             if self._worker is None or self._worker.poll() is not None:
@@ -386,40 +444,56 @@ def grade(completion, answer, kind):
     math:  the last \\boxed{...} (balanced braces) of the completion against the gold
            answer, both read as LaTeX and checked for equivalence by math-verify;
     gsm8k: the number from gsm8k_prediction() against the gold number (commas and $
-           stripped), equal within a relative 1e-6;
+           stripped), compared exactly as decimals ('2.50' equals '2.5'); a gold answer
+           that is not such a number ('inf', '1e400') matches nothing;
     toy:   toy.task.grade (the last 'answer:' line, string equality).
     Failures count in GRADER.failures; use a Grader of your own to count separately."""
     return GRADER(completion, answer, kind)
 
 
 def grading_kind_for(row_or_source):
-    """'toy' for toy-world rows/files, 'gsm8k' for GSM8K, else 'math'."""
+    """How completions for a row, or for the rows of a file or hub dataset, are graded.
+    A row's `grading_kind` (load_rows sets one on every row, so every stage gets the same
+    answer); else from the row's `source` field, or from the file name or hub id: 'toy' for
+    the toy world (toy*), 'gsm8k' for GSM8K (*gsm8k*), else 'math'."""
     if isinstance(row_or_source, dict):
-        name = str(row_or_source.get("source") or "").lower()
-    else:
-        name = Path(str(row_or_source)).name.lower()
+        if row_or_source.get("grading_kind"):
+            return row_or_source["grading_kind"]
+        row_or_source = row_or_source.get("source") or ""
+    name = Path(str(row_or_source)).name.lower()  # 'openai/gsm8k' -> 'gsm8k'
     if name.startswith("toy"):
         return "toy"
     return "gsm8k" if "gsm8k" in name else "math"
 
 
-def check_gold_answers(rows, kind):
-    """Ids of rows whose gold answer cannot be read (missing, not a number for gsm8k,
-    unparseable LaTeX for math). Such rows could never be rewarded; call this at load
-    time and report them rather than train or evaluate on them silently."""
-    if kind not in GRADING_KINDS:
+def check_gold_answers(rows, kind=None):
+    """Positions in `rows` (a list of ints) of the rows whose gold answer cannot be read
+    (missing; for gsm8k not a plain finite number such as '18', '1,000' or '-2.5', so 'inf'
+    and '1e400' are refused; for math unparseable LaTeX). Such rows could never be rewarded;
+    call this at load time and report them rather than train or evaluate on them silently.
+    Positions, not ids: rows need not have an id, and ids need not be unique.
+
+    kind None checks each row by its own grading kind (grading_kind_for). A kind given is the
+    one the caller will grade every row by: a row loaded with another kind would be scored by
+    the wrong rule, so that is refused (DataError) rather than reported as a bad answer."""
+    if kind is not None and kind not in GRADING_KINDS:
         raise DataError(f"unknown grading kind {kind!r}; known: {', '.join(GRADING_KINDS)}")
     bad = []
     for i, row in enumerate(rows):
+        row_kind = grading_kind_for(row) if kind is None else kind
+        if kind is not None and (row.get("grading_kind") or kind) != kind:
+            raise DataError(f"row {row.get('id', i)!r} is graded as {row['grading_kind']!r}, but "
+                            f"the data is being graded as {kind!r}: use data of one grading kind per "
+                            "run, or give every row the same 'grading_kind' field")
         answer = row.get("answer")
         ok = answer is not None and str(answer).strip() != ""
         try:
-            if ok and kind == "gsm8k":
+            if ok and row_kind == "gsm8k":
                 ok = _number(str(answer)) is not None
-            elif ok and kind == "math":
+            elif ok and row_kind == "math":
                 ok = GRADER.math_equal(str(answer), str(answer))  # parses, and equals itself
         except (Exception, GradingTimeout):
             ok = False
         if not ok:
-            bad.append(row.get("id", i))
+            bad.append(i)
     return bad

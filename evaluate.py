@@ -6,7 +6,8 @@ Each problem gets --n candidates, decoded in one of three modes:
                     (the paper's Fig. 1: GSM8K pass@32 52.9% -> 85.3% with one noise token)
     latent-sample   each candidate under its own latent AND token sampling at --temperature
 pass@1 is the mean accuracy over all candidates; pass@k is the unbiased estimator of Chen et al.
-(2021), 1 - C(n - c, k) / C(n, k) for c correct of n, averaged over problems. Latents of problem
+(2021), 1 - C(n - c, k) / C(n, k) for c correct of n, averaged over problems. A candidate cut off
+at --max-new-tokens (no eos) counts as wrong, as in rl.py's default. Latents of problem
 i come from a generator seeded by (--seed, problem id), so they do not depend on batching,
 sharding or resuming.
 
@@ -41,14 +42,16 @@ import os
 import torch
 import torch.distributed as dist
 
-from common import UserError, atomic_write_json, atomic_write_text, compute_init, print0, run_main
+from common import (ArgumentParser, UserError, acquire_lock, at_least, atomic_write_json,
+                    atomic_write_text, check_out_dir, check_seed, compute_init, finite, on_master,
+                    print0, progress, read_json, recover_leftovers, run_main, set_interrupt_hint)
 from data import (BENCHMARKS, GRADER, TEMPLATES, format_prompt, grade, grading_kind_for,
                   load_benchmark, load_rows, resolve_benchmark)
 from model import PREFIX_SOURCES, generate, load_policy, make_prefix_source
 
 MODES = ("sample", "greedy-latent", "latent-sample")
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Benchmarks
 parser.add_argument("--benchmarks", required=True,
                     help=f"comma-separated names ({', '.join(BENCHMARKS)}) or JSON-lines paths")
@@ -129,10 +132,7 @@ def merge_records(out_dir, name):
 
 def write_tables(path_json, path_md, name, entry):
     """Merge this configuration into results.json and rewrite results.md from it."""
-    results = {"configs": {}}
-    if os.path.exists(path_json):
-        with open(path_json) as f:
-            results = json.load(f)
+    results = read_results(path_json)
     old = results["configs"].get(name)
     if old and old["settings"] == entry["settings"]:
         entry["benchmarks"] = {**old["benchmarks"], **entry["benchmarks"]}
@@ -155,25 +155,51 @@ def write_tables(path_json, path_md, name, entry):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def read_results(path):
+    """results.json as written by an earlier configuration (or empty); a corrupt one is one line."""
+    if not os.path.exists(path):
+        return {"configs": {}}
+    results = read_json(path, "results file")
+    if not isinstance(results.get("configs"), dict):
+        raise UserError(f"results file {path}: no 'configs' object in it; restore it, or move it away")
+    return results
+
+
+MAX_SAMPLES = 100_000   # candidates per problem: more is a typo, and would not fit in memory
+
+
+def check_args(args):
+    """Every flag's range and the combinations that cannot work, before anything is loaded.
+    Returns the sorted k of pass@k."""
     try:
         ks = sorted({1, args.n} if args.k is None else {int(k) for k in args.k.split(",") if k.strip()})
     except ValueError:
         raise UserError(f"--k {args.k!r}: expected comma-separated integers such as 1,8,32") from None
-    if args.n < 1 or not ks or min(ks) < 1:
-        raise UserError("--n and every --k must be >= 1")
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise UserError(f"-n/--num-samples must be in [1, {MAX_SAMPLES}], got {args.n}")
+    if not ks or min(ks) < 1:
+        raise UserError(f"every --k must be >= 1, got {args.k}")
     if max(ks) > args.n:
         raise UserError(f"--k {max(ks)} exceeds --n {args.n}: pass@k needs at least k candidates per problem")
-    if args.L < 0:
-        raise UserError(f"--L must be >= 0, got {args.L}")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise UserError("--batch-size and --max-new-tokens must be >= 1")
+    at_least(0, L=args.L)
+    at_least(1, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    finite(temperature=args.temperature, top_p=args.top_p)
+    at_least(0, temperature=args.temperature)
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_seed(args.seed)
     if args.mode != "sample" and (args.prefix_source == "none" or args.L == 0):
         raise UserError(f"--mode {args.mode} gives each candidate its own latent: it needs "
                         "--prefix-source vae|noise|random_decoder and --L >= 1")
     if args.prefix_source == "vae" and args.vae is None:
         raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py)")
+    check_out_dir(args.out)
+    return ks
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    ks = check_args(args)
     prefixed = args.prefix_source != "none" and args.L > 0
     temperature = 0.0 if args.mode == "greedy-latent" else args.temperature
     name = args.config_name or " ".join(
@@ -195,7 +221,17 @@ def main(argv=None):
         raise UserError("--benchmarks is empty")
     ddp, rank, _, world_size, device = compute_init()
     master = rank == 0
-    os.makedirs(args.out, exist_ok=True)
+
+    def claim_out():
+        """One evaluation at a time per --out; a corrupt results.json is found now, not at the end."""
+        os.makedirs(args.out, exist_ok=True)
+        notes = acquire_lock(args.out) + recover_leftovers(args.out)
+        read_results(os.path.join(args.out, "results.json"))
+        return notes
+    for note in on_master(claim_out):
+        print0(note)
+    set_interrupt_hint(f"the problems finished so far are kept in {args.out}; the same command "
+                       "continues from them")
 
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_policy(args.model, device, dtype)
@@ -247,7 +283,7 @@ def main(argv=None):
         # -- generate: chunks of problems x candidates, appended and flushed as each chunk ends
         per_chunk = max(1, args.batch_size // args.n)
         with open(os.path.join(args.out, f"{bench}.rank{rank}.jsonl"), "a", encoding="utf-8") as part:
-            for c in range(0, len(mine), per_chunk):
+            for c in progress(range(0, len(mine), per_chunk), f"{bench} (chunks of {per_chunk} problems)"):
                 chunk = mine[c:c + per_chunk]
                 prompts, prefixes = [], []
                 for i in chunk:
@@ -257,19 +293,24 @@ def main(argv=None):
                     g_latent = torch.Generator().manual_seed(args.seed * 1_000_003 + key_hash)
                     drawn = source.sample(args.n, args.L, generator=g_latent)      # (n, L, d) or None
                     prefixes += [None] * args.n if drawn is None else list(drawn.to(device, dtype))
-                texts = []
+                texts, stopped = [], []
                 for s in range(0, len(prompts), args.batch_size):
                     out = generate(model, prompts[s:s + args.batch_size], prefixes[s:s + args.batch_size],
                                    args.max_new_tokens, temperature, top_p=args.top_p,
                                    stop_tokens=[eos], generator=g_sample)
                     texts += tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)
+                    stopped += out.stopped.tolist()
                 for j, i in enumerate(chunk):
                     completions = texts[j * args.n:(j + 1) * args.n]
-                    verdicts = [grade(t, rows[i]["answer"], kind) for t in completions]
+                    finished = stopped[j * args.n:(j + 1) * args.n]
+                    # a completion cut off at --max-new-tokens is no answer (as in rl.py): its last
+                    # number is wherever the cut fell, so a grader reading it would score luck
+                    verdicts = [grade(t, rows[i]["answer"], kind) if done else 0.0
+                                for t, done in zip(completions, finished)]
                     part.write(json.dumps({
                         "config": name, "key": keys[i], "index": i, "problem": rows[i]["problem"],
                         "answer": rows[i]["answer"], "completions": completions, "verdicts": verdicts,
-                        "correct": int(sum(verdicts)), "settings": settings}) + "\n")
+                        "stopped": finished, "correct": int(sum(verdicts)), "settings": settings}) + "\n")
                 part.flush()
         if ddp:
             dist.barrier()

@@ -26,11 +26,12 @@ import os
 
 import torch
 
-from common import UserError, compute_init, run_main
+from common import (ArgumentParser, UserError, at_least, at_most, check_seed, compute_init, finite,
+                    run_main, set_interrupt_hint)
 from data import TEMPLATES, format_prompt
 from model import PREFIX_SOURCES, generate, load_policy, make_prefix_source
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Prompts
 parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
 parser.add_argument("--prompts-file", default=None,
@@ -80,17 +81,33 @@ def read_prompts(path):
     return prompts
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
-    if args.L < 0:
-        raise UserError(f"--L must be >= 0, got {args.L}")
-    if args.num_latents < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise UserError("--num-latents, --batch-size and --max-new-tokens must be >= 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+MAX_LATENTS = 100_000          # latents per prompt: more is a typo, and would not fit in memory
+MAX_PREFIX_BYTES = 4 * 2**30   # all latents' prefix embeddings are drawn up front
+
+
+def check_args(args):
+    """Every flag's range and the combinations that cannot work, before anything is loaded."""
+    at_least(0, L=args.L)
+    at_least(1, num_latents=args.num_latents, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    at_most(MAX_LATENTS, num_latents=args.num_latents)
+    finite(temperature=args.temperature, top_p=args.top_p)
+    at_least(0, temperature=args.temperature)
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_seed(args.seed)
     if args.prefix_source == "vae" and args.vae is None:
         raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py); "
                         "or choose --prefix-source none, noise or random_decoder")
+    if args.out and os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a directory; give a file name for the JSON lines")
+    if args.out and args.prompts_file and os.path.abspath(args.out) == os.path.abspath(args.prompts_file):
+        raise UserError(f"--out {args.out} is the --prompts-file: writing would replace the prompts; "
+                        "choose another --out")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    check_args(args)
     texts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not texts:
         raise UserError("no prompts: pass --prompt \"...\" (repeatable) or --prompts-file FILE")
@@ -105,6 +122,10 @@ def main(argv=None):
     prompts = [tokenizer(format_prompt(t, args.template, tokenizer), add_special_tokens=False)["input_ids"]
                for t in texts]
     context = model.config.max_position_embeddings
+    prefix_bytes = args.num_latents * args.L * model.config.hidden_size * 4
+    if args.prefix_source != "none" and prefix_bytes > MAX_PREFIX_BYTES:
+        raise UserError(f"--num-latents {args.num_latents} x --L {args.L} prefixes of width "
+                        f"{model.config.hidden_size} would take {prefix_bytes / 2**30:.0f} GiB; lower them")
     for i, p in enumerate(prompts):
         if len(p) + args.L + args.max_new_tokens > context:
             raise UserError(f"prompt {i}: {len(p)} tokens + L {args.L} + --max-new-tokens "
@@ -118,8 +139,12 @@ def main(argv=None):
         f"{source.name}{':' + args.region if args.region else ''}, L={args.L}"
     out_file = None
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        out_file = open(args.out, "w", encoding="utf-8")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            out_file = open(args.out, "w", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--out {args.out}: cannot be written ({e.strerror})") from None
+        set_interrupt_hint(f"the completions printed so far are also in {args.out}")
     try:
         for i in range(args.num_latents):
             prefix = None if latents is None else latents[i].to(device, dtype)       # (L, d)

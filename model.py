@@ -24,10 +24,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common import UserError, atomic_save_dir, atomic_save_file, atomic_write_json
+from common import UserError, atomic_save_dir, atomic_save_file, atomic_write_json, one_line, read_json
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -364,9 +364,26 @@ def load_policy(path_or_id, device="cpu", dtype=torch.float32):
     token: generation stops at it and the warm-up ends every answer with it."""
     from transformers import AutoTokenizer
     model = Transformer.from_pretrained(path_or_id, device=device, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model.source_dir)
+    path = model.source_dir
+    found = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(path, name))]
+    where = f"{path} (tokenizer files: {', '.join(found) or 'none'})"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a corrupt file surfaces as a JSON, tokenizers or OS error
+        raise UserError(f"{where}: the tokenizer does not load ({type(e).__name__}: {one_line(e)}); "
+                        "copy the tokenizer files of the base model into the directory") from None
+    # Without usable files transformers can still build a tokenizer, one that encodes every text
+    # to [] (the run would then fail deep in attention): encode a probe to be sure.
+    probe = tokenizer("Question: 12 + 30 = ?\nAnswer:", add_special_tokens=False)["input_ids"]
+    if not probe:
+        raise UserError(f"{where}: the tokenizer encodes text to no tokens; its files are missing "
+                        "or corrupt: copy the tokenizer files of the base model into the directory")
     if tokenizer.eos_token_id is None:
         raise UserError(f"{path_or_id}: the tokenizer has no eos token to end completions with")
+    largest = max(probe + [tokenizer.eos_token_id])
+    if largest >= model.config.vocab_size:
+        raise UserError(f"{where}: the tokenizer gives token id {largest}, but the model has only "
+                        f"{model.config.vocab_size} embeddings; the tokenizer belongs to another model")
     return model, tokenizer
 
 
@@ -398,27 +415,66 @@ def resolve_checkpoint(path_or_id):
                         "without network access pass a local checkpoint directory") from None
 
 
+def _is_positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def read_safetensors_file(file, names=None):
+    """The tensors of one safetensors file (all of them, or those in `names`), on the CPU.
+    A file that is missing, truncated or corrupt stops with one line that names it (UserError)."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys() if names is None or key in names}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file}: not a readable safetensors file ({type(e).__name__}: {one_line(e)}); "
+                        "it is truncated or corrupt: restore or re-create it") from None
+
+
+# config.json sizes that must be positive integers (a string "64" would fail deep in torch)
+CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
 def load_config(path):
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise UserError(f"{path}: no config.json; a checkpoint directory needs config.json "
                         "and *.safetensors")
+    d = read_json(config_path, "config")
+    for key in CONFIG_SIZES:  # None means "derive it" for num_key_value_heads and head_dim
+        if d.get(key) is not None and not _is_positive_int(d[key]):
+            raise UserError(f"{config_path}: {key} is {d[key]!r}; sizes must be positive integers")
     try:
-        with open(config_path) as f:
-            return ModelConfig.from_hf(json.load(f), source=config_path)
-    except (json.JSONDecodeError, KeyError) as e:
-        raise UserError(f"{config_path}: malformed config ({type(e).__name__}: {e})") from None
+        config = ModelConfig.from_hf(d, source=config_path)
+    except KeyError as e:
+        raise UserError(f"{config_path}: malformed config (no {e} field)") from None
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UserError(f"{config_path}: {key} is {value!r}; expected a positive number")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise UserError(f"{config_path}: num_attention_heads {config.num_attention_heads} is not a "
+                        f"multiple of num_key_value_heads {config.num_key_value_heads}")
+    return config
 
 
 def _safetensors_files(path, names=None):
     """The safetensors files holding `names` (all files if None), via the shard index if any."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and f and os.path.basename(f) == f for f in weight_map.values()):
+            raise UserError(f"{index}: 'weight_map' must map tensor names to shard file names "
+                            "in the same directory")
         wanted = weight_map.values() if names is None else \
             [weight_map[n] for n in names if n in weight_map]
-        return [os.path.join(path, f) for f in sorted(set(wanted))]
+        files = sorted(set(wanted))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise UserError(f"{index}: names the shard {missing[0]}, which is not in {path}"
+                            + (f" ({len(missing)} shards missing)" if len(missing) > 1 else ""))
+        return [os.path.join(path, f) for f in files]
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
         raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json "
@@ -427,12 +483,10 @@ def _safetensors_files(path, names=None):
 
 
 def read_safetensors(path, names=None):
+    """The tensors of a checkpoint directory (all, or those in `names`), across its shards."""
     tensors = {}
     for file in _safetensors_files(path, names):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if names is None or key in names:
-                    tensors[key] = f.get_tensor(key)
+        tensors.update(read_safetensors_file(file, names))
     return tensors
 
 
@@ -445,6 +499,55 @@ def load_embedding_matrix(path_or_id):
     if name not in tensors:
         raise UserError(f"{path}: checkpoint has no {name!r}")
     return tensors[name].float()
+
+
+def load_state_file(module, file):
+    """Load a module's whole state from one safetensors file; a file whose tensor names or shapes
+    do not match the module stops with one line naming the first difference (UserError)."""
+    state = read_safetensors_file(file)
+    for name, tensor in module.state_dict().items():
+        if name not in state:
+            raise UserError(f"{file}: has no tensor {name!r}; it belongs to another model or version")
+        if state[name].shape != tensor.shape:
+            raise UserError(f"{file}: tensor {name!r} has shape {tuple(state[name].shape)}, the "
+                            f"sizes in its config imply {tuple(tensor.shape)}; the files do not "
+                            "belong together")
+    extra = sorted(set(state) - set(module.state_dict()))
+    if extra:
+        raise UserError(f"{file}: unexpected tensor {extra[0]!r}; it belongs to another model or "
+                        "version")
+    module.load_state_dict(state)
+
+
+def _is_number_list(value, length=None):
+    return isinstance(value, list) and (length is None or len(value) == length) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+
+
+def read_vae_json(path):
+    """vae.json, checked before anything is built from it: integer sizes, the embedding
+    fingerprint (a list of numbers) and each domain's latent mean (k) and covariance (k x k)."""
+    meta = read_json(path, "VAE settings")
+    missing = [k for k in ("dim", "latent_dim", "hidden_dim", "depth", "fingerprint") if k not in meta]
+    if missing:
+        raise UserError(f"{path}: no {', '.join(missing)} field; re-create the VAE with train_vae.py")
+    for key in ("dim", "latent_dim", "hidden_dim", "depth"):
+        least = 0 if key == "depth" else 1  # depth 0: encoder and decoder are single linear maps
+        if type(meta[key]) is not int or meta[key] < least:
+            raise UserError(f"{path}: {key} is {meta[key]!r}; expected an integer >= {least}")
+    if not _is_number_list(meta["fingerprint"]):
+        raise UserError(f"{path}: 'fingerprint' is not a list of numbers; re-create the VAE with "
+                        "train_vae.py")
+    k, domains = meta["latent_dim"], meta.get("domains", {})
+    if not isinstance(domains, dict):
+        raise UserError(f"{path}: 'domains' must map domain names to latent statistics")
+    for name, stats in domains.items():
+        if not (isinstance(stats, dict) and _is_number_list(stats.get("mean"), k)
+                and isinstance(stats.get("cov"), list) and len(stats["cov"]) == k
+                and all(_is_number_list(row, k) for row in stats["cov"])):
+            raise UserError(f"{path}: domain {name!r} needs 'mean' ({k} numbers) and 'cov' "
+                            f"({k} x {k} numbers)")
+    return meta
 
 
 def embedding_fingerprint(E, n_rows=64, n_cols=16):
@@ -645,7 +748,10 @@ def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0,
     B = len(prompts)
     embeds, mask = embed_rows(model, prompts, prefixes)                          # (B, T, d)
     cache = KVCache(model.config, B, embeds.shape[1] + max_new_tokens, device, embeds.dtype)
-    logits = model(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V)
+    # The prefill needs the next-token logits of the last position only: the full (B, T, V) would
+    # be 4 GB for 64 prompts of 300 tokens with a 49K vocabulary, and a fifth of the prefill's work.
+    hidden = model.hidden_states(embeds, mask, kv_cache=cache)                  # (B, T, d)
+    logits = model.lm_head(hidden[:, -1])                                        # (B, V)
 
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -704,6 +810,20 @@ def mlp(sizes):
     return nn.Sequential(*layers[:-1])   # no activation after the last layer
 
 
+# How a decoded h_hat becomes a prefix embedding. h_hat = decoder(z) * h_std + h_mean is dominated
+# by h_mean, the corpus mean of mean-pooled embeddings: on SmolLM2-135M every prior h_hat points
+# within a few degrees of it (pairwise cosine 0.94 to 0.99).
+#   paper     h_hat as it comes out (the paper's D(z)); far shorter than a token embedding, since
+#             averaging n embeddings shrinks the norm
+#   rescaled  h_hat's direction at the mean token-embedding norm: every latent becomes nearly the
+#             same vector, h_mean blown up to token size, which no real token resembles
+#   centred   (h_hat - h_mean) at the mean token-embedding norm: only what the latent changes
+# The default is set by the measurements in README's "Prefix forms" (bench/prefix_forms.py).
+# VAE directories written before vae.json recorded the form load as "rescaled", their old form.
+PREFIX_FORMS = ("centred", "rescaled", "paper")
+DEFAULT_PREFIX_FORM = "centred"
+
+
 class PaletteVAE(nn.Module):
     """Encoder h -> (mu, log sigma^2) in R^k, decoder z -> h_hat in R^d.
 
@@ -711,15 +831,16 @@ class PaletteVAE(nn.Module):
     - h is standardised per dimension (statistics of the training corpus, kept as buffers)
       before encoding, and the reconstruction error is measured there, so every embedding
       dimension counts equally however small its spread.
-    - A mean of n token embeddings is much shorter than a token embedding (averaging shrinks
-      the norm), so a decoded h_hat is no place to put a prefix as is. `prefix()` keeps its
-      direction and rescales it to the mean token-embedding norm of the vocabulary, so the
-      policy sees a prefix that lives where its token embeddings live.
+    - A decoded h_hat is a mean of token embeddings, not a token embedding, so `prefix()` turns
+      it into one in the way `prefix_form` names (see PREFIX_FORMS below).
     """
 
-    def __init__(self, dim, latent_dim=16, hidden_dim=256, depth=2):
+    def __init__(self, dim, latent_dim=16, hidden_dim=256, depth=2, prefix_form=DEFAULT_PREFIX_FORM):
         super().__init__()
+        if prefix_form not in PREFIX_FORMS:
+            raise UserError(f"unknown prefix form {prefix_form!r}; choose one of {', '.join(PREFIX_FORMS)}")
         self.dim, self.latent_dim, self.hidden_dim, self.depth = dim, latent_dim, hidden_dim, depth
+        self.prefix_form = prefix_form
         self.encoder = mlp([dim] + [hidden_dim] * depth + [2 * latent_dim])
         self.decoder = mlp([latent_dim] + [hidden_dim] * depth + [dim])
         self.register_buffer("h_mean", torch.zeros(dim))
@@ -750,20 +871,25 @@ class PaletteVAE(nn.Module):
         return recon + beta * kl, recon, kl
 
     def prefix(self, z):
-        """z (..., k) -> prefix embeddings (..., d) at the mean token-embedding norm."""
-        h_hat = self.decode(z)
-        return h_hat / h_hat.norm(dim=-1, keepdim=True).clamp(min=1e-6) * self.token_norm
+        """z (..., k) -> prefix embeddings (..., d), in the form self.prefix_form names."""
+        h_hat = self.decode(z)                                                   # (..., d)
+        if self.prefix_form == "paper":
+            return h_hat
+        # rescaled keeps h_hat's direction, which is mostly h_mean's; centred keeps only what
+        # the latent changes, the deviation from the corpus mean
+        direction = h_hat if self.prefix_form == "rescaled" else h_hat - self.h_mean
+        return direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-6) * self.token_norm
 
 
 def save_vae(vae, out_dir, meta):
-    """vae.safetensors (weights and statistics) + vae.json (dimensions, beta, the model it
-    belongs to with its embedding fingerprint, per-domain latent statistics), each written
-    atomically into out_dir (which may also hold the run's logs)."""
+    """vae.safetensors (weights and statistics) + vae.json (dimensions, the prefix form, beta,
+    the model it belongs to with its embedding fingerprint, per-domain latent statistics), each
+    written atomically into out_dir (which may also hold the run's logs)."""
     state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
     atomic_save_file(os.path.join(out_dir, "vae.safetensors"), lambda tmp: save_file(state, tmp))
     atomic_write_json(os.path.join(out_dir, "vae.json"), {
         "dim": vae.dim, "latent_dim": vae.latent_dim, "hidden_dim": vae.hidden_dim,
-        "depth": vae.depth, **meta})
+        "depth": vae.depth, "prefix_form": vae.prefix_form, **meta})
 
 
 def load_vae(vae_dir, E=None):
@@ -772,8 +898,7 @@ def load_vae(vae_dir, E=None):
     json_path = os.path.join(vae_dir, "vae.json")
     if not os.path.exists(json_path) or not os.path.exists(os.path.join(vae_dir, "vae.safetensors")):
         raise UserError(f"{vae_dir}: no vae.json / vae.safetensors; train one with train_vae.py")
-    with open(json_path) as f:
-        meta = json.load(f)
+    meta = read_vae_json(json_path)
     if E is not None:
         if E.shape[1] != meta["dim"]:
             raise UserError(f"{vae_dir}: the VAE was trained for embeddings of size {meta['dim']} "
@@ -783,9 +908,9 @@ def load_vae(vae_dir, E=None):
             raise UserError(f"{vae_dir}: the VAE was trained for another model ({meta.get('model')}, "
                             f"fingerprint {short_hash(meta['fingerprint'])}); its embedding matrix "
                             "differs from this model's; train a VAE for this model with train_vae.py")
-    vae = PaletteVAE(meta["dim"], meta["latent_dim"], meta["hidden_dim"], meta["depth"])
-    with safe_open(os.path.join(vae_dir, "vae.safetensors"), framework="pt") as f:
-        vae.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    vae = PaletteVAE(meta["dim"], meta["latent_dim"], meta["hidden_dim"], meta["depth"],
+                     meta.get("prefix_form", "rescaled"))   # older vae.json: the form it had then
+    load_state_file(vae, os.path.join(vae_dir, "vae.safetensors"))
     return vae.eval().requires_grad_(False), meta
 
 
@@ -793,7 +918,8 @@ class PrefixSource:
     """One interface for every source: sample(n, L) -> prefixes (n, L, d), or None when L == 0.
 
     Each of the L prefix tokens is an independent draw unless tie=True, in which case one draw
-    is repeated L times. All sources output vectors at the mean token-embedding norm.
+    is repeated L times. All sources output vectors at the mean token-embedding norm, except a
+    VAE whose prefix form is "paper".
     """
     name = "none"
 
@@ -894,6 +1020,77 @@ def make_prefix_source(name, E, vae_dir=None, region=None, tie=False, seed=0):
     raise UserError(f"unknown prefix source {name!r}; choose one of {', '.join(PREFIX_SOURCES)}")
 
 
+COLLAPSED_COSINE = 0.8     # prior prefixes this alike (noise: about 0) read as one token
+BROKEN_SHARE = 0.2         # more broken greedy answers than this: the policy cannot read them
+
+
+def is_broken(token_ids, text):
+    """A completion that carries nothing: no visible text, or a loop of a few tokens (at least 8
+    tokens, at most one distinct token in 8, and never more than 2 in a short one: "Zar\\nZar\\n...",
+    "2\\n2\\n2\\n..."). Real answers, even short ones, use far more distinct tokens."""
+    return not text.strip() or (len(token_ids) >= 8 and len(set(token_ids)) <= max(2, len(token_ids) // 8))
+
+
+@torch.no_grad()
+def prefix_health(source, model=None, prompts=None, tokenizer=None, L=1, n_prefixes=256,
+                  max_new_tokens=32, seed=0):
+    """Does the policy get prefixes it can read? Returns (metrics, lines to print).
+
+    Always (no model needed): the mean pairwise cosine of n_prefixes prior prefixes, and for a
+    VAE their mean cosine to the corpus-mean direction h_mean. With a model and prompts (token id
+    lists): two greedy answers per prompt under two prior prefix draws of L tokens, the share
+    of prompts whose answer changes between them, and the share of answers that are broken
+    (is_broken). The lines end with a warning when the prefixes collapse to one direction or
+    break the policy's answers, saying what to do.
+    """
+    if source.name == "none":
+        return {}, []
+    g = torch.Generator().manual_seed(seed)
+    unit = F.normalize(source.sample(n_prefixes, 1, generator=g)[:, 0], dim=-1)   # (n, d)
+    cos = unit @ unit.T                                                           # (n, n)
+    pairwise = cos[~torch.eye(n_prefixes, dtype=torch.bool)]
+    health = {"prefix_pairwise_cos": pairwise.mean().item()}
+    line = (f"prefix health ({source.name}): mean pairwise cosine of prior prefixes "
+            f"{health['prefix_pairwise_cos']:.3f} (noise: about 0)")
+    if isinstance(source, VAEPrefix):
+        to_mean = unit @ F.normalize(source.vae.h_mean.float(), dim=0)           # (n,)
+        health["prefix_cos_to_corpus_mean"] = to_mean.mean().item()
+        line += (f" | cosine to the corpus mean {to_mean.mean().item():.3f} "
+                 f"({to_mean.min().item():.3f} to {to_mean.max().item():.3f}), "
+                 f"form {source.vae.prefix_form}")
+    lines = [line]
+    if model is not None and prompts:
+        was_training, device = model.training, model.embed_tokens.weight.device
+        model.eval()
+        answers = []
+        for _ in range(2):
+            prefixes = source.sample(len(prompts), L, generator=g).to(device)   # (n, L, d)
+            out = generate(model, prompts, list(prefixes), max_new_tokens, temperature=0,
+                           stop_tokens=[tokenizer.eos_token_id]).token_lists()
+            answers.append([[t for t in ids if t != tokenizer.eos_token_id] for ids in out])
+        model.train(was_training)
+        broken = [is_broken(ids, tokenizer.decode(ids, skip_special_tokens=True))
+                  for draw in answers for ids in draw]
+        health["frac_answers_change"] = sum(a != b for a, b in zip(*answers)) / len(prompts)
+        health["frac_broken"] = sum(broken) / len(broken)
+        lines.append(f"prefix health ({source.name}, L = {L}, {len(prompts)} prompts, greedy): "
+                     f"answers that change between two prefixes {health['frac_answers_change']:.1%}"
+                     f" | broken answers (empty or one repeated token) {health['frac_broken']:.1%}")
+    fix = (f"train the VAE with `train_vae.py --prefix-form {DEFAULT_PREFIX_FORM}` (or set "
+           f"\"prefix_form\": \"{DEFAULT_PREFIX_FORM}\" in its vae.json: the form needs no retraining)")
+    if health["prefix_pairwise_cos"] > COLLAPSED_COSINE:
+        lines.append(f"warning: the prior prefixes collapse to one direction (mean pairwise cosine "
+                     f"{health['prefix_pairwise_cos']:.2f} > {COLLAPSED_COSINE}): the policy reads "
+                     f"every latent as the same token, so the palette cannot steer it; "
+                     + (fix if isinstance(source, VAEPrefix) else "use another prefix source"))
+    if health.get("frac_broken", 0.0) > BROKEN_SHARE:
+        lines.append(f"warning: {health['frac_broken']:.0%} of greedy answers under prefixes are "
+                     f"broken (> {BROKEN_SHARE:.0%}): the policy cannot read these prefixes; "
+                     + (fix if isinstance(source, VAEPrefix) and source.vae.prefix_form != DEFAULT_PREFIX_FORM
+                        else "try a longer warm-up (sft_warmup.py --steps) or L = 1"))
+    return health, lines
+
+
 # -----------------------------------------------------------------------------
 # 5. RL: group advantages and the clipped policy-gradient loss
 
@@ -951,26 +1148,67 @@ def loss_token_weights(loss_mask, aggregation, n_sequences, n_tokens, max_new_to
 
 
 def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_high=0.2,
-                ref_logprobs=None, kl_coef=0.0):
-    """Clipped surrogate (PPO/GRPO) with an optional k3 KL penalty to a reference policy.
+                ref_logprobs=None, kl_coef=0.0, entropy=None, entropy_coef=0.0):
+    """Clipped surrogate (PPO/GRPO) with an optional k3 KL penalty to a reference policy and an
+    optional token-entropy bonus.
 
-    logprobs, old_logprobs, ref_logprobs, weights: (B, T); advantages: (B,).
-    per token: -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + kl_coef * k3,
-    ratio = exp(logprobs - old_logprobs), k3 = exp(ref - logprobs) - (ref - logprobs) - 1.
-    Returns (loss, stats) with loss = sum(weights * per_token); padding has weight 0.
+    logprobs, old_logprobs, ref_logprobs, entropy, weights: (B, T); advantages: (B,).
+    per token: -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + kl_coef * k3
+               - entropy_coef * H,
+    ratio = exp(logprobs - old_logprobs), k3 = exp(ref - logprobs) - (ref - logprobs) - 1,
+    H = -sum_v pi(v) log pi(v), the entropy of the policy's next-token distribution at that
+    position (it must keep its graph for the bonus to have a gradient: token_logprobs_and_entropy).
+    Returns (loss, stats) with loss = sum(weights * per_token); padding has weight 0. stats: the
+    number of weighted tokens and, over those tokens, the clipped fraction, the mean k3 (when a
+    reference is given) and the mean entropy (when given), so that callers can combine
+    micro-batches by their token counts.
     """
     ratio = (logprobs - old_logprobs).exp()
     A = advantages[:, None]
     unclipped = ratio * A
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * A
     per_token = -torch.minimum(unclipped, clipped)
-    stats = {}
     mask = weights > 0
+    n = int(mask.sum())
+    mean = lambda x: (x.detach() * mask).sum().item() / max(n, 1)
+    stats = {"tokens": n, "clip_frac": mean((clipped < unclipped).float())}
     if ref_logprobs is not None and kl_coef > 0:
         log_ratio = ref_logprobs - logprobs
         k3 = log_ratio.exp() - log_ratio - 1
         per_token = per_token + kl_coef * k3
-        stats["kl"] = (k3.detach() * mask).sum().item() / max(int(mask.sum()), 1)
+        stats["kl"] = mean(k3)
+    if entropy is not None:
+        per_token = per_token - entropy_coef * entropy
+        stats["entropy"] = mean(entropy)
     loss = (weights * per_token).sum()
-    stats["clip_frac"] = ((clipped < unclipped) & mask).sum().item() / max(int(mask.sum()), 1)
     return loss, stats
+
+
+def _chunk_logprobs_and_entropy(hidden, targets, weight, temperature):
+    # float32 at least (a bf16 model's loss is taken in float32), float64 for a float64 model
+    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))  # (n, V)
+    logp = (logits / temperature).log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)                                                # (n,)
+    return logp.gather(-1, targets[:, None]).squeeze(-1), entropy
+
+
+def token_logprobs_and_entropy(model, inputs_embeds, attention_mask, targets, loss_mask,
+                               temperature=1.0, chunk=2048):
+    """Transformer.token_logprobs for the policy update: the same log-probs (B, T), and the
+    entropy (B, T) with its graph kept, so that an entropy bonus has a gradient. A batch without
+    a single loss position still returns tensors attached to the graph (backward() gives zero
+    gradients instead of failing)."""
+    hidden = model.hidden_states(inputs_embeds, attention_mask)                  # (B, T, d)
+    picked, picked_targets = hidden[loss_mask], targets[loss_mask]                # (N, d), (N,)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logprobs, entropy = [], []
+    for i in range(0, picked.shape[0], chunk):   # recomputed in backward: no (N, V) kept
+        lp, ent = torch.utils.checkpoint.checkpoint(
+            _chunk_logprobs_and_entropy, picked[i:i + chunk], picked_targets[i:i + chunk],
+            model.lm_head.weight, temperature, use_reentrant=False)
+        logprobs.append(lp)
+        entropy.append(ent)
+    empty = picked.sum(-1).to(dtype)                        # (0,), on the graph when N == 0
+    zeros = hidden.new_zeros(targets.shape, dtype=dtype)                         # (B, T)
+    return (zeros.masked_scatter(loss_mask, torch.cat(logprobs) if logprobs else empty),
+            zeros.masked_scatter(loss_mask, torch.cat(entropy) if entropy else empty))

@@ -1,36 +1,64 @@
 r"""Stage 3: GRPO / RLOO with latent-guided exploration (Reasoning Palette).
 
-Each step takes P prompts (sharded over ranks; a group never spans ranks) and samples G
-completions of each. Before sampling, the schedule decides how many rollouts of each group carry
-a prefix: those draw their OWN latent z, decoded into L prefix embeddings placed before the
-prompt; the rest get none. The prefix is stored with its rollout, so every later log-prob is
-computed in exactly the context the rollout was sampled in.
+One step reads rollout -> score -> update -> log:
 
-The objective, per rollout batch (sum over completion tokens t of rollout i, with weights w_it):
+    rollout  P prompts (sharded over ranks; a group never spans ranks), G completions of each.
+             The schedule decides how many rollouts of each group carry a prefix, and
+             choose_prefixed which ones: each of those draws its OWN latent z, decoded into L
+             prefix embeddings placed before the prompt; the rest get none. The prefix is stored
+             with its rollout, so every later log-prob is computed in the context it was sampled in.
+    score    rewards from the grader, group advantages, and which rollouts carry loss.
+    update   update_policy: E epochs x M minibatches of optimiser steps on the batch.
+    log      one record per step in metrics.jsonl.
 
-    J = sum_it w_it * min(r_it * A_i, clip(r_it, 1 - eps_low, 1 + eps_high) * A_i)
-        - kl_coef * sum_it w_it * k3_it
+The objective, per minibatch (sum over completion tokens t of the kept rollouts i):
+
+    J = sum_it w_it * [ min(r_it * A_i, clip(r_it, 1 - eps_low, 1 + eps_high) * A_i)
+                        - kl_coef * k3_it + entropy_coef * H_it ]
     r_it  = pi(o_it | p_i, q, o_i<t) / pi_old(o_it | p_i, q, o_i<t), both from training forward
-            passes at the sampling temperature (pi_old: before this batch's first update; the
-            sampler's own log-probs are never used)
+            passes at the sampling temperature; pi_old is the policy before the batch's first
+            update (so r = 1 with one update per batch); the sampler's own log-probs are never used
     A_i   = grpo:   (R_i - mean_g R) / (std_g R + 1e-6), std with Bessel's correction
             rloo:   R_i - mean of the other G - 1 rewards of the group
             drgrpo: R_i - mean_g R
             (a group with equal rewards has A = 0 and is counted as zero-variance)
-    k3_it = exp(ref - logp) - (ref - logp) - 1, against the frozen initial policy; kl_coef = 0 by
-            default, and then no reference model is loaded at all
-    w_it  = token-mean: 1 / (completion tokens in the batch); seq-mean: 1 / (B |o_i|);
-            constant: 1 / (B * max_new_tokens) (Dr. GRPO)
+    k3_it = exp(ref - logp) - (ref - logp) - 1, ref = log pi_ref(o_it | p_i, q, o_i<t) under the
+            checkpoint --model as loaded, which embeds the tokens with its own embedding matrix
+            and reads the same prefix vectors p_i. kl_coef = 0 by default, and then no reference
+            model is loaded at all
+    H_it  = -sum_v pi(v | p_i, q, o_i<t) log pi(v | p_i, q, o_i<t), the entropy of the policy's
+            next-token distribution at the sampling temperature: the standard token-entropy
+            bonus, weighted like the policy term (entropy_coef = 0 by default)
+    w_it  = token-mean: 1 / (kept completion tokens of the minibatch); seq-mean: 1 / (B' |o_i|);
+            constant: 1 / (B' * max_new_tokens) (Dr. GRPO); B' = kept rollouts of the minibatch.
+            Every rollout is kept, except truncated ones under --truncated mask.
+Each rank splits its rollouts into M contiguous minibatches (minibatch m of a step is the union
+over ranks, and the counts above are over all ranks) and each minibatch into micro-batches of
+--micro-batch-size kept rollouts; the gradient accumulated over micro-batches and ranks is the
+gradient of -J on the whole minibatch (tests/test_rl_losses.py checks this in float64).
 
 How it differs from the textbook algorithms: GRPO as in DeepSeekMath but with asymmetric clipping
-(eps_high > eps_low as in DAPO), no KL by default, and token-mean aggregation over the batch
+(eps_high > eps_low as in DAPO), no KL by default, and token-mean aggregation over the minibatch
 rather than a per-sequence mean; RLOO is used with the same clipped surrogate (RLOO proper is
 plain REINFORCE: set --epochs 1 --minibatches 1, where the ratio is 1 and the clip inactive).
 The policy conditions on the prefix p_i, and the same p_i is replayed in every ratio.
 
-Schedules over progress tau = step / steps: none (baseline); two-stage (all rollouts prefixed
-with L tokens while tau < 0.5, none after); linear (rho = 1 - tau of each group prefixed);
-constant (a fixed rho). round(rho * G) rollouts of each group get a prefix, chosen at random.
+Where the conventions differ from TRL's GRPOTrainer and RLOOTrainer (its main branch, July 2026):
+- the group std gets eps 1e-6 here, 1e-4 in TRL (both use Bessel's correction);
+- seq-mean / constant with masked truncations (--truncated mask, TRL's
+  mask_truncated_completions) divide by the kept rollouts here; TRL's loss_type "grpo" /
+  "dr_grpo" divide by all rollouts of the batch, masked ones included. token-mean, the default
+  here, is TRL's default loss_type "dapo";
+- the k3 term is not multiplied by the ratio here; TRL multiplies it with
+  use_bias_correction_kl=True (off by default);
+- RLOO here is the token-level clipped surrogate above; TRL's RLOOTrainer clips one ratio per
+  sequence (the exponentiated sum of the token log-ratios) and puts its KL into the reward;
+- TRL's entropy_coef bonus is always the mean token entropy; here it is weighted by w_it like
+  the policy term (the same thing under token-mean).
+
+Schedules, rho(tau) over progress tau = step / steps (the table SCHEDULES): none (baseline);
+two-stage (every rollout prefixed while tau < 0.5, none after); linear (rho = 1 - tau); constant
+(--rho). round(rho * G) rollouts of each group get an L-token prefix.
 
 Toy world:
     python rl.py --model runs/toy/sft/model --vae runs/toy/vae --schedule linear --L 8 \
@@ -49,29 +77,38 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
-from common import (RunDir, UserError, all_reduce_mean, atomic_save_dir, atomic_write_json,
-                    compute_init, print0, rng_state, run_main, seed_everything, set_rng_state,
-                    sync_gradients, check_ranks_in_sync)
-from data import GRADER, check_gold_answers, format_prompt, grade, grading_kind_for, load_mixture
+from common import (ArgumentParser, RunDir, UserError, all_reduce_mean, at_least, at_most,
+                    atomic_save_dir, atomic_write_json, check_out_dir, check_ranks_in_sync,
+                    check_seed, compute_init, ddp_info, finite, positive, print0, progress,
+                    rng_state, run_main, seed_everything, set_rng_state, sync_gradients)
+from data import (GRADER, TEMPLATES, check_gold_answers, format_prompt, grade, grading_kind_for,
+                  load_mixture)
 from model import (ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, PREFIX_SOURCES, Transformer,
                    completion_batch, generate, group_advantages, load_embedding_matrix,
                    load_policy, loss_token_weights, make_prefix_source, policy_loss,
-                   resolve_checkpoint)
+                   resolve_checkpoint, token_logprobs_and_entropy)
 
-SCHEDULES = ("none", "two-stage", "linear", "constant")
+# name -> rho(tau, rho flag): the fraction of each group's rollouts that carry a prefix at
+# progress tau in [0, 1). argparse takes its choices from here.
+SCHEDULES = {
+    "none": lambda tau, rho: 0.0,
+    "two-stage": lambda tau, rho: 1.0 if tau < 0.5 else 0.0,
+    "linear": lambda tau, rho: 1.0 - tau,
+    "constant": lambda tau, rho: rho,
+}
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Data
 parser.add_argument("--data", required=True, help="training problems: domain=path_or_id,... or a path")
 parser.add_argument("--per-domain-cap", type=int, default=None)
-parser.add_argument("--template", default="plain", help="plain | math | chat")
+parser.add_argument("--template", default="plain", choices=TEMPLATES)
 parser.add_argument("--eval-data", default=None, help="held-out problems for greedy pass@1")
 parser.add_argument("--eval-problems", type=int, default=200)
 parser.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (0: only at the end)")
@@ -80,7 +117,7 @@ parser.add_argument("--model", required=True, help="hub id or checkpoint directo
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 parser.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
 # Palette
-parser.add_argument("--schedule", default="linear", choices=SCHEDULES)
+parser.add_argument("--schedule", default="linear", choices=list(SCHEDULES))
 parser.add_argument("--rho", type=float, default=0.5, help="prefixed fraction of each group (constant)")
 parser.add_argument("--L", type=int, default=8, help="prefix tokens of a prefixed rollout")
 parser.add_argument("--prefix-source", default="vae", choices=PREFIX_SOURCES)
@@ -101,6 +138,7 @@ parser.add_argument("--estimator", default="grpo", choices=ADVANTAGE_ESTIMATORS)
 parser.add_argument("--clip-eps-low", type=float, default=0.2)
 parser.add_argument("--clip-eps-high", type=float, default=0.28)
 parser.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL to the initial policy (0: no reference model)")
+parser.add_argument("--entropy-coef", type=float, default=0.0, help="token-entropy bonus (0: none)")
 parser.add_argument("--aggregation", default="token-mean", choices=LOSS_AGGREGATIONS)
 parser.add_argument("--epochs", type=int, default=1, help="optimisation passes over each rollout batch")
 parser.add_argument("--minibatches", type=int, default=1, help="optimiser steps per pass")
@@ -119,14 +157,90 @@ parser.add_argument("--resume", action="store_true", help="continue from --out/c
 parser.add_argument("--sample-every", type=int, default=10, help="steps between decoded rollouts in samples.jsonl")
 
 
+MAX_EPOCHS = 100   # passes over one batch of rollouts; PPO-style training uses a few
+
+
+def check_args(args, world_size):
+    """Every flag's range and the combinations that cannot work, refused in one line each before
+    anything is loaded (the limits that need the model are in check_fits_device)."""
+    at_least(1, steps=args.steps, prompts_per_step=args.prompts_per_step,
+             max_new_tokens=args.max_new_tokens, epochs=args.epochs, minibatches=args.minibatches,
+             micro_batch_size=args.micro_batch_size, eval_problems=args.eval_problems,
+             per_domain_cap=args.per_domain_cap)
+    at_least(0, L=args.L, eval_every=args.eval_every, save_every=args.save_every,
+             sample_every=args.sample_every, warmup_steps=args.warmup_steps)
+    at_most(MAX_EPOCHS, epochs=args.epochs)
+    if args.group_size < 2:
+        raise UserError(f"--group-size must be >= 2, got {args.group_size}: advantages compare the "
+                        "rollouts of a group, so a group of one has advantage 0 and nothing is learned")
+    finite(temperature=args.temperature, top_p=args.top_p, rho=args.rho, lr=args.lr,
+           weight_decay=args.weight_decay, clip_eps_low=args.clip_eps_low,
+           clip_eps_high=args.clip_eps_high, kl_coef=args.kl_coef, entropy_coef=args.entropy_coef)
+    if not args.temperature > 0:
+        raise UserError(f"--temperature must be > 0, got {args.temperature}: the loss needs log-probs "
+                        "at the sampling temperature, which are undefined at 0 (greedy)")
+    at_least(0, lr=args.lr, weight_decay=args.weight_decay, clip_eps_low=args.clip_eps_low,
+             clip_eps_high=args.clip_eps_high, kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
+             rho=args.rho)
+    at_most(1, top_p=args.top_p, rho=args.rho)
+    positive(top_p=args.top_p, grad_clip=args.grad_clip)     # --grad-clip inf: no clipping
+    if not args.clip_eps_low < 1:
+        raise UserError(f"--clip-eps-low must be < 1, got {args.clip_eps_low}: the ratio is clipped "
+                        "to [1 - eps_low, 1 + eps_high]")
+    if args.lr * args.weight_decay >= 1:
+        raise UserError(f"--lr {args.lr} x --weight-decay {args.weight_decay} >= 1 would flip every "
+                        "weight's sign at each step; lower them")
+    check_seed(args.seed)
+    check_out_dir(args.out)
+    if args.prompts_per_step % world_size:
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the "
+                        f"{world_size} ranks")
+    per_rank = args.prompts_per_step // world_size * args.group_size
+    if args.minibatches > per_rank:
+        raise UserError(f"--minibatches {args.minibatches} is more than the {per_rank} rollouts each "
+                        f"rank holds (prompts-per-step / ranks x group-size); use at most {per_rank}")
+    if args.schedule != "none" and args.prefix_source == "none":
+        raise UserError(f"--schedule {args.schedule} needs a --prefix-source (vae, noise, random_decoder)")
+    if args.schedule != "none" and args.L == 0:
+        raise UserError(f"--schedule {args.schedule} with --L 0 gives no prefix; use --schedule none "
+                        "for the baseline")
+    if args.schedule != "none" and args.prefix_source == "vae" and args.vae is None:
+        raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py)")
+    if args.region is not None and args.prefix_source != "vae":
+        raise UserError("--region needs --prefix-source vae (regions are areas of the VAE's latent space)")
+
+
+def check_fits_device(model, args, world_size, longest_prompt, device):
+    """The KV cache of one rank's rollouts must fit in the device's memory: refused at start-up,
+    not found out of memory at the first step."""
+    c = model.config
+    rollouts = args.prompts_per_step // world_size * args.group_size
+    tokens = rollouts * (longest_prompt + args.L + args.max_new_tokens)
+    need = tokens * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim \
+        * model.embed_tokens.weight.element_size()                      # keys and values, bytes
+    have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UserError(f"{rollouts} rollouts per rank (--prompts-per-step / ranks x --group-size) of up "
+                        f"to {longest_prompt + args.L + args.max_new_tokens} tokens need {need / 2**30:.3g} "
+                        f"GiB of KV cache, more than the {have / 2**30:.3g} GiB of the {device.type} "
+                        "device; lower --prompts-per-step, --group-size or --max-new-tokens, or use more ranks")
+
+
 def prefix_plan(schedule, tau, G, rho, L):
-    """(rollouts of a group that carry a prefix, prefix length) at progress tau in [0, 1)."""
-    if schedule == "none" or L == 0:
-        return 0, 0
-    if schedule == "two-stage":
-        return (G, L) if tau < 0.5 else (0, 0)
-    fraction = 1.0 - tau if schedule == "linear" else rho
-    return round(fraction * G), L
+    """(rollouts of each group that carry a prefix, prefix length) at progress tau in [0, 1)."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    n_prefixed = round(SCHEDULES[schedule](tau, rho) * G) if L > 0 else 0
+    return n_prefixed, L if n_prefixed else 0
+
+
+def choose_prefixed(n_groups, G, n_prefixed, generator):
+    """Which rollouts carry a prefix: n_prefixed of each group of G, chosen uniformly at random so
+    that a rollout's place in its group says nothing. Returns a bool tensor (n_groups * G,)."""
+    keys = torch.rand(n_groups, G, generator=generator)                          # (n_groups, G)
+    rank_in_group = keys.argsort(dim=1).argsort(dim=1)                           # 0 = smallest key
+    return (rank_in_group < n_prefixed).flatten()
 
 
 def step_prompts(rows, step, P, seed):
@@ -139,6 +253,273 @@ def step_prompts(rows, step, P, seed):
             orders[epoch] = list(range(len(rows)))
             random.Random(seed + epoch).shuffle(orders[epoch])
         out.append(rows[orders[epoch][i]])
+    return out
+
+
+def problem_name(row):
+    return repr(row.get("id") or row["problem"][:40])
+
+
+def load_problems(spec, flag, tokenizer, template, seed, per_domain_cap=None, limit=None):
+    """(rows, grading kind): the problems of `spec` that can be rewarded, each with its prompt
+    tokenised once, as row["prompt_ids"]. Rows whose gold answer cannot be read are left out."""
+    rows = load_mixture(spec, per_domain_cap=per_domain_cap, seed=seed)[:limit]
+    kind = grading_kind_for(rows[0])
+    bad = set(check_gold_answers(rows, kind))                                  # positions in rows
+    if bad:
+        print0(f"warning: {flag}: {len(bad)} of {len(rows)} gold answers cannot be read (first: "
+               f"problem {problem_name(rows[min(bad)])}); they are left out")
+        rows = [r for i, r in enumerate(rows) if i not in bad]
+    if not rows:
+        raise UserError(f"{flag} {spec}: no problem has a gold answer to reward against")
+    texts = [format_prompt(r["problem"], template, tokenizer) for r in rows]
+    for r, ids in zip(rows, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        r["prompt_ids"] = ids
+    return rows, kind
+
+
+def check_fits_context(rows, extra, what, flag, context):
+    """Every prompt plus `extra` tokens (`what` says which) must fit the model's context.
+    Returns the longest prompt's length."""
+    longest = max(rows, key=lambda r: len(r["prompt_ids"]))
+    n = len(longest["prompt_ids"]) + extra
+    if n > context:
+        raise UserError(f"{flag}: problem {problem_name(longest)}: {what} = {n} tokens exceeds the "
+                        f"model's context of {context}; lower --max-new-tokens or leave it out")
+    return len(longest["prompt_ids"])
+
+
+# -----------------------------------------------------------------------------
+# Rollouts: one record per step, every per-rollout quantity sliced by the same indices
+
+@dataclass
+class Rollouts:
+    """One step's rollouts on this rank: B = problems x G, group j in rows j*G .. j*G + G - 1.
+    Token-level quantities are in the rollout layout (B, N): token t of completion i at [i, t],
+    N = the longest completion, zero after each completion's end."""
+    problems: list                      # B data rows (each problem G times)
+    prompts: list                       # B token-id lists
+    prefixes: list                      # B tensors (L, d), or None for an unprefixed rollout
+    completions: list                   # B token-id lists, the stop token included
+    truncated: torch.Tensor             # (B,) bool: cut at --max-new-tokens
+    texts: list = None                  # B decoded completions                     (score)
+    correct: torch.Tensor = None        # (B,) the grader's verdict                 (score)
+    rewards: torch.Tensor = None        # (B,) after --truncated zero               (score)
+    advantages: torch.Tensor = None     # (B,)                                      (score)
+    keep: torch.Tensor = None           # (B,) bool: carries loss                   (score)
+    old_logprobs: torch.Tensor = None   # (B, N) under pi_old, if several updates   (update)
+    ref_logprobs: torch.Tensor = None   # (B, N) under pi_ref, if --kl-coef > 0     (update)
+
+    def __len__(self):
+        return len(self.completions)
+
+    @property
+    def prefixed(self):
+        return torch.tensor([p is not None for p in self.prefixes])            # (B,)
+
+    def batch(self, model, idx):
+        """Rollouts idx in the training layout (completion_batch), embedded by `model`."""
+        return completion_batch(model, [self.prompts[i] for i in idx],
+                                [self.completions[i] for i in idx], [self.prefixes[i] for i in idx])
+
+    def _token_mask(self, idx, device):
+        lengths = torch.tensor([len(self.completions[i]) for i in idx], device=device)  # (b,)
+        N = max(len(c) for c in self.completions)
+        return torch.arange(N, device=device) < lengths[:, None]                        # (b, N)
+
+    # The training layout (b, T) holds row i's completion tokens, in order, where loss_mask is
+    # True, and the rollout layout (b, N) in its first len(completion) columns: the same boolean
+    # indexing order, so a masked assignment moves values from one to the other.
+    def to_rollout_layout(self, values, loss_mask, idx):
+        mask = self._token_mask(idx, values.device)
+        out = values.new_zeros(mask.shape)                                              # (b, N)
+        out[mask] = values[loss_mask]
+        return out
+
+    def to_training_layout(self, stored, loss_mask, idx):
+        out = stored.new_zeros(loss_mask.shape)                                         # (b, T)
+        out[loss_mask] = stored[idx][self._token_mask(idx, stored.device)]
+        return out
+
+
+@torch.no_grad()
+def rollout(model, source, problems, n_prefixed, L, args, generators, eos):
+    """Sample G completions of each problem, n_prefixed of each group with a prefix of its own."""
+    G, E = args.group_size, model.embed_tokens.weight
+    rows = [r for r in problems for _ in range(G)]
+    prefixes = [None] * len(rows)
+    if n_prefixed:
+        chosen = choose_prefixed(len(problems), G, n_prefixed, generators["choice"]).nonzero()[:, 0]
+        drawn = source.sample(len(chosen), L, generator=generators["prefix"])            # (n, L, d)
+        for i, prefix in zip(chosen.tolist(), drawn):
+            prefixes[i] = prefix.to(E.device, E.dtype)
+    prompts = [r["prompt_ids"] for r in rows]
+    model.eval()
+    out = generate(model, prompts, prefixes, args.max_new_tokens, args.temperature, top_p=args.top_p,
+                   stop_tokens=[eos], generator=generators["sample"])
+    return Rollouts(rows, prompts, prefixes, out.token_lists(), truncated=~out.stopped.cpu())
+
+
+def score(rollouts, tokenizer, kind, args):
+    """Rewards, group advantages and the keep mask, filled in place."""
+    r = rollouts
+    r.texts = tokenizer.batch_decode(r.completions, skip_special_tokens=True)
+    r.correct = torch.tensor([grade(t, row["answer"], kind) for t, row in zip(r.texts, r.problems)])
+    r.rewards = r.correct.clone()                                                       # (B,)
+    if args.truncated == "zero":
+        r.rewards[r.truncated] = 0.0
+    r.advantages = group_advantages(r.rewards.view(-1, args.group_size), args.estimator).flatten()
+    r.keep = ~r.truncated if args.truncated == "mask" else torch.ones_like(r.truncated)
+
+
+# -----------------------------------------------------------------------------
+# The policy update
+
+@torch.no_grad()
+def completion_logprobs(model, rollouts, rows, args):
+    """log model(o_it | p_i, q, o_i<t) for the rollouts `rows`, in the rollout layout (B, N),
+    zero elsewhere. `model` embeds the tokens with its own embedding matrix (the reference model
+    with its initial one), and a prefixed rollout gets its stored prefix vectors either way."""
+    E = model.embed_tokens.weight
+    out = torch.zeros(len(rollouts), max(len(c) for c in rollouts.completions), device=E.device,
+                      dtype=torch.promote_types(E.dtype, torch.float32))                # (B, N)
+    for start in range(0, len(rows), args.micro_batch_size):
+        idx = rows[start:start + args.micro_batch_size]
+        embeds, mask, targets, loss_mask = rollouts.batch(model, idx)
+        logprobs, _ = token_logprobs_and_entropy(model, embeds, mask, targets, loss_mask,
+                                                 args.temperature)
+        out[idx] = rollouts.to_rollout_layout(logprobs, loss_mask, idx)
+    return out
+
+
+def minibatch_backward(model, rollouts, rows, args):
+    """Accumulate into .grad the gradient of this rank's share of -J on one minibatch, micro-batch
+    by micro-batch over its kept rollouts `rows`. The normalisers B' and the token count are means
+    over ranks, because sync_gradients averages: after it, .grad is the gradient of -J on the whole
+    minibatch. Returns sums for the metrics; sequences == 0 means no rank kept a rollout."""
+    device = model.embed_tokens.weight.device
+    n_seq, n_tok = all_reduce_mean([len(rows), sum(len(rollouts.completions[i]) for i in rows)], device)
+    sums = {"sequences": n_seq, "loss": 0.0, "tokens": 0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0}
+    if n_seq == 0:
+        return sums
+    for start in range(0, len(rows), args.micro_batch_size):
+        idx = rows[start:start + args.micro_batch_size]
+        embeds, mask, targets, loss_mask = rollouts.batch(model, idx)
+        logprobs, entropy = token_logprobs_and_entropy(model, embeds, mask, targets, loss_mask,
+                                                       args.temperature)              # (b, T)
+        old = logprobs.detach() if rollouts.old_logprobs is None else \
+            rollouts.to_training_layout(rollouts.old_logprobs, loss_mask, idx)
+        ref = None if rollouts.ref_logprobs is None else \
+            rollouts.to_training_layout(rollouts.ref_logprobs, loss_mask, idx)
+        weights = loss_token_weights(loss_mask, args.aggregation, n_seq, n_tok, args.max_new_tokens)
+        loss, stats = policy_loss(logprobs, old, rollouts.advantages[idx].to(device), weights,
+                                  args.clip_eps_low, args.clip_eps_high, ref, args.kl_coef,
+                                  entropy, args.entropy_coef)
+        loss.backward()
+        n = stats["tokens"]
+        sums["loss"] += loss.item()
+        sums["tokens"] += n
+        sums["clipped"] += stats["clip_frac"] * n
+        sums["kl"] += stats.get("kl", 0.0) * n
+        sums["entropy"] += stats["entropy"] * n
+    return sums
+
+
+def update_policy(model, opt, ref_model, rollouts, args):
+    """E epochs x M minibatches of optimiser steps on one step's rollouts; returns the update's
+    metrics. A non-finite loss or gradient norm raises FloatingPointError before opt.step."""
+    device = model.embed_tokens.weight.device
+    model.train()
+    kept = rollouts.keep.nonzero()[:, 0].tolist()
+    if args.epochs * args.minibatches > 1:       # pi_old: the policy before the first update
+        rollouts.old_logprobs = completion_logprobs(model, rollouts, kept, args)
+    if ref_model is not None:
+        rollouts.ref_logprobs = completion_logprobs(ref_model, rollouts, kept, args)
+    keep = rollouts.keep.tolist()
+    totals = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "tokens": 0, "clipped": 0.0, "kl": 0.0,
+              "entropy": 0.0}
+    for _ in range(args.epochs):
+        for minibatch in torch.arange(len(rollouts)).tensor_split(args.minibatches):
+            rows = [i for i in minibatch.tolist() if keep[i]]
+            sums = minibatch_backward(model, rollouts, rows, args)
+            if sums["sequences"] == 0:
+                continue                         # nothing kept on any rank: no optimiser step
+            sync_gradients(model)                # the one place ranks synchronise
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+            loss = all_reduce_mean([sums["loss"]], device)[0]
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                what = "gradient norm" if math.isfinite(loss) else "loss"
+                raise FloatingPointError(f"non-finite {what} (loss {loss:.4g}, gradient norm {grad_norm:.4g})")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sums.update(loss=loss, grad_norm=grad_norm, updates=1)   # the loss over all ranks
+            for k in totals:
+                totals[k] += sums[k]
+    tokens, clipped, kl, entropy = all_reduce_mean(
+        [totals[k] for k in ("tokens", "clipped", "kl", "entropy")], device)
+    per_token = lambda s: s / tokens if tokens else None
+    updates = max(totals["updates"], 1)
+    metrics = {"loss": totals["loss"] / updates,              # -J, mean over the optimiser steps
+               "grad_norm": totals["grad_norm"] / updates,    # before clipping, mean over them
+               "updates": totals["updates"], "clip_frac": per_token(clipped),
+               "entropy": per_token(entropy)}
+    if ref_model is not None:
+        metrics["kl"] = per_token(kl)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# What a user watches
+
+def rollout_metrics(r, G, device, world_size):
+    """Means over every rollout of every rank, from sums (ranks may hold different numbers of
+    prefixed rollouts)."""
+    prefixed = r.prefixed
+    lengths = torch.tensor([len(c) for c in r.completions], dtype=torch.float64)        # (B,)
+    grouped = r.rewards.view(-1, G)                                                       # (p, G)
+    local = {"rollouts": len(r), "reward": r.rewards.sum(), "reward_sq": r.rewards.square().sum(),
+             "correct": r.correct.sum(), "truncated": r.truncated.sum(), "tokens": lengths.sum(),
+             "groups": grouped.shape[0], "zero_variance": (grouped == grouped[:, :1]).all(1).sum(),
+             "prefixed": prefixed.sum(), "reward_prefixed": r.rewards[prefixed].sum(),
+             "reward_plain": r.rewards[~prefixed].sum(), "grading_failures": GRADER.failures}
+    means = all_reduce_mean([float(v) for v in local.values()], device)
+    s = {k: v * world_size for k, v in zip(local, means)}                        # sums over ranks
+    n, n_prefixed = s["rollouts"], s["prefixed"]
+    mean = s["reward"] / n
+    longest = torch.tensor(float(lengths.max()), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    return {"reward_mean": mean,
+            "reward_std": math.sqrt(max(s["reward_sq"] - n * mean ** 2, 0.0) / max(n - 1, 1)),
+            "accuracy": s["correct"] / n, "zero_variance_frac": s["zero_variance"] / s["groups"],
+            "completion_len": s["tokens"] / n, "completion_len_max": int(longest.item()),
+            "truncated_frac": s["truncated"] / n,
+            "reward_prefixed": s["reward_prefixed"] / n_prefixed if n_prefixed else None,
+            "reward_plain": s["reward_plain"] / (n - n_prefixed) if n > n_prefixed else None,
+            "grading_failures": s["grading_failures"], "gen_tokens": s["tokens"]}
+
+
+WARN_AFTER = 3   # steps in a row before a warning
+
+
+def training_warnings(history):
+    """Cheap checks on the records so far (one per step, oldest first): the warnings to print
+    now. Each fires once, on the step where its condition has held WARN_AFTER steps in a row."""
+    def streak(holds):
+        window = history[-WARN_AFTER:]
+        before = history[-WARN_AFTER - 1] if len(history) > WARN_AFTER else None
+        return len(window) == WARN_AFTER and all(map(holds, window)) and \
+            (before is None or not holds(before))
+    out = []
+    if streak(lambda r: r["grad_norm"] == 0):
+        out.append(f"warning: the gradient norm has been exactly 0 for {WARN_AFTER} steps: every "
+                   "group's rewards are equal (see zero_variance_frac) or every rollout is masked, "
+                   "so nothing is learned; try a larger --group-size, other data or a higher --temperature")
+    start = [r["reward_mean"] for r in history[:WARN_AFTER]]
+    if len(history) >= 2 * WARN_AFTER and sum(start) > 0 and streak(lambda r: r["reward_mean"] == 0):
+        out.append(f"warning: the reward has collapsed to 0 for {WARN_AFTER} steps, from "
+                   f"{sum(start) / len(start):.3f} at the start: the policy may be diverging; look at "
+                   "samples.jsonl and truncated_frac, and try a lower --lr or a --kl-coef")
     return out
 
 
@@ -176,18 +557,11 @@ def generator_state(g):
     return g.get_state().tolist()
 
 
-def main():
-    args = parser.parse_args()
+def main(argv=None):
+    args = parser.parse_args(argv)
+    check_args(args, ddp_info()[3])
     P, G = args.prompts_per_step, args.group_size
-    if args.L < 0:
-        raise UserError(f"--L must be >= 0, got {args.L}")
-    if not 0.0 <= args.rho <= 1.0:
-        raise UserError(f"--rho must be in [0, 1], got {args.rho}")
-    if args.schedule != "none" and args.prefix_source == "none":
-        raise UserError(f"--schedule {args.schedule} needs a --prefix-source (vae, noise, random_decoder)")
     ddp, rank, _, world_size, device = compute_init()
-    if P % world_size:
-        raise UserError(f"--prompts-per-step {P} must be a multiple of the {world_size} ranks")
     master = rank == 0
     seed_everything(args.seed)
     ckpt_dir = os.path.join(args.out, "checkpoint")
@@ -202,51 +576,55 @@ def main():
     model.gradient_checkpointing = args.activation_checkpointing
     eos = tokenizer.eos_token_id
     ref_model = None
-    if args.kl_coef > 0:
+    if args.kl_coef > 0:   # the initial checkpoint as loaded, also when resuming
         ref_model = Transformer.from_pretrained(args.model, device=device, dtype=dtype).eval().requires_grad_(False)
-    # prefixes are scaled to the starting policy's token norm, also when resuming
-    E = load_embedding_matrix(resolve_checkpoint(args.model)) if resuming else model.embed_tokens.weight
-    source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
+    source = None
+    if args.schedule != "none":
+        # prefixes are scaled to the starting policy's token norm, also when resuming
+        E = load_embedding_matrix(resolve_checkpoint(args.model)) if resuming else model.embed_tokens.weight
+        source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
 
-    # -- data ------------------------------------------------------------------------------------
-    rows = [r for r in load_mixture(args.data, per_domain_cap=args.per_domain_cap, seed=args.seed)
-            if r.get("answer") is not None]
-    if not rows:
-        raise UserError(f"--data {args.data}: no problems with an answer to reward against")
-    kind = grading_kind_for(rows[0])
-    bad = check_gold_answers(rows, kind)
-    if bad:
-        print0(f"warning: {len(bad)} gold answers cannot be parsed (first: {bad[0]}); they are left out")
-        bad = set(bad)
-        rows = [r for r in rows if r.get("id") not in bad]
-    encode = lambda r: tokenizer(format_prompt(r["problem"], args.template, tokenizer),
-                                 add_special_tokens=False)["input_ids"]
+    # -- data: prompts tokenised once, each checked against the context ------------------------
     context = model.config.max_position_embeddings
-    for r in rows:
-        n = len(encode(r)) + args.L + args.max_new_tokens
-        if n > context:
-            raise UserError(f"problem {r.get('id', r['problem'][:40])!r}: prompt + L + max_new_tokens = "
-                            f"{n} tokens exceeds the model's context of {context}; lower --max-new-tokens")
-    eval_rows = load_mixture(args.eval_data, seed=args.seed)[:args.eval_problems] if args.eval_data else []
+    rows, kind = load_problems(args.data, "--data", tokenizer, args.template, args.seed,
+                               per_domain_cap=args.per_domain_cap)
+    longest = check_fits_context(rows, args.L + args.max_new_tokens, "prompt + L + max_new_tokens",
+                                 "--data", context)
+    check_fits_device(model, args, world_size, longest, device)
+    eval_rows, eval_kind = [], None
+    if args.eval_data:
+        eval_rows, eval_kind = load_problems(args.eval_data, "--eval-data", tokenizer, args.template,
+                                             args.seed, limit=args.eval_problems)
+        check_fits_context(eval_rows, args.max_new_tokens, "prompt + max_new_tokens", "--eval-data", context)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             betas=(0.9, 0.99), fused=device.type == "cuda")
-    g_prefix = torch.Generator().manual_seed(args.seed * 7919 + rank)           # latents
-    g_sample = torch.Generator(device=device).manual_seed(args.seed * 104729 + rank)  # tokens
-    g_choice = torch.Generator().manual_seed(args.seed * 31 + rank)             # who gets a prefix
+    generators = {"prefix": torch.Generator().manual_seed(args.seed * 7919 + rank),     # latents
+                  "sample": torch.Generator(device=device).manual_seed(args.seed * 104729 + rank),
+                  "choice": torch.Generator().manual_seed(args.seed * 31 + rank)}       # who is prefixed
+    last_checkpoint = None
     if resuming:
         start_step, rngs = load_checkpoint(ckpt_dir, opt, device)
-        mine = rngs[rank]
-        set_rng_state(mine["global"])
-        for g, name in ((g_prefix, "prefix"), (g_sample, "sample"), (g_choice, "choice")):
-            g.set_state(torch.tensor(mine[name], dtype=torch.uint8))
+        last_checkpoint = start_step
+        set_rng_state(rngs[rank]["global"])
+        for name, g in generators.items():
+            g.set_state(torch.tensor(rngs[rank][name], dtype=torch.uint8))
         run.truncate_log(start_step - 1)
         run.truncate_log(start_step - 1, "samples.jsonl")
         print0(f"resumed from {ckpt_dir} at step {start_step}")
 
+    def checkpoint_note():
+        if last_checkpoint is None:
+            return "no checkpoint had been written yet"
+        return f"the last checkpoint, {ckpt_dir} (step {last_checkpoint}), is kept"
+
     def checkpoint(step):
-        state = {"global": rng_state(), "prefix": generator_state(g_prefix),
-                 "sample": generator_state(g_sample), "choice": generator_state(g_choice)}
+        nonlocal last_checkpoint
+        all_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        if not all_finite.item():   # ranks hold equal weights, so every rank stops here
+            raise UserError(f"non-finite weights after step {step - 1}, so no checkpoint is written; "
+                            f"{checkpoint_note()}; lower --lr or use --dtype float32")
+        state = {"global": rng_state(), **{name: generator_state(g) for name, g in generators.items()}}
         states = [None] * world_size
         if ddp:
             dist.all_gather_object(states, state)
@@ -256,23 +634,26 @@ def main():
             save_checkpoint(ckpt_dir, model, opt, step, states)
         if ddp:
             dist.barrier()
+        last_checkpoint = step
 
     @torch.no_grad()
     def evaluate_greedy():
         """Held-out greedy pass@1 without prefix, problems sharded over ranks."""
         mine = eval_rows[rank::world_size]
-        out = generate(model, [encode(r) for r in mine], None, args.max_new_tokens,
-                       temperature=0, stop_tokens=[eos])
-        texts = tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)
-        correct = sum(grade(t, r["answer"], kind) for t, r in zip(texts, mine))
+        correct = 0.0
+        if mine:
+            out = generate(model, [r["prompt_ids"] for r in mine], None, args.max_new_tokens,
+                           temperature=0, stop_tokens=[eos])
+            texts = tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)
+            correct = sum(grade(t, r["answer"], eval_kind) for t, r in zip(texts, mine))
         total, n = all_reduce_mean([correct, len(mine)], device)
         return total / max(n, 1)
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- the loop: rollout -> score -> update -> log ---------------------------------------------
     my_prompts = P // world_size
-    progress = tqdm(range(start_step, args.steps), disable=not master, desc="rl", initial=start_step,
-                    total=args.steps)
-    for step in progress:
+    history = []
+    bar = progress(range(start_step, args.steps), "rl", total=args.steps, initial=start_step)
+    for step in bar:
         tau = step / args.steps
         n_prefixed, L = prefix_plan(args.schedule, tau, G, args.rho, args.L)
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
@@ -282,119 +663,34 @@ def main():
         if eval_rows and args.eval_every and step % args.eval_every == 0:
             record["eval_pass1"] = evaluate_greedy()
 
-        # 1. rollouts: G per prompt, each prefixed rollout with its own latent -----------------
         t0 = time.perf_counter()
         problems = step_prompts(rows, step, P, args.seed)[rank * my_prompts:(rank + 1) * my_prompts]
-        prompts = [encode(r) for r in problems for _ in range(G)]                 # (B = p * G)
-        prefixes = [None] * len(prompts)
-        if n_prefixed:
-            drawn = source.sample(len(problems) * n_prefixed, L, generator=g_prefix)   # (n, L, d)
-            k = 0
-            for j in range(len(problems)):
-                for i in torch.randperm(G, generator=g_choice)[:n_prefixed].tolist():
-                    prefixes[j * G + i] = drawn[k].to(device, dtype)
-                    k += 1
-        model.eval()
-        out = generate(model, prompts, prefixes, args.max_new_tokens, args.temperature,
-                       top_p=args.top_p, stop_tokens=[eos], generator=g_sample)
-        completions = out.token_lists()
-        truncated = ~out.stopped.cpu()
+        rollouts = rollout(model, source, problems, n_prefixed, L, args, generators, eos)
         t1 = time.perf_counter()
-
-        # 2. rewards and advantages -------------------------------------------------------------
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        answers = [r["answer"] for r in problems for _ in range(G)]
-        rewards = torch.tensor([grade(t, a, kind) for t, a in zip(texts, answers)])       # (B,)
-        correct = rewards.clone()
-        if args.truncated == "zero":
-            rewards[truncated] = 0.0
-        advantages = group_advantages(rewards.view(-1, G), args.estimator).flatten()      # (B,)
-        keep = ~truncated if args.truncated == "mask" else torch.ones_like(truncated)
+        score(rollouts, tokenizer, kind, args)
         t2 = time.perf_counter()
-
-        # 3. policy update: old log-probs from a training forward pass, then E x M optimiser steps
-        model.train()
-        embeds_of = lambda idx: completion_batch(model, [prompts[i] for i in idx],
-                                                 [completions[i] for i in idx],
-                                                 [prefixes[i] for i in idx])
-        B = len(prompts)
-        micro = args.micro_batch_size
-        n_updates = args.epochs * args.minibatches
-        old_logprobs = ref_logprobs = None
-        if n_updates > 1 or ref_model is not None:
-            old_logprobs, ref_logprobs = {}, {}
-            with torch.no_grad():
-                for s in range(0, B, micro):
-                    idx = list(range(s, min(s + micro, B)))
-                    embeds, mask, targets, loss_mask = embeds_of(idx)
-                    if n_updates > 1:
-                        old_logprobs[s] = model.token_logprobs(embeds, mask, targets, loss_mask,
-                                                               args.temperature)[0]
-                    if ref_model is not None:
-                        ref_logprobs[s] = ref_model.token_logprobs(embeds, mask, targets, loss_mask,
-                                                                   args.temperature)[0]
-        mb_size = B // args.minibatches
-        stats = {"clip_frac": [], "kl": [], "entropy": [], "grad_norm": []}
-        loss_value = 0.0
-        for _ in range(args.epochs):
-            for mb in range(args.minibatches):
-                rows_mb = range(mb * mb_size, B if mb == args.minibatches - 1 else (mb + 1) * mb_size)
-                lens = [len(completions[i]) * bool(keep[i]) for i in rows_mb]
-                n_tok, n_seq = all_reduce_mean([sum(lens), sum(1 for i in rows_mb if keep[i])], device)
-                for s in range(rows_mb.start, rows_mb.stop, micro):
-                    idx = list(range(s, min(s + micro, rows_mb.stop)))
-                    embeds, mask, targets, loss_mask = embeds_of(idx)
-                    loss_mask &= keep[idx].to(device)[:, None]
-                    logprobs, entropy = model.token_logprobs(embeds, mask, targets, loss_mask,
-                                                             args.temperature)
-                    old = logprobs.detach() if old_logprobs is None else old_logprobs[s]
-                    weights = loss_token_weights(loss_mask, args.aggregation, max(n_seq, 1e-9),
-                                                 max(n_tok, 1e-9), args.max_new_tokens)
-                    loss, st = policy_loss(logprobs, old, advantages[idx].to(device), weights,
-                                           args.clip_eps_low, args.clip_eps_high,
-                                           None if ref_logprobs is None else ref_logprobs[s],
-                                           args.kl_coef)
-                    loss.backward()
-                    loss_value += loss.item()
-                    stats["clip_frac"].append(st["clip_frac"])
-                    stats["kl"].append(st.get("kl", 0.0))
-                    stats["entropy"].append((entropy * loss_mask).sum().item() / max(int(loss_mask.sum()), 1))
-                if not math.isfinite(loss_value):
-                    raise UserError(f"non-finite loss at step {step}; the last good checkpoint in "
-                                    f"{ckpt_dir} is kept; lower --lr or check the data")
-                sync_gradients(model)                    # the one place ranks synchronise
-                stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                         args.grad_clip).item())
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        try:
+            update = update_policy(model, opt, ref_model, rollouts, args)
+        except FloatingPointError as e:
+            raise UserError(f"{e} at step {step}; stopped before the optimiser step; "
+                            f"{checkpoint_note()}; lower --lr or check the data") from None
         t3 = time.perf_counter()
 
-        # 4. what a user watches ---------------------------------------------------------------------
-        prefixed = torch.tensor([p is not None for p in prefixes])
-        zero_var = (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).float().mean().item()
-        lengths = out.lengths.float().cpu()
-        local = [rewards.mean().item(), rewards.std().item() if B > 1 else 0.0, correct.mean().item(),
-                 zero_var, lengths.mean().item(), truncated.float().mean().item(),
-                 sum(stats["clip_frac"]) / len(stats["clip_frac"]), sum(stats["kl"]) / len(stats["kl"]),
-                 sum(stats["entropy"]) / len(stats["entropy"]), loss_value,
-                 rewards[prefixed].mean().item() if prefixed.any() else float("nan"),
-                 rewards[~prefixed].mean().item() if (~prefixed).any() else float("nan"),
-                 float(GRADER.failures)]
-        names = ["reward_mean", "reward_std", "accuracy", "zero_variance_frac", "completion_len",
-                 "truncated_frac", "clip_frac", "kl", "entropy", "loss", "reward_prefixed",
-                 "reward_plain", "grading_failures"]
-        record.update(zip(names, all_reduce_mean(local, device)))
-        gen_tokens = int(lengths.sum()) * world_size
-        record.update({"grad_norm": stats["grad_norm"][-1], "time_generate": t1 - t0,
-                       "time_score": t2 - t1, "time_update": t3 - t2,
-                       "gen_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
-                       "completion_len_max": int(lengths.max())})
+        record.update(rollout_metrics(rollouts, G, device, world_size))
+        record.update(update)
+        record.update(time_generate=t1 - t0, time_score=t2 - t1, time_update=t3 - t2,
+                      gen_tokens_per_s=record.pop("gen_tokens") / max(t1 - t0, 1e-9))
         run.log(record)
-        progress.set_postfix(reward=f"{record['reward_mean']:.3f}", rho=f"{record['rho']:.2f}")
+        history.append(record)
+        for line in training_warnings(history):
+            print0(line)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", rho=f"{record['rho']:.2f}")
         if master and args.sample_every and step % args.sample_every == 0:
-            for i in range(0, B, max(1, B // 4)):
-                run.log({"step": step, "problem": problems[i // G]["problem"], "completion": texts[i],
-                         "reward": rewards[i].item(), "prefixed": bool(prefixed[i]),
+            prefixed = rollouts.prefixed
+            for i in range(0, len(rollouts), max(1, len(rollouts) // 4)):
+                run.log({"step": step, "problem": rollouts.problems[i]["problem"],
+                         "completion": rollouts.texts[i], "reward": rollouts.rewards[i].item(),
+                         "prefixed": bool(prefixed[i]),
                          "prefix_source": source.name if prefixed[i] else "none", "L": L},
                         name="samples.jsonl")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:

@@ -24,17 +24,19 @@ A real model, 8 GPUs:
 
 import argparse
 import math
+import os
 import random
 
 import torch
-from tqdm import tqdm
 
-from common import (RunDir, UserError, compute_init, print0, run_main, seed_everything,
+from common import (ArgumentParser, RunDir, UserError, at_least, check_out_dir, check_seed,
+                    compute_init, finite, positive, print0, progress, run_main, seed_everything,
                     sync_gradients, check_ranks_in_sync)
 from data import format_prompt, grade, grading_kind_for, load_mixture
-from model import PREFIX_SOURCES, completion_batch, generate, load_policy, make_prefix_source
+from model import (PREFIX_SOURCES, completion_batch, generate, load_policy, make_prefix_source,
+                   prefix_health)
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Data
 parser.add_argument("--data", required=True, help="domain=path_or_hub_id,... or one path (rows' own domain)")
 parser.add_argument("--per-domain-cap", type=int, default=5000)
@@ -90,21 +92,54 @@ def prefix_sensitivity(model, tokenizer, rows, source, L, template, max_new_toke
     return result
 
 
-def main():
-    args = parser.parse_args()
-    if args.L < 0:
-        raise UserError(f"--L must be >= 0, got {args.L}")
-    if args.batch_size % args.micro_batch_size:
-        raise UserError("--batch-size must be a multiple of --micro-batch-size")
-    ddp, rank, _, world_size, device = compute_init()
+def check_args(args, world_size=1):
+    """Every flag's range and the combinations that cannot work, before anything is loaded."""
+    at_least(1, per_domain_cap=args.per_domain_cap, max_tokens=args.max_tokens,
+             eval_problems=args.eval_problems, eval_max_new_tokens=args.eval_max_new_tokens,
+             steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size)
+    at_least(0, L=args.L, warmup_steps=args.warmup_steps)
+    finite(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+    positive(lr=args.lr, grad_clip=args.grad_clip)
+    at_least(0, weight_decay=args.weight_decay)
+    if args.lr * args.weight_decay >= 1:
+        raise UserError(f"--lr {args.lr} x --weight-decay {args.weight_decay} >= 1 would flip every "
+                        "weight's sign at each step; lower them")
+    check_seed(args.seed)
     if args.batch_size % (world_size * args.micro_batch_size):
         raise UserError(f"--batch-size {args.batch_size} must split into micro-batches of "
                         f"{args.micro_batch_size} over {world_size} ranks")
+    if args.prefix_source == "vae" and args.vae is None:
+        raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py); "
+                        "or choose --prefix-source none, noise or random_decoder")
+    check_out_dir(args.out)
+
+
+def check_eval_rows(args, rows, prompts, context):
+    """Held-out problems must have an answer to grade, and fit the context with their prefix and
+    the tokens generated for them."""
+    for r, p in zip(rows, prompts):
+        name = r.get("id", r["problem"][:40])
+        if r.get("answer") is None:
+            raise UserError(f"--eval-data {args.eval_data}: problem {name!r} has no answer to grade against")
+        if len(p) + max(args.L, 1) + args.eval_max_new_tokens > context:
+            raise UserError(f"--eval-data problem {name!r}: {len(p)} prompt tokens + L {max(args.L, 1)} + "
+                            f"--eval-max-new-tokens {args.eval_max_new_tokens} exceeds the model's "
+                            f"context of {context}; lower --eval-max-new-tokens")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    check_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    ddp, rank, _, world_size, device = compute_init()
     master = rank == 0
     seed_everything(args.seed)
     run = RunDir(args.out, args, master)
 
     model, tokenizer = load_policy(args.model, device, getattr(torch, args.dtype))
+    context = model.config.max_position_embeddings
+    if args.L + 2 > context:
+        raise UserError(f"--L {args.L} leaves no room for a question and an answer in the model's "
+                        f"context of {context}")
     source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, args.vae,
                                 args.region, args.tie, args.seed)
 
@@ -112,18 +147,29 @@ def main():
     rows = [r for r in load_mixture(args.data, per_domain_cap=args.per_domain_cap, seed=args.seed)
             if r.get("solution")]
     pairs = []
+    limit = min(args.max_tokens, context)         # a pair longer than the context cannot be trained on
     for r in rows:
         prompt = tokenizer(format_prompt(r["problem"], args.template, tokenizer), add_special_tokens=False)["input_ids"]
         answer = tokenizer(r["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(prompt) + len(answer) + args.L <= args.max_tokens:
+        if len(prompt) + len(answer) + args.L <= limit:
             pairs.append((prompt, answer))
+    why = "--max-tokens" if args.max_tokens <= context else "the model's context"
     if not pairs:
-        raise UserError(f"--data {args.data}: no pairs with a solution within --max-tokens {args.max_tokens}")
+        raise UserError(f"--data {args.data}: no pairs with a solution within {limit} tokens ({why}) "
+                        f"with L = {args.L}")
+    if len(pairs) < len(rows):
+        print0(f"note: left out {len(rows) - len(pairs)} of {len(rows)} pairs longer than {limit} "
+               f"tokens with the prefix ({why})")
+    if args.batch_size > len(pairs):
+        print0(f"note: --batch-size {args.batch_size} is more than the {len(pairs)} pairs: "
+               "each step trains on all of them")
     print0(f"{len(pairs)} (question, answer) pairs; prefix source {source.name}, L = {args.L}")
 
     eval_rows = None
     if args.eval_data:
         eval_rows = load_mixture(args.eval_data, seed=args.seed)[:args.eval_problems]
+        check_eval_rows(args, eval_rows, [tokenizer(format_prompt(r["problem"], args.template, tokenizer),
+                                                    add_special_tokens=False)["input_ids"] for r in eval_rows], context)
         kind = grading_kind_for(eval_rows[0])
         before = prefix_sensitivity(model, tokenizer, eval_rows, source, max(args.L, 1),
                                     args.template, args.eval_max_new_tokens, kind)
@@ -136,7 +182,8 @@ def main():
     per_rank = args.batch_size // world_size
     order = random.Random(args.seed)                    # same permutation on every rank
     g_prefix = torch.Generator().manual_seed(args.seed * 1000 + rank)
-    for step in tqdm(range(args.steps), disable=not master, desc="sft"):
+    bar = progress(range(args.steps), "sft")
+    for step in bar:
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -160,6 +207,7 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         run.log({"step": step, "loss": total_loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_tokens})
+        bar.set_postfix(loss=f"{total_loss:.4f}")
 
     if eval_rows is not None:
         after = prefix_sensitivity(model, tokenizer, eval_rows, source, max(args.L, 1),
@@ -170,6 +218,11 @@ def main():
     if master:
         model.save_pretrained(run.file("model"))
         print0(f"saved {run.file('model')}")
+        # can the warmed-up policy read the prefixes? (geometry, changed and broken answers)
+        health, health_lines = prefix_health(source, model, [p for p, _ in pairs[:64]], tokenizer, max(args.L, 1))
+        for line in health_lines:
+            print0(line)
+        run.log({"prefix_health": health}, name="summary.jsonl")
 
 
 if __name__ == "__main__":

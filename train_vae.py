@@ -24,15 +24,16 @@ import argparse
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from common import (RunDir, UserError, compute_init, print0, run_main, seed_everything,
+from common import (ArgumentParser, RunDir, UserError, at_least, check_out_dir, check_seed,
+                    compute_init, finite, positive, print0, progress, run_main, seed_everything,
                     sync_gradients, check_ranks_in_sync)
 from data import format_prompt, load_mixture
-from model import (PaletteVAE, embedding_fingerprint, load_embedding_matrix,
-                   mean_pooled_embeddings, resolve_checkpoint, save_vae, short_hash)
+from model import (PREFIX_FORMS, DEFAULT_PREFIX_FORM, PaletteVAE, VAEPrefix, embedding_fingerprint,
+                   load_embedding_matrix, mean_pooled_embeddings, prefix_health,
+                   resolve_checkpoint, save_vae, short_hash)
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Data
 parser.add_argument("--data", required=True, help="domain=path_or_hub_id,... (e.g. math=a.jsonl,code=b.jsonl)")
 parser.add_argument("--per-domain-cap", type=int, default=2000, help="at most this many pairs per domain")
@@ -43,6 +44,8 @@ parser.add_argument("--model", required=True, help="the policy (hub id or direct
 # VAE
 parser.add_argument("--latent-dim", type=int, default=16)
 parser.add_argument("--hidden-dim", type=int, default=256)
+parser.add_argument("--prefix-form", default=DEFAULT_PREFIX_FORM, choices=PREFIX_FORMS,
+                    help="how a decoded h becomes a prefix embedding (model.PREFIX_FORMS); kept in vae.json")
 parser.add_argument("--depth", type=int, default=2, help="hidden layers in encoder and decoder")
 parser.add_argument("--beta", type=float, default=0.1, help="KL weight: higher = smoother, blurrier latents")
 parser.add_argument("--kl-warmup-steps", type=int, default=200, help="ramp beta from 0 over this many steps")
@@ -91,8 +94,47 @@ def plot_latents(mu, domains, names, path, title):
     plt.close(fig)
 
 
-def main():
-    args = parser.parse_args()
+MAX_VAE_PARAMETERS = 10**9   # the VAE is a small MLP; more than this is a typo, not a design
+
+
+def check_args(args):
+    """Every flag's range, before anything is loaded (the data-dependent checks come later)."""
+    at_least(1, per_domain_cap=args.per_domain_cap, max_tokens=args.max_tokens,
+             latent_dim=args.latent_dim, hidden_dim=args.hidden_dim, steps=args.steps,
+             batch_size=args.batch_size)
+    at_least(0, depth=args.depth, kl_warmup_steps=args.kl_warmup_steps)
+    finite(beta=args.beta, lr=args.lr)
+    at_least(0, beta=args.beta)
+    positive(lr=args.lr)
+    check_seed(args.seed)
+    check_out_dir(args.out)
+
+
+def check_vae_size(args, dim, n_pairs):
+    """What can only be checked once the embedding width d and the number of pairs are known."""
+    if n_pairs < 2:
+        raise UserError(f"--data {args.data}: {n_pairs} pair with a solution or answer; the VAE "
+                        "standardises h over the pairs and needs at least 2 (a few hundred to learn anything)")
+    if args.batch_size > n_pairs:
+        raise UserError(f"--batch-size {args.batch_size} is more than the {n_pairs} pairs in --data "
+                        "(batches are drawn with replacement: a larger one only repeats pairs); lower it")
+    if args.latent_dim > dim:
+        raise UserError(f"--latent-dim {args.latent_dim} is wider than the h it encodes "
+                        f"(the embedding width, {dim}); lower it")
+    def mlp_params(n_in, n_out, width=args.hidden_dim, depth=args.depth):   # weights and biases
+        if depth == 0:
+            return n_in * n_out + n_out
+        return n_in * width + width + (depth - 1) * (width * width + width) + width * n_out + n_out
+    n_params = mlp_params(dim, 2 * args.latent_dim) + mlp_params(args.latent_dim, dim)
+    if n_params > MAX_VAE_PARAMETERS:
+        raise UserError(f"--hidden-dim {args.hidden_dim} --depth {args.depth} --latent-dim "
+                        f"{args.latent_dim} make a VAE of {n_params:.3g} parameters (at most "
+                        f"{MAX_VAE_PARAMETERS:.0e}); lower them")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    check_args(args)
     ddp, rank, _, world_size, device = compute_init()
     master = rank == 0
     seed_everything(args.seed)
@@ -114,8 +156,9 @@ def main():
     token_rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:args.max_tokens] for t in texts]
     h = mean_pooled_embeddings(E, token_rows)                                   # (N, d)
     print0(f"{len(rows)} pairs from {', '.join(f'{n}: {(domains == i).sum()}' for i, n in enumerate(names))}")
+    check_vae_size(args, E.shape[1], len(rows))
 
-    vae = PaletteVAE(E.shape[1], args.latent_dim, args.hidden_dim, args.depth)
+    vae = PaletteVAE(E.shape[1], args.latent_dim, args.hidden_dim, args.depth, args.prefix_form)
     vae.set_statistics(h, E)
     vae.to(device)
     h = h.to(device)
@@ -124,7 +167,8 @@ def main():
     g_noise = torch.Generator(device=device).manual_seed(args.seed + 1000 + rank)
 
     # -- train -----------------------------------------------------------------------------
-    for step in tqdm(range(args.steps), disable=not master, desc="vae"):
+    bar = progress(range(args.steps), "vae")
+    for step in bar:
         beta = args.beta * min(1.0, (step + 1) / max(args.kl_warmup_steps, 1))
         lr = args.lr * 0.5 * (1 + np.cos(np.pi * step / args.steps))           # cosine decay
         for group in opt.param_groups:
@@ -139,6 +183,7 @@ def main():
         opt.step()
         run.log({"step": step, "loss": loss.item(), "recon": recon.item(), "kl": kl.item(),
                  "beta": beta, "lr": lr})
+        bar.set_postfix(loss=f"{loss.item():.4f}")
 
     check_ranks_in_sync(vae)
     if not master:
@@ -168,7 +213,11 @@ def main():
         "beta": args.beta, "model": args.model, "fingerprint": fingerprint,
         "fingerprint_hash": short_hash(fingerprint), "template": args.template,
         "domains": stats, "silhouette": silhouette, "norms": norms, "n_pairs": len(rows)})
-    run.log({"silhouette": silhouette, "recon_at_mu": recon, **{f"norm_{k}": v for k, v in norms.items()}},
+    health, health_lines = prefix_health(VAEPrefix(vae, {}))    # do prior prefixes differ?
+    for line in health_lines:
+        print0(line)
+    run.log({"silhouette": silhouette, "recon_at_mu": recon, **{f"norm_{k}": v for k, v in norms.items()},
+             **health},
             name="summary.jsonl")
     print0(f"saved {args.out}/vae.safetensors, vae.json and latents.png")
 

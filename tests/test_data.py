@@ -1,13 +1,15 @@
 """Tests for data.py: loaders and their error messages, prompt templates, grading.
 
-Run:  python -m pytest tests/test_data.py -q      (CPU, no network, about 10 s)
+Run:  python -m pytest tests/test_data.py -q      (CPU, no network, about 30 s)
 
 The fixtures are three real rows from each of ../shared/data/{gsm8k_test, math500,
 code_alpaca, qa_t0}.jsonl, copied so the tests pass on a clone without ../shared.
 """
 import json
+import os
+import subprocess
+import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,35 @@ def test_error_empty_dataset(tmp_path):
         data.load_rows(str(path))
 
 
+def test_error_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"problem": "a", "domain": "math"}\n{"problem": "caf\xe9", "domain": "math"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        data.load_rows(str(path))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("solution", ["step 1", "step 2"], "'solution' is a list; expected a string"),
+    ("solution", 42, "'solution' is an int; expected a string"),
+    ("answer", {"value": 18}, "'answer' is a dict; expected a string or a number"),
+    ("problem", ["a", "b"], "'problem' is a list; expected a non-empty string"),
+    ("problem", "   ", "'problem' is an empty string"),
+    ("domain", ["math"], "'domain' is a list; expected a string"),
+])
+def test_error_fields_of_the_wrong_type_name_the_field(tmp_path, field, value, message):
+    row = {"problem": "a", "answer": "1", "solution": "s", "domain": "math", field: value}
+    path = write(tmp_path, "types.jsonl", [json.dumps({"problem": "ok", "domain": "math"}), json.dumps(row)])
+    with pytest.raises(DataError, match=r"types\.jsonl:2: " + message.replace("(", r"\(")):
+        data.load_rows(str(path))
+
+
+def test_numeric_answers_are_text_and_null_fields_are_absent(tmp_path):
+    path = write(tmp_path, "ok.jsonl", [json.dumps({"problem": "a", "answer": 18, "solution": None,
+                                                    "domain": "math"})])
+    row = data.load_rows(str(path))[0]
+    assert row["answer"] == "18" and row["solution"] is None
+
+
 def test_error_hub_unreachable_is_one_clear_message():
     with pytest.raises(DataError, match="not a local file.*Hugging Face hub"):
         data.load_rows("no-such-org/no-such-dataset-xyz")
@@ -194,13 +225,12 @@ PATHOLOGICAL = [
 ]
 
 
-def test_pathological_completions_score_zero_quickly():
+def test_pathological_completions_score_zero():
+    # Without the deadline the towers would run for ever and this test would hang.
     grader = Grader(timeout=1.0)
     for completion in PATHOLOGICAL:
         for kind in ("math", "gsm8k"):
-            start = time.time()
             assert grader(completion, "18", kind) == 0.0
-            assert time.time() - start < 3.0, (completion[:40], kind)
     assert grader.failures >= 2  # the towers timed out and were counted
 
 
@@ -209,21 +239,92 @@ def test_grading_off_the_main_thread_is_time_bounded():
     def work():  # signals only reach the main thread: this uses the watchdog subprocess
         for completion, gold in [("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{9^{9^{9^{9}}}}", "18"),
                                  ("\\boxed{2}", "2")]:
-            start = time.time()
-            results.append((grader(completion, gold, "math"), time.time() - start))
+            results.append(grader(completion, gold, "math"))
     thread = threading.Thread(target=work)
     thread.start()
-    thread.join(timeout=60)
-    assert [r for r, _ in results] == [1.0, 0.0, 1.0]  # a fresh worker after the kill
-    assert results[1][1] < 3.0 and grader.failures == 1
+    thread.join(timeout=120)
+    assert results == [1.0, 0.0, 1.0]  # the tower's worker was killed; a fresh one graded the last
+    assert grader.failures == 1
+
+
+def test_first_math_grade_of_a_fresh_process_is_not_cut_by_the_import():
+    # Importing math-verify and sympy takes a second or more; inside a 0.5 s deadline it used to
+    # score this correct answer 0. A fresh interpreter, so nothing is imported yet.
+    code = ("import data; g = data.Grader(timeout=0.5); "
+            "print(g('so \\\\boxed{5}', '5', 'math'), g.failures)")
+    repo = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo,
+                         env=dict(os.environ, PYTHONPATH=repo), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1.0", "0"]
+
+
+def test_gsm8k_hostile_gold_answers_match_nothing():
+    # Read as floats, 'inf', '1e400' and a 400-digit integer were all inf, and
+    # abs(pred - gold) <= 1e-6 * abs(gold) held for every prediction against them.
+    big = "9" * 400
+    for gold in ["inf", "-inf", "Infinity", "nan", "1e400", "1e5", big]:
+        assert grade("#### 5", gold, "gsm8k") == 0.0, gold
+        assert grade(f"\\boxed{{{5}}}", gold, "gsm8k") == 0.0, gold
+    for gold in ["inf", "1e400"]:
+        assert grade(f"#### {gold}", gold, "gsm8k") == 0.0  # not a number GSM8K grading reads
+    rows = [{"answer": a} for a in ["inf", "-inf", "nan", "1e400", big, "18", "-2.5", "1,000"]]
+    assert data.check_gold_answers(rows, "gsm8k") == [0, 1, 2, 3]  # the big integer is exact
+
+
+def test_gsm8k_integers_of_any_length_compare_exactly():
+    big = "9" * 400
+    assert grade(f"#### {big}", big, "gsm8k") == 1.0
+    assert grade(f"The total is {big[:-1]}8.", big, "gsm8k") == 0.0
+    assert grade("#### 1" + "0" * 399 + "1", "1" + "0" * 400, "gsm8k") == 0.0      # longer
+    assert grade(f"#### {10**400 + 1}", str(10**400), "gsm8k") == 0.0              # last digit
+    assert grade(f"#### {2**64 + 1}", str(2**64), "gsm8k") == 0.0                  # equal as floats
+    assert grade(f"#### {2**64:,}", str(2**64), "gsm8k") == 1.0                    # commas
+    assert grade("#### 18.00", "18", "gsm8k") == 1.0 and grade("#### 0.1", "0.10", "gsm8k") == 1.0
+    assert grade("#### 0.30000001", "0.3", "gsm8k") == 0.0
 
 
 def test_check_gold_answers_flags_unreadable_gold():
     rows = data.load_rows(str(MATH500)) + [
         {"id": "none", "answer": None}, {"id": "empty", "answer": " "}, {"id": "junk", "answer": "}{"}]
-    assert data.check_gold_answers(rows, "math") == ["none", "empty", "junk"]
-    gsm = data.load_rows(str(GSM8K)) + [{"id": "word", "answer": "eighteen"}]
-    assert data.check_gold_answers(gsm, "gsm8k") == ["word"]
+    assert data.check_gold_answers(rows, "math") == [3, 4, 5]  # positions in rows
+    gsm = data.load_rows(str(GSM8K)) + [{"id": "word", "answer": "eighteen", "grading_kind": "gsm8k"}]
+    assert data.check_gold_answers(gsm, "gsm8k") == [3]
+    assert data.check_gold_answers(gsm + rows) == [3, 7, 8, 9]  # each row by its own kind
+
+
+def test_check_gold_answers_refuses_rows_of_another_kind():
+    rows = data.load_rows(str(GSM8K)) + data.load_rows(str(MATH500))
+    with pytest.raises(DataError, match=r"graded as 'math', but the data is being graded as 'gsm8k'"):
+        data.check_gold_answers(rows, "gsm8k")
+
+
+def test_a_row_without_source_is_graded_the_same_by_every_stage(tmp_path):
+    # GSM8K rows without a 'source' field, in a file named like GSM8K's. rl.py and sft_warmup.py
+    # take the kind of load_mixture's first row; evaluate.py of load_rows' first row, or of the
+    # path when the rows have no source. All must say gsm8k, so '#### 18' scores 1 everywhere.
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()]
+    path = write(tmp_path, "gsm8k_train.jsonl", [json.dumps({k: v for k, v in r.items() if k != "source"})
+                                                 for r in rows])
+    mixture = data.load_mixture(f"math={path}")
+    plain = data.load_rows(str(path), domain="math")
+    by_rl = data.grading_kind_for(mixture[0])
+    by_evaluate = data.grading_kind_for(plain[0] if plain[0].get("source") else str(path))
+    assert "source" not in plain[0] and by_rl == by_evaluate == "gsm8k"
+    assert {r["grading_kind"] for r in mixture + plain} == {"gsm8k"}
+    answer = plain[0]["answer"]
+    assert grade(f"#### {answer}", answer, by_rl) == grade(f"#### {answer}", answer, by_evaluate) == 1.0
+
+
+def test_a_rows_own_grading_kind_wins_and_is_checked(tmp_path):
+    path = write(tmp_path, "train.jsonl", [
+        json.dumps({"problem": "a", "answer": "18", "domain": "math", "grading_kind": "gsm8k"}),
+        json.dumps({"problem": "b", "answer": "18", "domain": "math", "source": "gsm8k"}),
+        json.dumps({"problem": "c", "answer": "18", "domain": "math"})])
+    assert [data.grading_kind_for(r) for r in data.load_rows(str(path))] == ["gsm8k", "gsm8k", "math"]
+    bad = write(tmp_path, "bad.jsonl", [json.dumps({"problem": "a", "domain": "math", "grading_kind": "gsm"})])
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: 'grading_kind' is 'gsm'; known: math, gsm8k, toy"):
+        data.load_rows(str(bad))
 
 
 def test_grading_kind_for():

@@ -1,15 +1,19 @@
-"""The VAE and the prefix sources: mean pooling, the ELBO, save/load, the model check, and shapes
-and norms of every prefix source.
+"""The VAE and the prefix sources: mean pooling, the ELBO, save/load, the model check, shapes
+and norms of every prefix source, the prefix forms and the prefix-health check.
 
 Run:  python -m pytest tests/test_palette.py -q
 """
+import functools
+import json
+
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
 from common import UserError
-from model import (PaletteVAE, embedding_fingerprint, load_vae, make_prefix_source,
-                   mean_pooled_embeddings, save_vae)
+from model import (ModelConfig, NoisePrefix, PaletteVAE, PrefixSource, Transformer, VAEPrefix,
+                   embedding_fingerprint, is_broken, load_vae, make_prefix_source,
+                   mean_pooled_embeddings, prefix_health, save_vae)
 
 
 def test_mean_pooled_h_by_hand():
@@ -128,3 +132,116 @@ def test_domain_region_samples_near_its_mean(tmp_path):
                                atol=0.05, rtol=0)
     with pytest.raises(UserError, match="no latent region 'poetry'"):
         make_prefix_source("vae", E, vae_dir=tmp_path / "vae", region="poetry")
+
+
+# -- prefix forms ----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _trained_over_a_common_mean(d=24):
+    """VAE weights trained on a corpus that shares one large mean, as real mean-pooled embeddings
+    do (every h is mostly the average token), with three small clusters around it."""
+    h, _ = _corpus(n=512, d=d)
+    h = 3.0 * torch.randn(d, generator=torch.Generator().manual_seed(1)) + 0.1 * h   # (512, d)
+    torch.manual_seed(0)
+    vae = PaletteVAE(d, latent_dim=4, hidden_dim=32)
+    vae.set_statistics(h, torch.randn(80, d))
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    for _ in range(200):
+        loss, _, _ = vae(h, beta=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return vae.state_dict()
+
+
+def _vae_over_a_common_mean(form, d=24):
+    vae = PaletteVAE(d, latent_dim=4, hidden_dim=32, prefix_form=form)
+    vae.load_state_dict(_trained_over_a_common_mean(d))
+    return vae.eval().requires_grad_(False)
+
+
+def test_prefix_forms_by_hand():
+    z = torch.randn(5, 4)
+    forms = {form: _vae_over_a_common_mean(form) for form in ("paper", "rescaled", "centred")}
+    vae = forms["paper"]
+    h_hat = vae.decode(z)                                                        # (5, d)
+    torch.testing.assert_close(forms["paper"].prefix(z), h_hat)
+    rescaled = h_hat / h_hat.norm(dim=-1, keepdim=True) * vae.token_norm
+    torch.testing.assert_close(forms["rescaled"].prefix(z), rescaled)
+    deviation = h_hat - vae.h_mean
+    centred = deviation / deviation.norm(dim=-1, keepdim=True) * vae.token_norm
+    torch.testing.assert_close(forms["centred"].prefix(z), centred)
+    with pytest.raises(UserError, match="unknown prefix form 'whitened'"):
+        PaletteVAE(24, prefix_form="whitened")
+
+
+def test_vae_json_records_the_form_and_old_directories_load_rescaled(tmp_path):
+    E = torch.randn(80, 24)
+    vae = _vae_over_a_common_mean("paper")
+    save_vae(vae, tmp_path, {"beta": 0.1, "model": "test", "fingerprint": embedding_fingerprint(E)})
+    meta = json.loads((tmp_path / "vae.json").read_text())
+    assert meta["prefix_form"] == "paper"
+    assert load_vae(tmp_path, E)[0].prefix_form == "paper"
+    del meta["prefix_form"]                         # a directory written before forms existed
+    (tmp_path / "vae.json").write_text(json.dumps(meta))
+    old, _ = load_vae(tmp_path, E)
+    assert old.prefix_form == "rescaled"
+    z = torch.randn(3, 4)
+    h_hat = vae.decode(z)
+    torch.testing.assert_close(old.prefix(z), h_hat / h_hat.norm(dim=-1, keepdim=True) * vae.token_norm)
+
+
+# -- the prefix-health check -----------------------------------------------------------------------
+
+def test_health_check_warns_on_a_collapsed_vae_and_not_on_a_healthy_one():
+    collapsed, lines = prefix_health(VAEPrefix(_vae_over_a_common_mean("rescaled"), {}))
+    assert collapsed["prefix_pairwise_cos"] > 0.9 and collapsed["prefix_cos_to_corpus_mean"] > 0.9
+    warning = [line for line in lines if line.startswith("warning")]
+    assert len(warning) == 1 and "collapse to one direction" in warning[0]
+    assert "--prefix-form centred" in warning[0]                    # says what to do
+    for source in (VAEPrefix(_vae_over_a_common_mean("centred"), {}), NoisePrefix(24, 1.0)):
+        healthy, lines = prefix_health(source)
+        assert healthy["prefix_pairwise_cos"] < 0.5
+        assert not any(line.startswith("warning") for line in lines), lines
+    assert prefix_health(PrefixSource(24, 1.0)) == ({}, [])       # source none: nothing to check
+
+
+def test_is_broken():
+    assert is_broken([], "")
+    assert is_broken([5, 6, 5], " \n\n ")                         # blank lines
+    assert is_broken([7, 3] * 8, "Z\nZ\nZ\nZ\nZ\nZ\nZ\nZ\n")       # one token and a newline, repeated
+    assert is_broken([7, 8, 3] * 16, "Zar\nZar\nZar\nZar\nZar\nZar\nZar\nZar\n")   # a loop of 3 tokens
+    assert not is_broken([9], "5")                                  # short, but an answer
+    assert not is_broken(list(range(20)) * 2, "a long answer, said twice")
+    assert not is_broken([4, 5, 6, 7, 8, 4, 5, 6, 7, 8], "47+38=85\nanswer: 85")
+
+
+class _SamePrefix(PrefixSource):
+    """Every draw is the same vector: answers can never change between two draws."""
+    name = "same"
+
+    def _draw(self, n, L, generator):
+        return torch.ones(n, L, self.dim)
+
+
+def test_health_check_on_answers_counts_changes_and_broken_outputs():
+    from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+    tokenizer = build_tokenizer()
+    config = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
+                         max_position_embeddings=128, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights()
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("12+34=?\n", "5+6=?\n")]
+    health, lines = prefix_health(_SamePrefix(32, 1.0), model, prompts, tokenizer, max_new_tokens=12)
+    assert health["frac_answers_change"] == 0.0
+    assert 0.0 <= health["frac_broken"] <= 1.0
+    # a policy that says one token forever: every answer is broken, and the check says so
+    with torch.no_grad():
+        model.model.norm.weight.zero_()             # all logits 0: greedy picks token 0 each step
+    health, lines = prefix_health(NoisePrefix(32, 1.0), model, prompts, tokenizer, max_new_tokens=12)
+    assert health["frac_broken"] == 1.0 and health["frac_answers_change"] == 0.0
+    assert any(line.startswith("warning") and "broken" in line for line in lines)
+    assert model.training                           # the check leaves the mode as it found it

@@ -1,14 +1,20 @@
-"""GRPO / RLOO / Dr.GRPO advantages and the clipped policy loss against hand-computed values.
+"""GRPO / RLOO / Dr.GRPO advantages, the clipped policy loss and the entropy bonus against
+hand-computed values; rl.py's policy update on a tiny float64 model: the gradient accumulated
+over micro-batches and over 2 gloo ranks equals one full-batch loss's gradient, the KL is k3
+against the initial checkpoint as loaded, masked truncations carry nothing.
 
-Run:  python -m pytest tests/test_rl_losses.py -q
+Run:  python -m pytest tests/test_rl_losses.py -q        (about 20 s on two cores)
 """
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import rl
 from common import UserError
-from model import group_advantages, loss_token_weights, policy_loss
+from model import (ModelConfig, Transformer, completion_batch, group_advantages,
+                   loss_token_weights, policy_loss, token_logprobs_and_entropy)
 
 
 def test_grpo_by_hand():
@@ -93,3 +99,208 @@ def test_micro_batches_add_up_to_the_batch_loss():
         parts = sum(policy_loss(lp[i:i + 2], old[i:i + 2], adv[i:i + 2], w[i:i + 2])[0]
                     for i in range(0, 6, 2))
         torch.testing.assert_close(full, parts)
+
+
+# -- the entropy bonus ---------------------------------------------------------------------------
+
+def test_entropy_bonus_by_hand():
+    # two tokens whose next-token distributions are (1/2, 1/2) and (1/4, 1/4, 1/4, 1/4)
+    entropy = torch.tensor([[math.log(2), math.log(4)]])
+    lp = torch.zeros(1, 2)
+    w = torch.full((1, 2), 0.5)                       # token-mean over 2 tokens
+    loss, stats = policy_loss(lp, lp, torch.tensor([0.0]), w, entropy=entropy, entropy_coef=0.01)
+    assert loss.item() == pytest.approx(-0.01 * (math.log(2) + math.log(4)) / 2, abs=1e-9)
+    assert stats["entropy"] == pytest.approx((math.log(2) + math.log(4)) / 2)
+
+
+def test_token_entropy_is_that_of_the_tempered_distribution_and_has_its_gradient():
+    model = tiny_model()
+    batch = completion_batch(model, [[3, 4], [5, 6, 7]], [[8, 9, 10], [11]])
+    with torch.no_grad():               # an lm_head of zeros predicts uniformly: H = log V
+        saved = model.lm_head.weight.clone()
+        model.lm_head.weight.zero_()
+        _, entropy = token_logprobs_and_entropy(model, *batch, temperature=0.7)
+        model.lm_head.weight.copy_(saved)
+    torch.testing.assert_close(entropy[batch[3]], torch.full((4,), math.log(23), dtype=torch.float64))
+    # value and gradient of the bonus against the entropy written out from the full logits
+    coef, T = 0.3, 0.7
+    embeds, mask, targets, loss_mask = batch
+    lp, entropy = token_logprobs_and_entropy(model, embeds, mask, targets, loss_mask, T)
+    w = loss_mask.double() / loss_mask.sum()
+    loss, _ = policy_loss(lp, lp.detach(), torch.zeros(2, dtype=torch.float64), w,
+                          entropy=entropy, entropy_coef=coef)
+    got = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, retain_graph=True)
+    logp = (model(inputs_embeds=embeds, attention_mask=mask)[loss_mask] / T).log_softmax(-1)
+    by_hand = -coef * (-(logp.exp() * logp).sum(-1)).mean()
+    expected = torch.autograd.grad(by_hand, list(model.parameters()), allow_unused=True)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-12)
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+# -- the policy update: micro-batches, ranks, the reference model --------------------------------
+
+def tiny_model(seed=0, tied=False):
+    """A 2-layer float64 model with weights large enough for peaked, varied distributions."""
+    torch.manual_seed(seed)
+    config = ModelConfig(model_type="qwen3", vocab_size=23, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, tie_word_embeddings=tied, max_position_embeddings=64)
+    model = Transformer(config)
+    model.init_weights(std=0.3)
+    return model.double()
+
+
+def update_args(**overrides):
+    args = dict(aggregation="token-mean", max_new_tokens=6, micro_batch_size=3, temperature=0.8,
+                clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.1, entropy_coef=0.05, epochs=1,
+                minibatches=1)
+    return SimpleNamespace(**{**args, **overrides})
+
+
+def make_rollouts(model, keep, seed=1):
+    """Rollouts of random tokens: every third rollout prefixed with its own 2 vectors, some
+    completions at the 6-token limit (truncated); old and reference log-probs are the policy's
+    own, shifted so that ratios spread over both sides of the clip."""
+    g = torch.Generator().manual_seed(seed)
+    B, d = len(keep), model.config.hidden_size
+    lengths = [1 + int(torch.randint(0, 6, (1,), generator=g)) for _ in range(B)]
+    r = rl.Rollouts(
+        problems=[{}] * B,
+        prompts=[torch.randint(3, 23, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(B)],
+        prefixes=[torch.randn(2, d, generator=g, dtype=torch.float64) if i % 3 == 0 else None
+                  for i in range(B)],
+        completions=[torch.randint(3, 23, (n,), generator=g).tolist() for n in lengths],
+        truncated=torch.tensor([n == 6 for n in lengths]))
+    r.keep = torch.tensor(keep)
+    r.advantages = torch.randn(B, generator=g, dtype=torch.float64)
+    own = rl.completion_logprobs(model, r, list(range(B)), update_args())
+    r.old_logprobs = own + 0.3 * torch.randn(own.shape, generator=g, dtype=torch.float64)
+    r.ref_logprobs = own + 0.5 * torch.randn(own.shape, generator=g, dtype=torch.float64)
+    return r
+
+
+def full_batch_gradient(model, r, args):
+    """The gradient of one loss over every kept rollout at once, old and reference log-probs
+    placed into the training layout by hand."""
+    rows = r.keep.nonzero()[:, 0].tolist()
+    embeds, mask, targets, loss_mask = r.batch(model, rows)
+    T = mask.shape[1]
+    old, ref = torch.zeros(len(rows), T, dtype=torch.float64), torch.zeros(len(rows), T, dtype=torch.float64)
+    for j, i in enumerate(rows):
+        n = len(r.completions[i])
+        old[j, T - n - 1:T - 1], ref[j, T - n - 1:T - 1] = r.old_logprobs[i, :n], r.ref_logprobs[i, :n]
+    lp, entropy = token_logprobs_and_entropy(model, embeds, mask, targets, loss_mask, args.temperature)
+    w = loss_token_weights(loss_mask, args.aggregation, len(rows), int(loss_mask.sum()), args.max_new_tokens)
+    loss, stats = policy_loss(lp, old, r.advantages[rows], w, args.clip_eps_low, args.clip_eps_high,
+                              ref, args.kl_coef, entropy, args.entropy_coef)
+    assert 0 < stats["clip_frac"] < 1                  # the clip is active on some tokens, not all
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, loss.item()
+
+
+KEEP = [False, False, False, True, True, False, True, True, True, True, False, True]  # rollouts 0-2: a micro-batch of masked truncations
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean", "constant"])
+def test_micro_batches_accumulate_the_full_batch_gradient(aggregation):
+    model = tiny_model()
+    r = make_rollouts(model, KEEP)
+    expected, expected_loss = full_batch_gradient(model, r, update_args(aggregation=aggregation))
+    for micro in (1, 2, 3, 5, 100):                   # 5 divides neither 12 rows nor 8 kept
+        model.zero_grad(set_to_none=True)
+        rows = r.keep.nonzero()[:, 0].tolist()
+        sums = rl.minibatch_backward(model, r, rows, update_args(aggregation=aggregation,
+                                                               micro_batch_size=micro))
+        assert sums["loss"] == pytest.approx(expected_loss, rel=1e-10)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def _rank_worker(rank, world, store, out):
+    import torch.distributed as dist
+    from common import sync_gradients
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = tiny_model()
+    r = make_rollouts(model, KEEP)
+    rows = [i for i in range(len(KEEP)) if KEEP[i]]
+    mine = rows[:3] if rank == 0 else rows[3:]          # 3 and 5 kept rollouts: unequal ranks
+    grads = {}
+    for aggregation in ("token-mean", "seq-mean", "constant"):
+        model.zero_grad(set_to_none=True)
+        rl.minibatch_backward(model, r, mine, update_args(aggregation=aggregation, micro_batch_size=2))
+        sync_gradients(model)
+        grads[aggregation] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(grads, out)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_accumulate_the_full_batch_gradient(tmp_path):
+    import torch.multiprocessing as mp
+    out = tmp_path / "grads.pt"
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    got = torch.load(out)
+    model = tiny_model()
+    r = make_rollouts(model, KEEP)
+    for aggregation in ("token-mean", "seq-mean", "constant"):
+        expected, _ = full_batch_gradient(model, r, update_args(aggregation=aggregation))
+        for name, e in expected.items():
+            torch.testing.assert_close(got[aggregation][name], e, rtol=1e-9, atol=1e-12,
+                                       msg=f"{aggregation}: {name}")
+
+
+def test_kl_is_k3_against_the_initial_checkpoint_after_the_embeddings_moved(tmp_path):
+    tiny_model(tied=True).save_pretrained(str(tmp_path / "initial"))
+    policy = Transformer.from_pretrained(str(tmp_path / "initial"), dtype=torch.float64)
+    with torch.no_grad():                   # as RL at a high lr would move them
+        policy.embed_tokens.weight.add_(0.3 * torch.randn_like(policy.embed_tokens.weight))
+    r = make_rollouts(policy, [True] * 6)
+    r.old_logprobs, r.advantages = None, torch.zeros(6, dtype=torch.float64)
+    args = update_args(kl_coef=0.1, entropy_coef=0.0)
+    ref = Transformer.from_pretrained(str(tmp_path / "initial"), dtype=torch.float64)   # as rl.py loads it
+    r.ref_logprobs = rl.completion_logprobs(ref, r, list(range(6)), args)
+    sums = rl.minibatch_backward(policy, r, list(range(6)), args)
+
+    initial = Transformer.from_pretrained(str(tmp_path / "initial"), dtype=torch.float64)
+
+    def logprobs(model, i, embedding):
+        """Row i alone: [prefix; E(prompt + completion)] with the given embedding matrix."""
+        ids = torch.tensor(r.prompts[i] + r.completions[i])
+        embeds = embedding[ids] if r.prefixes[i] is None else torch.cat([r.prefixes[i], embedding[ids]])
+        with torch.no_grad():
+            logits = model(inputs_embeds=embeds[None])[0] / args.temperature       # (T, V)
+        n = len(r.completions[i])
+        return logits[-n - 1:-1].log_softmax(-1).gather(-1, ids[-n:, None])[:, 0]
+
+    def mean_k3(ref_embedding):
+        k3 = []
+        for i in range(6):
+            d = logprobs(initial, i, ref_embedding) - logprobs(policy, i, policy.embed_tokens.weight)
+            k3.append(d.exp() - d - 1)
+        return torch.cat(k3).mean().item()
+
+    assert sums["kl"] / sums["tokens"] == pytest.approx(mean_k3(initial.embed_tokens.weight), rel=1e-9)
+    # reading the tokens through the policy's moved embeddings gives another number
+    assert abs(mean_k3(policy.embed_tokens.weight.detach()) - sums["kl"] / sums["tokens"]) > 1e-3
+
+
+def test_all_rollouts_truncated_and_masked_gives_no_update():
+    model = tiny_model()
+    r = make_rollouts(model, [False] * 5)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    metrics = rl.update_policy(model, opt, None, r, update_args(epochs=2, minibatches=2, kl_coef=0.0))
+    assert metrics["updates"] == 0 and metrics["clip_frac"] is None
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # and a forward over a batch without a single loss position still backpropagates (zeros)
+    batch = completion_batch(model, [[3, 4]], [[5, 6]])
+    lp, entropy = token_logprobs_and_entropy(model, batch[0], batch[1], batch[2],
+                                             torch.zeros_like(batch[3]))
+    (lp.sum() + entropy.sum()).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())

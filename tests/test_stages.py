@@ -173,7 +173,10 @@ def test_sft_uses_prior_samples_and_changes_the_model(world, tmp_path, monkeypat
                                       "--out", str(tmp_path), "--steps", "3", "--batch-size", "8",
                                       "--micro-batch-size", "4", "--lr", "1e-3"])
     sft_warmup.main()
-    assert drawn and all(n == 4 and L == 1 and region is None for n, L, region in drawn)
+    # every draw is from the prior with L = 1: one per micro-batch of 4 (3 steps x 2), plus the
+    # prefix-health check's draws after training
+    assert drawn and all(L == 1 and region is None for n, L, region in drawn)
+    assert sum(n == 4 for n, L, region in drawn) >= 6
     before = load_file(str(world / "base" / "model.safetensors"))
     after = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -260,7 +263,7 @@ def test_bad_inputs_get_one_clear_message(world, tmp_path):
     _fails_with(run_script("rl.py", *rl_args(world, tmp_path, "--steps", "1"), "--data",
                            tmp_path / "missing.jsonl", check=False), "missing.jsonl")
     _fails_with(run_script("sft_warmup.py", "--model", tmp_path / "nowhere", "--data", "x.jsonl",
-                           "--out", tmp_path, check=False), "does not exist")
+                           "--prefix-source", "none", "--out", tmp_path, check=False), "does not exist")
     # a VAE trained for another model
     from model import ModelConfig, Transformer
     other = Transformer(ModelConfig(vocab_size=52, hidden_size=64, intermediate_size=64,
@@ -295,7 +298,8 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(world, tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", ["rl.py", *[str(a) for a in rl_args(
         world, tmp_path, "--steps", "8", "--save-every", "3", "--prompts-per-step", "4",
         "--group-size", "4", "--schedule", "none", "--prefix-source", "none")]])
-    with pytest.raises(UserError, match="non-finite loss at step 3.*last good checkpoint"):
+    with pytest.raises(UserError, match=r"non-finite loss .* at step 3; stopped before the optimiser "
+                                        r"step; the last checkpoint, .* \(step 3\), is kept"):
         rl.main()
     state = json.load(open(tmp_path / "checkpoint" / "trainer_state.json"))
     assert state["step"] == 3

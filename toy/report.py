@@ -1,4 +1,5 @@
-r"""The toy world's report on the paper's three claims, measured here and written into the README.
+r"""The toy world's report on the paper's three claims, measured here (and, on request, written into
+the README).
 
 (a) Strategy-level diversity at inference: greedy pass@k with a latent per candidate (vae, noise,
     random_decoder prefixes) against greedy pass@1 and token-sampling pass@k, k up to 32.
@@ -9,8 +10,10 @@ r"""The toy world's report on the paper's three claims, measured here and writte
 
 It runs the stage scripts as a user would (subprocesses), after runs/toy.sh has built the world,
 the VAE and both warm-ups:
-    python -m toy.report --world runs/toy                       # writes runs/toy/report/ + README
-    python -m toy.report --world runs/toy --seeds 1 --rl-steps 20 --no-readme     # a quick look
+    python -m toy.report --world runs/toy                       # writes runs/toy/report/ only
+    python -m toy.report --world runs/toy --seeds 1 --rl-steps 20                 # a quick look
+    python -m toy.report --world runs/toy --readme    # maintainers: also refresh README.md's results
+                                                      # section and the pictures in docs/
 """
 
 import argparse
@@ -33,7 +36,9 @@ parser.add_argument("--seeds", type=int, default=3)
 parser.add_argument("--rl-steps", type=int, default=40)
 parser.add_argument("--rl-flags", default="--prompts-per-step 16 --group-size 8 --lr 2e-5 --max-new-tokens 64",
                     help="flags shared by every RL run")
-parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's results section")
+parser.add_argument("--readme", action="store_true",
+                    help="also rewrite the README's results section and docs/ pictures (tracked files: "
+                         "a maintainer's step, never part of a user's run)")
 
 
 def run(script, *args):
@@ -179,15 +184,18 @@ is measured without prefixes for every arm and is the comparison at equal steps.
 {vae['norms']['token_embedding']:.3f}, mean-pooled h {vae['norms']['mean_pooled_h']:.3f}, decoded prefix
 {vae['norms']['prefix']:.3f}.
 """
-    # the pictures the README shows (runs/ is not committed)
-    os.makedirs(os.path.join(REPO, "docs"), exist_ok=True)
-    shutil.copy(f"{world}/vae/latents.png", os.path.join(REPO, "docs", "toy_latents.png"))
-    shutil.copy(f"{out}/rl/reward_curves.png", os.path.join(REPO, "docs", "toy_reward_curves.png"))
     section += "\n![latent space](docs/toy_latents.png) ![reward curves](docs/toy_reward_curves.png)\n"
     open(f"{out}/report.md", "w").write(section)
     print(section)
-    if not args.no_readme:
+    if args.readme:
+        # the pictures the README shows (runs/ is not committed)
+        os.makedirs(os.path.join(REPO, "docs"), exist_ok=True)
+        shutil.copy(f"{world}/vae/latents.png", os.path.join(REPO, "docs", "toy_latents.png"))
+        shutil.copy(f"{out}/rl/reward_curves.png", os.path.join(REPO, "docs", "toy_reward_curves.png"))
         write_readme(section)
+        print("rewrote README.md's results section and docs/toy_*.png")
+    else:
+        print(f"wrote {out}/report.md (README.md untouched; --readme refreshes it)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,232 @@
+r"""Prefix forms: which way of turning the VAE's decoded h_hat into a prefix embedding can a policy
+read, before and after the warm-up? (model.PREFIX_FORMS lists the forms; README, "Prefix forms".)
+
+For one policy and one VAE, on --problems held-out problems, greedy decoding, one prefix token:
+    none            greedy pass@1 with no prefix
+    vae prior       --latents prior latents per problem, one greedy answer each: pass@1 (mean over
+                    the candidates), pass@k (k = --latents: solved by any), distinct answers per
+                    problem, share of broken answers (model.is_broken: empty or one repeated token)
+    vae <region>    the same with latents from the VAE's --region (default math)
+    noise           reference: a Gaussian vector at the token norm (model.NoisePrefix)
+    lorem           reference: 4-12 pseudo-Latin words, as the real embeddings of their tokens
+Every form is measured on the base model, then each form is warmed up with sft_warmup.py for each
+of --warmups steps (its VAE copied with vae.json's "prefix_form" set: the form changes no weight)
+and measured again on the warmed model, the references beside it. Latents of problem i come from a
+generator seeded by (--seed, i), so every form decodes the same z.
+
+Rows go to --out/results.json as they finish (a rerun skips rows already there, and warm-ups
+already done); --out/results.md is the table.
+
+Toy world (after bash runs/toy.sh has built runs/toy):
+    python bench/prefix_forms.py --model runs/toy/base --vae runs/toy/vae \
+        --data runs/toy/data/math_test.jsonl --problems 100 --max-new-tokens 64 \
+        --warmup-data runs/toy/data/math_train.jsonl --warmup-args="--lr 3e-5" \
+        --out runs/prefix_forms/toy
+SmolLM2-135M-Instruct (the VAE from train_vae.py --template chat; the warm-up on GSM8K):
+    python bench/prefix_forms.py --model SMOLLM2_DIR --vae runs/smollm2/vae --template chat \
+        --data TASK.jsonl --problems 40 --max-new-tokens 48 \
+        --warmup-data math=../shared/data/gsm8k_train.jsonl \
+        --warmup-args="--template chat --batch-size 16 --lr 1e-5" --out runs/prefix_forms/smollm2
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import atomic_write_json, atomic_write_text  # noqa: E402
+from data import format_prompt, grade, grading_kind_for, gsm8k_prediction, last_boxed, load_rows  # noqa: E402
+from model import (PREFIX_FORMS, NoisePrefix, VAEPrefix, generate, is_broken, load_policy,  # noqa: E402
+                   load_vae, prefix_health)
+from toy.task import extract_answer as toy_answer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# Task
+parser.add_argument("--data", required=True, help="held-out problems (JSON lines, graded by data.grade)")
+parser.add_argument("--problems", type=int, default=40,
+                    help="a seeded subset of this many problems (data.load_rows(limit=..., seed=0))")
+parser.add_argument("--template", default="plain", help="plain | math | chat")
+parser.add_argument("--max-new-tokens", type=int, default=48)
+# Model and palette
+parser.add_argument("--model", required=True, help="the base policy (before any warm-up)")
+parser.add_argument("--vae", required=True, help="directory written by train_vae.py for this policy")
+parser.add_argument("--region", default="math", help="the VAE's latent region to sample from")
+parser.add_argument("--forms", default=",".join(PREFIX_FORMS), help="prefix forms to measure")
+parser.add_argument("--latents", type=int, default=16, help="prefixes (greedy candidates) per problem")
+parser.add_argument("--references", default="noise,lorem", help="reference sources measured on every model")
+# Warm-ups
+parser.add_argument("--warmups", default="10", help="comma-separated sft_warmup.py step counts")
+parser.add_argument("--warmup-data", default=None, help="--data for sft_warmup.py (no warm-ups if absent)")
+parser.add_argument("--warmup-args", default="", help="more sft_warmup.py flags, e.g. \"--lr 3e-5\"")
+# Runtime
+parser.add_argument("--batch-size", type=int, default=64, help="rows per generate()")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--out", required=True)
+
+LOREM_WORDS = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
+               "incididunt ut labore et dolore magna aliqua enim ad minim veniam quis nostrud "
+               "exercitation ullamco laboris nisi aliquip ex ea commodo consequat duis aute irure "
+               "in reprehenderit voluptate velit esse cillum fugiat nulla pariatur excepteur sint "
+               "occaecat cupidatat non proident sunt culpa qui officia deserunt mollit anim id est "
+               "laborum").split()
+
+
+class LoremPrefix:
+    """4-12 pseudo-Latin words as the embeddings of their real tokens, one text per candidate."""
+    name = "lorem"
+
+    def __init__(self, model, tokenizer):
+        self.E, self.tokenizer = model.embed_tokens.weight.detach(), tokenizer
+
+    def sample(self, n, L, generator=None):
+        rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=generator)))
+        texts = [" ".join(rng.choice(LOREM_WORDS) for _ in range(rng.randint(4, 12))) + "\n"
+                 for _ in range(n)]
+        return [self.E[torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"])]
+                for t in texts]                                                  # n x (L_i, d)
+
+
+def answer_of(completion, kind):
+    """The answer a completion gives, for counting distinct answers (None: it gives none)."""
+    if kind == "toy":
+        return toy_answer(completion)
+    return gsm8k_prediction(completion) if kind == "gsm8k" else last_boxed(completion)
+
+
+@torch.no_grad()
+def measure(model, tokenizer, rows, kind, source, args):
+    """Greedy answers of every problem under --latents prefixes of `source` (or one answer
+    with no prefix when source is None) -> the row's numbers."""
+    n = 1 if source is None else args.latents
+    prompts = [tokenizer(format_prompt(r["problem"], args.template, tokenizer),
+                         add_special_tokens=False)["input_ids"] for r in rows]
+    eos = tokenizer.eos_token_id
+    items = []                                                   # (problem index, prefix or None)
+    for i in range(len(rows)):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + i)   # same z for every form
+        prefixes = [None] * n if source is None else list(source.sample(n, 1, generator=g))
+        items += [(i, p) for p in prefixes]
+    correct = [[] for _ in rows]
+    answers = [[] for _ in rows]
+    broken = []
+    for start in range(0, len(items), args.batch_size):
+        batch = items[start:start + args.batch_size]
+        prefixes = None if source is None else [p for _, p in batch]
+        out = generate(model, [prompts[i] for i, _ in batch], prefixes, args.max_new_tokens,
+                       temperature=0, stop_tokens=[eos]).token_lists()
+        for (i, _), ids in zip(batch, out):
+            ids = [t for t in ids if t != eos]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            correct[i].append(grade(text, rows[i]["answer"], kind))
+            answers[i].append(answer_of(text, kind))
+            broken.append(is_broken(ids, text))
+    return {"pass@1": 100 * sum(sum(c) / len(c) for c in correct) / len(rows),
+            f"pass@{n}": 100 * sum(max(c) for c in correct) / len(rows),
+            "distinct_answers": sum(len({a for a in ans if a is not None}) for ans in answers) / len(rows),
+            "broken": 100 * sum(broken) / len(broken),
+            "examples": [tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True)
+                         for ids in out[:3]]}
+
+
+def vae_dir_with_form(args, form):
+    """A copy of --vae whose vae.json names `form` (weights are shared: the form changes none)."""
+    out = os.path.join(args.out, f"vae-{form}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(args.vae, "vae.json")) as f:
+        meta = json.load(f)
+    meta["prefix_form"] = form
+    atomic_write_json(os.path.join(out, "vae.json"), meta)
+    weights = os.path.join(out, "vae.safetensors")
+    if not os.path.exists(weights):
+        os.symlink(os.path.abspath(os.path.join(args.vae, "vae.safetensors")), weights)
+    return out
+
+
+def warm_up(args, form, steps):
+    out = os.path.join(args.out, f"sft-{form}-{steps}")
+    if not os.path.exists(os.path.join(out, "model", "config.json")):
+        cmd = [sys.executable, os.path.join(REPO, "sft_warmup.py"), "--model", args.model,
+               "--vae", vae_dir_with_form(args, form), "--data", args.warmup_data,
+               "--steps", str(steps), "--out", out, *args.warmup_args.split()]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return os.path.join(out, "model")
+
+
+def write_table(results, path, k):
+    lines = ["| model | prefix | pass@1 | pass@%d | distinct answers | broken %% | pairwise cos | cos to mean |" % k,
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, r in results["rows"].items():
+        model_label, prefix = key.split(" | ")
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)
+        lines.append(f"| {model_label} | {prefix} | {r['pass@1']:.1f} | {fmt(r.get(f'pass@{k}'), '.1f')} | "
+                     f"{fmt(r.get('distinct_answers'), '.2f')} | {r['broken']:.1f} | "
+                     f"{fmt(r.get('prefix_pairwise_cos'), '.2f')} | {fmt(r.get('prefix_cos_to_corpus_mean'), '.2f')} |")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def main():
+    args = parser.parse_args()
+    forms = args.forms.split(",")
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.json")
+    settings = {k: getattr(args, k) for k in ("data", "problems", "template", "max_new_tokens",
+                                                "latents", "region", "seed")}
+    results = {"settings": settings, "rows": {}}
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+        if results["settings"] != settings:
+            raise SystemExit(f"{results_path} holds rows measured with other settings "
+                             f"({results['settings']}); use another --out")
+    rows = load_rows(args.data, limit=args.problems, seed=0)
+    kind = grading_kind_for(rows[0])
+
+    def run_row(model, tokenizer, model_label, prefix_label, source):
+        key = f"{model_label} | {prefix_label}"
+        if key in results["rows"]:
+            return
+        started = time.time()
+        r = measure(model, tokenizer, rows, kind, source, args)
+        r["seconds"] = time.time() - started
+        if source is not None and not isinstance(source, LoremPrefix):
+            r.update(prefix_health(source)[0])
+        results["rows"][key] = r
+        atomic_write_json(results_path, results)
+        write_table(results, os.path.join(args.out, "results.md"), args.latents)
+        print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float))
+              + f" | e.g. {r['examples'][0]!r}", flush=True)
+
+    def run_model(model_dir, model_label, model_forms):
+        model, tokenizer = load_policy(model_dir)
+        model.eval()
+        E = model.embed_tokens.weight.detach()
+        vae, meta = load_vae(args.vae, E)
+        run_row(model, tokenizer, model_label, "none", None)
+        for form in model_forms:
+            vae.prefix_form = form
+            run_row(model, tokenizer, model_label, f"vae {form}, prior", VAEPrefix(vae, meta))
+            run_row(model, tokenizer, model_label, f"vae {form}, {args.region}",
+                    VAEPrefix(vae, meta, args.region))
+        if "noise" in args.references.split(","):
+            run_row(model, tokenizer, model_label, "noise", NoisePrefix(E.shape[1], E.norm(dim=-1).mean()))
+        if "lorem" in args.references.split(","):
+            run_row(model, tokenizer, model_label, "lorem", LoremPrefix(model, tokenizer))
+
+    run_model(args.model, "base", forms)
+    if args.warmup_data:
+        for steps in [int(s) for s in args.warmups.split(",")]:
+            for form in forms:
+                run_model(warm_up(args, form, steps), f"warm-up {form}, {steps} steps", [form])
+    print(f"wrote {args.out}/results.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""rl.py under every flag combination that matters, run in-process for 2 steps on a tiny model
+built here; the flags it refuses (one line, exit code 2); the schedule table and the choice of
+prefixed rollouts; rows without ids; the guards around a step (a non-finite gradient stops the
+run before the optimiser step, non-finite weights are never checkpointed) and its warnings.
+
+Run:  python -m pytest tests/test_rl_flags.py -q        (about 1.5 minutes on two cores)
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rl
+from common import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer, hidden-32 model on the toy tokenizer, 1-digit additions (half the rows without
+    an id). Every token embedding has 1.0 in dimension 0 and only the eos row of lm_head reads
+    that dimension, so about one token in five is eos: runs hold both stopped and truncated
+    completions of at most 6 tokens."""
+    from model import ModelConfig, Transformer
+    from toy.task import generate as toy_rows, write_jsonl
+    from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+    root = tmp_path_factory.mktemp("tiny_rl")
+    tokenizer = build_tokenizer(str(root / "tokenizer"))
+    torch.manual_seed(0)
+    config = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
+                         max_position_embeddings=128, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model = Transformer(config)
+    model.init_weights()
+    with torch.no_grad():
+        model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[EOS_ID, 0] = 0.5
+    model.save_pretrained(str(root / "model"), tokenizer_dir=str(root / "tokenizer"))
+    rows = toy_rows("math", 20, seed=1, digits=1)
+    for row in rows[::2]:
+        del row["id"]
+    write_jsonl(rows, str(root / "train.jsonl"))
+    write_jsonl(toy_rows("math", 4, seed=2, digits=1), str(root / "test.jsonl"))
+    return root
+
+
+def tiny_args(tiny, out, *extra):
+    """P x G = 2 x 5 = 10 rollouts per step; micro-batches of 3 divide neither the batch (10)
+    nor its minibatches (4, 3, 3 with --minibatches 3)."""
+    return ["--model", str(tiny / "model"), "--data", str(tiny / "train.jsonl"), "--out", str(out),
+            "--schedule", "constant", "--rho", "0.4", "--prefix-source", "noise", "--L", "2",
+            "--prompts-per-step", "2", "--group-size", "5", "--max-new-tokens", "6",
+            "--micro-batch-size", "3", "--steps", "2", "--lr", "1e-3", "--warmup-steps", "0",
+            "--save-every", "0", "--sample-every", "0", "--eval-every", "0", *map(str, extra)]
+
+
+def records(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.fixture
+def parity_reward(monkeypatch):
+    """A reward that varies within groups (the tiny model never answers right): the parity of
+    the completion's length, so advantages are not all zero and the clip has work to do."""
+    monkeypatch.setattr(rl, "grade", lambda text, answer, kind: float(len(text) % 2))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest, and least disturbed by other processes, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- every combination runs and computes what it says ----------------------------------------------
+
+@pytest.mark.parametrize("truncated", ["zero", "mask"])
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
+@pytest.mark.parametrize("epochs,minibatches", [(1, 1), (2, 1), (1, 3)])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean", "constant"])
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "drgrpo"])
+def test_flag_combination_runs(tiny, tmp_path, parity_reward, one_thread, estimator, aggregation,
+                               epochs, minibatches, kl_coef, truncated):
+    rl.main(tiny_args(tiny, tmp_path, "--estimator", estimator, "--aggregation", aggregation,
+                      "--epochs", epochs, "--minibatches", minibatches, "--kl-coef", kl_coef,
+                      "--truncated", truncated, "--entropy-coef", 0.01))
+    steps = records(tmp_path)
+    assert [r["step"] for r in steps] == [0, 1]
+    for r in steps:
+        assert r["rho"] == 0.4 and r["L"] == 2
+        if truncated == "zero":          # every minibatch holds kept rollouts
+            assert r["updates"] == epochs * minibatches
+        else:                            # a minibatch of masked truncations takes no step
+            assert r["updates"] <= epochs * minibatches
+        if r["updates"]:
+            assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "grad_norm", "entropy"))
+            assert 0 < r["entropy"] < 4.0                      # at most log(V = 52) = 3.95
+        if epochs * minibatches == 1 and r["updates"]:
+            assert r["clip_frac"] == 0.0                       # one update: the ratio is exactly 1
+        assert ("kl" in r) == (kl_coef > 0)                    # no reference model without a KL
+    if kl_coef and steps[0]["updates"]:
+        assert steps[0]["kl"] == 0.0 or epochs * minibatches > 1   # the policy starts at pi_ref
+    weights = load_file(str(tmp_path / "model" / "model.safetensors"))
+    before = load_file(str(tiny / "model" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert any(not torch.equal(weights[k], before[k]) for k in before)
+
+
+# -- refused at start-up: one line, exit code 2, nothing written -------------------------------------
+
+REFUSED = [
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--group-size", "0"], "--group-size must be >= 2"),
+    (["--prompts-per-step", "0"], "--prompts-per-step must be >= 1"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--minibatches", "0"], "--minibatches must be >= 1"),
+    (["--minibatches", "11"], "--minibatches 11 is more than the 10 rollouts each rank holds"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--temperature", "0"], "undefined at 0"),
+    (["--temperature", "-0.5"], "--temperature must be > 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--top-p", "0"], "--top-p must be > 0"),
+    (["--lr", "-0.001"], "--lr must be >= 0"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be >= 0"),
+    (["--entropy-coef", "-0.1"], "--entropy-coef must be >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--clip-eps-low", "1"], "--clip-eps-low must be < 1"),
+    (["--clip-eps-high", "-0.1"], "--clip-eps-high must be >= 0"),
+    (["--grad-clip", "0"], "--grad-clip must be > 0"),
+    (["--rho", "1.5"], "--rho must be <= 1"),
+    (["--L", "-1"], "--L must be >= 0"),
+    (["--L", "0"], "--schedule constant with --L 0 gives no prefix"),
+    (["--prefix-source", "none"], "--schedule constant needs a --prefix-source"),
+    (["--prefix-source", "vae"], "--prefix-source vae needs --vae DIR"),
+    (["--region", "math"], "--region needs --prefix-source vae"),
+    (["--eval-problems", "0"], "--eval-problems must be >= 1"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--per-domain-cap", "0"], "--per-domain-cap must be >= 1"),
+    (["--epochs", "1000"], "--epochs must be <= 100"),
+    (["--lr", "0.1", "--weight-decay", "10"], "would flip every weight's sign"),
+    (["--seed", "-1"], "--seed must be in [0, "),
+    (["--schedule", "sometimes"], "invalid choice: 'sometimes'"),
+]
+
+
+@pytest.mark.parametrize("flags,message", REFUSED, ids=[" ".join(f) for f, _ in REFUSED])
+def test_impossible_flags_are_refused_in_one_line(tiny, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        rl.run_main(lambda: rl.main(tiny_args(tiny, out, *flags)))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()                                    # refused before anything is written
+
+
+def test_a_refused_flag_exits_2_without_a_traceback(tiny, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "rl.py"),
+                             *tiny_args(tiny, tmp_path / "run", "--group-size", "1")],
+                            capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --group-size must be >= 2, got 1: advantages compare the rollouts of a group, so a "
+        "group of one has advantage 0 and nothing is learned"]
+
+
+@pytest.mark.parametrize("flag", ["--prompts-per-step", "--group-size"])
+def test_a_batch_that_cannot_fit_the_device_is_refused(tiny, tmp_path, flag):
+    with pytest.raises(UserError, match=r"rollouts per rank .* GiB of KV cache, more than the .* GiB"):
+        rl.main(tiny_args(tiny, tmp_path / "run", flag, 10**12))
+
+
+def test_eval_prompts_must_fit_the_context(tiny, tmp_path):
+    row = {"problem": "1+1=?" * 30, "answer": "2", "domain": "math", "source": "toy"}
+    (tmp_path / "long.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match="--eval-data: problem .* exceeds the model's context of 128"):
+        rl.main(tiny_args(tiny, tmp_path / "run", "--eval-data", tmp_path / "long.jsonl"))
+
+
+# -- pieces: schedules, who gets a prefix, rows without ids -------------------------------------------
+
+def test_schedules_are_one_table_that_argparse_uses():
+    choices = next(a.choices for a in rl.parser._actions if a.dest == "schedule")
+    assert list(choices) == list(rl.SCHEDULES) == ["none", "two-stage", "linear", "constant"]
+    assert [rl.SCHEDULES["linear"](t, 0.3) for t in (0, 0.25)] == [1.0, 0.75]
+    assert rl.SCHEDULES["constant"](0.9, 0.3) == 0.3
+    with pytest.raises(UserError, match="unknown schedule 'cosine'"):
+        rl.prefix_plan("cosine", 0.1, 8, 0.5, 8)
+
+
+def test_choose_prefixed_picks_n_of_each_group_at_random():
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.stack([rl.choose_prefixed(50, 8, 3, g) for _ in range(40)])     # (40, 400)
+    assert chosen.dtype == torch.bool and chosen.shape == (40, 400)
+    assert (chosen.view(40, 50, 8).sum(-1) == 3).all()                             # 3 per group
+    per_slot = chosen.view(-1, 8).float().mean(0)              # each place in a group equally often
+    assert ((per_slot - 3 / 8).abs() < 0.03).all(), per_slot
+    assert not torch.equal(chosen[0], chosen[1])
+    same = rl.choose_prefixed(50, 8, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(same, chosen[0])                                            # seeded
+    assert not rl.choose_prefixed(2, 4, 0, g).any() and rl.choose_prefixed(2, 4, 4, g).all()
+
+
+def test_rows_without_ids_and_unreadable_answers_are_left_out(tiny, tmp_path, capsys):
+    from data import check_gold_answers
+    from transformers import AutoTokenizer
+    rows = [{"problem": "1+2=?", "answer": "3"}, {"problem": "2+2=?", "answer": " "},
+            {"problem": "3+3=?", "answer": "6"}, {"problem": "4+4=?", "answer": None}]
+    assert check_gold_answers(rows, "toy") == [1, 3]           # positions: no row has an id
+    with open(tmp_path / "rows.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "domain": "math", "source": "toy"}) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny / "tokenizer"))
+    kept, kind = rl.load_problems(str(tmp_path / "rows.jsonl"), "--data", tokenizer, "plain", seed=0)
+    assert kind == "toy" and sorted(r["problem"] for r in kept) == ["1+2=?", "3+3=?"]
+    assert all(r["prompt_ids"] == tokenizer(r["problem"] + "\n")["input_ids"] for r in kept)
+    assert "2 of 4 gold answers cannot be read" in capsys.readouterr().out
+
+
+# -- guards around a step ----------------------------------------------------------------------------
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity whose gradient is infinite: a finite loss with an overflowing backward."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def break_gradient_at(monkeypatch, call):
+    """policy_loss gives an infinite gradient from its `call`-th call (0-based) on, and every
+    optimiser step is counted."""
+    calls, steps = {"loss": 0}, {"opt": 0}
+    real_loss, real_step = rl.policy_loss, torch.optim.AdamW.step
+
+    def loss(*args, **kwargs):
+        value, stats = real_loss(*args, **kwargs)
+        calls["loss"] += 1
+        return (InfiniteGradient.apply(value) if calls["loss"] > call else value), stats
+
+    def step(self, *args, **kwargs):
+        steps["opt"] += 1
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(rl, "policy_loss", loss)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return steps
+
+
+def test_non_finite_gradient_stops_before_the_optimiser_step(tiny, tmp_path, monkeypatch, one_thread):
+    # one micro-batch per step (micro-batch size >= 10), so call k is step k
+    steps = break_gradient_at(monkeypatch, call=2)
+    with pytest.raises(UserError, match=r"non-finite gradient norm \(loss .*\) at step 2; stopped "
+                                        r"before the optimiser step; the last checkpoint, .* \(step 2\), is kept"):
+        rl.main(tiny_args(tiny, tmp_path, "--steps", 6, "--save-every", 1, "--micro-batch-size", 16))
+    assert steps["opt"] == 2
+    state = json.load(open(tmp_path / "checkpoint" / "trainer_state.json"))
+    assert state["step"] == 2 and not (tmp_path / "model").exists()
+    tensors = load_file(str(tmp_path / "checkpoint" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_non_finite_gradient_before_any_checkpoint_says_so(tiny, tmp_path, monkeypatch, one_thread):
+    break_gradient_at(monkeypatch, call=0)
+    with pytest.raises(UserError, match="at step 0; .*no checkpoint had been written yet"):
+        rl.main(tiny_args(tiny, tmp_path, "--micro-batch-size", 16))
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny, tmp_path, monkeypatch, one_thread):
+    real_update, calls = rl.update_policy, {"n": 0}
+
+    def update_that_overflows(model, *args, **kwargs):
+        metrics = real_update(model, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:          # step 2's optimiser step overflowed a weight
+            with torch.no_grad():
+                model.lm_head.weight[0, 0] = float("inf")
+        return metrics
+    monkeypatch.setattr(rl, "update_policy", update_that_overflows)
+    with pytest.raises(UserError, match=r"non-finite weights after step 2, so no checkpoint is "
+                                        r"written; the last checkpoint, .* \(step 2\), is kept"):
+        rl.main(tiny_args(tiny, tmp_path, "--steps", 6, "--save-every", 1))
+    assert json.load(open(tmp_path / "checkpoint" / "trainer_state.json"))["step"] == 2
+    tensors = load_file(str(tmp_path / "checkpoint" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_warnings_for_a_zero_gradient_and_a_collapsing_reward():
+    def history(grad_norms, rewards):
+        return [{"grad_norm": g, "reward_mean": r} for g, r in zip(grad_norms, rewards)]
+    warn = lambda h: [line.split(":")[1].strip() for line in rl.training_warnings(h)]
+    assert warn(history([0, 0], [0.5, 0.5])) == []
+    assert warn(history([0, 0, 0], [0.5, 0.5, 0.5])) == ["the gradient norm has been exactly 0 for 3 steps"]
+    assert warn(history([0, 0, 0, 0], [0.5] * 4)) == []                         # once per streak
+    assert warn(history([1] * 6, [0.5, 0.4, 0.3, 0, 0, 0])) == ["the reward has collapsed to 0 for 3 steps, from 0.400 at the start"]
+    assert warn(history([1] * 7, [0.5, 0.4, 0.3, 0, 0, 0, 0])) == []
+    assert warn(history([1] * 6, [0, 0, 0, 0, 0, 0])) == []                     # never positive
+
+
+def test_a_run_with_equal_rewards_warns_of_the_zero_gradient(tiny, tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 1.0)
+    rl.main(tiny_args(tiny, tmp_path, "--steps", 3, "--truncated", "mask"))   # all rewards 1
+    assert [r["grad_norm"] for r in records(tmp_path)] == [0.0, 0.0, 0.0]
+    assert "warning: the gradient norm has been exactly 0 for 3 steps" in capsys.readouterr().out
