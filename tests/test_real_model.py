@@ -170,7 +170,7 @@ def test_an_answer_cut_off_at_max_new_tokens_scores_zero(models, smollm2_dir, tm
 def run_stage(script, *args):
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
     assert result.returncode == 0, f"{script} failed:\n{result.stderr[-3000:]}"
     return result.stdout
 
