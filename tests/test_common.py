@@ -219,13 +219,20 @@ print(json.dumps(results))
 '''
 
 
+def default_sigint():
+    """Child processes of the Ctrl-C tests get SIGINT's default action: a shell that starts the
+    suite in the background (as CI may) leaves SIGINT ignored, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def kill_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("kills")
     script = root / "probe.py"
     script.write_text(KILL_PROBE)
     out = subprocess.run([sys.executable, str(script), str(root)], cwd=REPO, capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+                         text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300,
+                         preexec_fn=default_sigint)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -319,7 +326,7 @@ def stage(tmp_path):
     def start(*args, launcher=(sys.executable,), sleep=0):
         return subprocess.Popen([*launcher, "stage.py", *[str(a) for a in args]], cwd=tmp_path,
                                 env=dict(env, STAGE_SLEEP=str(sleep)), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
     def run(*args, launcher=(sys.executable,)):
         proc = start(*args, launcher=launcher)

@@ -173,10 +173,10 @@ def test_sft_uses_prior_samples_and_changes_the_model(world, tmp_path, monkeypat
                                       "--out", str(tmp_path), "--steps", "3", "--batch-size", "8",
                                       "--micro-batch-size", "4", "--lr", "1e-3"])
     sft_warmup.main()
-    # every draw is from the prior with L = 1: one per micro-batch of 4 (3 steps x 2), plus the
-    # prefix-health check's draws after training
+    # every draw is from the prior with L = 1: the training micro-batches' (4 rows each), then
+    # the prefix-health check's after training
     assert drawn and all(L == 1 and region is None for n, L, region in drawn)
-    assert sum(n == 4 for n, L, region in drawn) >= 6
+    assert any(n == 4 for n, L, region in drawn)
     before = load_file(str(world / "base" / "model.safetensors"))
     after = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
