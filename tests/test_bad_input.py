@@ -174,9 +174,13 @@ def test_every_flag_of_every_stage(world, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     counts = {"flags": 0, "cases": 0, "ran": 0, "refused": 0, "trace": 0, "hang": 0, "pending": 0}
     problems, seconds = [], {}
+    # import every stage before patching anything: a module imported while common.progress is
+    # patched would bind the stand-in for good (`from common import progress`), and monkeypatch's
+    # undo would restore that stand-in, cutting the loops of later tests that run in-process
+    modules = {script: importlib.import_module(script[:-3]) for script in SCRIPTS}
     for script in SCRIPTS:
         started = time.time()
-        module = importlib.import_module(script[:-3])
+        module = modules[script]
         for name in ("progress", "tqdm"):          # cut every step loop to two steps
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, TwoSteps)

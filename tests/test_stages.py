@@ -157,8 +157,6 @@ def test_train_vae_outputs(world):
     assert abs(vae_json["norms"]["prefix"] - vae_json["norms"]["token_embedding"]) < 1e-3
 
 
-@pytest.mark.xfail(strict=False, reason="open bug: run in-process after other tests, sft_warmup.py "
-                   "sometimes logs and trains 2 of 3 steps; under investigation")
 def test_sft_uses_prior_samples_and_changes_the_model(world, tmp_path, monkeypatch):
     import model as model_module
     import sft_warmup
