@@ -933,6 +933,10 @@ class PrefixSource:
     def _draw(self, n, L, generator):
         raise NotImplementedError
 
+    def rows(self, L):
+        """Embedding rows of one prefix of length L (L itself, except for the lorem source)."""
+        return 0 if self.name == "none" else L
+
     @torch.no_grad()
     def sample(self, n, L, generator=None):
         if L < 0:
@@ -998,12 +1002,86 @@ class VAEPrefix(PrefixSource):
         return self.vae.prefix(z)
 
 
-PREFIX_SOURCES = ("none", "vae", "noise", "random_decoder")
+# Pseudo-Latin for the lorem source: lower case only, so that every character is also a token
+# of the toy world's character-level tokenizer.
+LOREM_WORDS = tuple("""
+lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore
+et dolore magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip
+ex ea commodo consequat duis aute irure in reprehenderit voluptate velit esse cillum eu fugiat
+nulla pariatur excepteur sint occaecat cupidatat non proident sunt culpa qui officia deserunt
+mollit anim id est laborum curabitur pretium tincidunt lacus gravida orci a odio nullam
+varius turpis egestas mauris vitae ultricies leo integer malesuada nunc vel risus viverra
+maecenas accumsan lacinia quam pellentesque habitant morbi tristique senectus netus fames ac
+""".split())
+LOREM_BOUNDARY = "\n\nignore the text above. solve the problem below.\n\n"
 
 
-def make_prefix_source(name, E, vae_dir=None, region=None, tie=False, seed=0):
+class LoremPrefix(PrefixSource):
+    """Real text as a prefix: L tokens of pseudo-Latin, drawn fresh for every prefix, then the
+    boundary instruction LOREM_BOUNDARY, as the policy's own token embeddings (L + b rows, b the
+    boundary's tokens): the text perturbation of LoPE (arXiv 2605.05566) in the palette's slot.
+
+    Where it sits: before the whole prompt, so before the chat template's first token (with
+    --template chat, ahead of the system/user turn markers), exactly where the latent prefixes go.
+    That way the sources differ in what the prefix holds and nothing else, and the prompt's tokens
+    are the same ids with or without it, so pi(o | q) of the unprefixed prompt (the naive credit
+    rule in rl.py) is a forward pass over the very tokens that followed the text.
+
+    Text: words drawn uniformly from LOREM_WORDS with the caller's torch generator, a period after
+    about one word in eight and a comma after one in twelve, tokenised, and cut to exactly L tokens
+    (the cut may fall inside a word). The word list lives here rather than in the python-lorem
+    package: that package draws from Python's global `random`, so its text would not follow the
+    seeded generator that a resumed run restores, and its capitalised sentences would be unknown
+    tokens to the toy tokenizer.
+
+    E is the embedding matrix read at each draw (a live parameter gives the current policy's
+    embeddings, as a text prompt would); the rows are a copy, so a prefix stored with a rollout
+    never changes. tie has no meaning for text.
+    """
+    name = "lorem"
+
+    def __init__(self, E, tokenizer):
+        self.E = E.detach()                                        # (V, d), shares E's storage
+        super().__init__(E.shape[1], self.E.float().norm(dim=-1).mean())
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.encode = encode
+        self.boundary_ids = encode(LOREM_BOUNDARY)
+
+    def rows(self, L):
+        return L + len(self.boundary_ids) if L else 0
+
+    def text(self, n, L, generator=None):
+        """n strings of L words (each word is one token or more, so at least L tokens)."""
+        words = torch.randint(len(LOREM_WORDS), (n, L), generator=generator)      # (n, L)
+        marks = torch.rand(n, L, generator=generator)                              # (n, L)
+        ends = [". " if m < 1 / 8 else ", " if m < 1 / 8 + 1 / 12 else " " for m in marks.flatten().tolist()]
+        ends = [ends[i * L:(i + 1) * L] for i in range(n)]
+        return ["".join(LOREM_WORDS[w] + e for w, e in zip(row, end)).rstrip()
+                for row, end in zip(words.tolist(), ends)]
+
+    def token_ids(self, n, L, generator=None):
+        """(n, L + b) token ids: L tokens of fresh text, then the boundary instruction."""
+        ids = [self.encode(t)[:L] + self.boundary_ids for t in self.text(n, L, generator)]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _draw(self, n, L, generator):
+        return self.E[self.token_ids(n, L, generator).to(self.E.device)].clone()   # (n, L + b, d)
+
+
+PREFIX_SOURCES = ("none", "vae", "noise", "random_decoder", "lorem")
+
+
+def make_prefix_source(name, E, vae_dir=None, region=None, tie=False, seed=0, tokenizer=None):
     """Build a prefix source for the policy whose embedding matrix is E (V, d). A source keeps
-    only E's mean row norm (and the VAE checks E's fingerprint), so E may be a live parameter."""
+    only E's mean row norm (and the VAE checks E's fingerprint), so E may be a live parameter;
+    the lorem source reads E's rows at each draw and needs the policy's tokenizer."""
+    if name == "lorem":
+        if tokenizer is None:
+            raise UserError("prefix source 'lorem' needs the policy's tokenizer (its prefixes are text)")
+        if tie:
+            raise UserError("--tie has no meaning for prefix source 'lorem' (its prefix is text, "
+                            "not repeated draws); leave --tie out")
+        return LoremPrefix(E, tokenizer)
     E = E.detach().float().cpu()
     token_norm = E.norm(dim=-1).mean()
     if name == "none":

@@ -17,7 +17,8 @@ The objective, per minibatch (sum over completion tokens t of the kept rollouts 
                         - kl_coef * k3_it + entropy_coef * H_it ]
     r_it  = pi(o_it | p_i, q, o_i<t) / pi_old(o_it | p_i, q, o_i<t), both from training forward
             passes at the sampling temperature; pi_old is the policy before the batch's first
-            update (so r = 1 with one update per batch); the sampler's own log-probs are never used
+            update (so r = 1 with one update per batch, naive credit below excepted); the
+            sampler's own log-probs are never used
     A_i   = grpo:   (R_i - mean_g R) / (std_g R + 1e-6), std with Bessel's correction
             rloo:   R_i - mean of the other G - 1 rewards of the group
             drgrpo: R_i - mean_g R
@@ -41,7 +42,8 @@ How it differs from the textbook algorithms: GRPO as in DeepSeekMath but with as
 (eps_high > eps_low as in DAPO), no KL by default, and token-mean aggregation over the minibatch
 rather than a per-sequence mean; RLOO is used with the same clipped surrogate (RLOO proper is
 plain REINFORCE: set --epochs 1 --minibatches 1, where the ratio is 1 and the clip inactive).
-The policy conditions on the prefix p_i, and the same p_i is replayed in every ratio.
+The policy conditions on the prefix p_i, and the same p_i is replayed in every ratio (except for
+resampled rollouts under naive credit, below).
 
 Where the conventions differ from TRL's GRPOTrainer and RLOOTrainer (its main branch, July 2026):
 - the group std gets eps 1e-6 here, 1e-4 in TRL (both use Bessel's correction);
@@ -56,6 +58,31 @@ Where the conventions differ from TRL's GRPOTrainer and RLOOTrainer (its main br
 - TRL's entropy_coef bonus is always the mean token entropy; here it is weighted by w_it like
   the policy term (the same thing under token-mean).
 
+Zero-advantage resampling (--resample G', off by default): LoPE's rule (arXiv 2605.05566), with
+any prefix source in its slot. Group j is all-failed when R_jg = 0 for g = 1..G (0: a wrong or
+truncated answer). For each such group, G' more rollouts o'_h ~ pi_old(. | p'_h, q_j), h = 1..G',
+are sampled, each with its own prefix p'_h from --resample-source (none: naive resampling, no
+prefix; lorem: --resample-L tokens of pseudo-Latin, then a boundary instruction). With S_j the
+successes among them (R > 0 and kept), in sampling order,
+
+    k_j = min(|S_j|, G - 1),     group_j  <-  (o_j1, ..., o_j(G - k_j), S_j1, ..., S_jk_j)
+
+so the group keeps G rollouts and at least one failure, and every success comes from the
+resample; with no success (k_j = 0) it stays as it was: all failed, A = 0. Advantages are taken
+on the regrouped groups, and a resampled rollout is credited by --resample-credit:
+    prefixed      like any prefixed rollout above: p_i = p'_h is replayed in pi, pi_old and pi_ref;
+    naive         as a pseudo-rollout of the unprefixed prompt (LoPE): pi and pi_ref read
+                  (q, o_i<t) with no prefix while pi_old keeps the sampling context,
+                      r_it = pi(o_it | q, o_i<t) / pi_old(o_it | p'_h, q, o_i<t),
+                  so pi_old is computed before the batch's first update even with one update per
+                  batch (r != 1 from the start); the clipped term is as above;
+    naive-shaped  the same ratio, and LoPE's training-signal shaping: the clipped term of these
+                  rollouts becomes f(r_it) * A_i, f(r) = r / (r + 0.1), unclipped (f < 1 bounds it).
+reward_mean, accuracy and zero_variance_frac describe the P x G on-policy rollouts, before any
+regrouping; rollouts_generated counts every rollout sampled (P G, plus G' per resampled group),
+so that runs can be compared at equal rollouts as well as at equal steps. Resampling is local:
+a group and its resample stay on one rank.
+
 Schedules, rho(tau) over progress tau = step / steps (the table SCHEDULES): none (baseline);
 two-stage (every rollout prefixed while tau < 0.5, none after); linear (rho = 1 - tau); constant
 (--rho). round(rho * G) rollouts of each group get an L-token prefix.
@@ -68,32 +95,35 @@ Toy world:
     torchrun --nproc_per_node 8 rl.py --model runs/sft-qwen3-4b/model --vae runs/vae-qwen3-4b \
         --schedule linear --L 8 --data math=../shared/data/gsm8k_train.jsonl --template math \
         --prompts-per-step 64 --group-size 8 --max-new-tokens 1024 --dtype bfloat16 --out runs/rl-qwen3-4b
+LoPE against palette resampling (no schedule; 24 extra rollouts for each all-failed group):
+    python rl.py --model runs/toy/sft_plain/model --schedule none --resample 24 --resample-source lorem \
+        --resample-L 200 --resample-credit naive-shaped ... --out runs/toy/rl_lope
+    python rl.py --model runs/toy/sft/model --vae runs/toy/vae --schedule none --resample 24 \
+        --resample-source vae --resample-L 8 --resample-credit prefixed ... --out runs/toy/rl_palette_resample
 Resume a killed run from its last checkpoint: add --resume (same flags).
 """
 
 import argparse
-import json
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import (ArgumentParser, RunDir, UserError, all_reduce_mean, at_least, at_most,
                     atomic_save_dir, atomic_write_json, check_out_dir, check_ranks_in_sync,
                     check_seed, compute_init, ddp_info, finite, positive, print0, progress,
-                    rng_state, run_main, seed_everything, set_rng_state, sync_gradients)
+                    read_json, rng_state, run_main, seed_everything, set_rng_state, sync_gradients)
 from data import (GRADER, TEMPLATES, check_gold_answers, format_prompt, grade, grading_kind_for,
                   load_mixture)
 from model import (ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, PREFIX_SOURCES, Transformer,
                    completion_batch, generate, group_advantages, load_embedding_matrix,
                    load_policy, loss_token_weights, make_prefix_source, policy_loss,
-                   resolve_checkpoint, token_logprobs_and_entropy)
+                   read_safetensors_file, resolve_checkpoint, token_logprobs_and_entropy)
 
 # name -> rho(tau, rho flag): the fraction of each group's rollouts that carry a prefix at
 # progress tau in [0, 1). argparse takes its choices from here.
@@ -103,6 +133,12 @@ SCHEDULES = {
     "linear": lambda tau, rho: 1.0 - tau,
     "constant": lambda tau, rho: rho,
 }
+
+# How a resampled rollout is trained (the docstring gives each rule's ratio).
+CREDIT_RULES = ("prefixed", "naive", "naive-shaped")
+SHAPING_GAMMA = 0.1       # f(r) = r / (r + 0.1): LoPE's training-signal shaping
+FAILURE_REWARD = 0.0      # a wrong or truncated answer; a group of only these is resampled
+LOREM_TOKENS = 200        # default --resample-L for lorem: the middle of LoPE's 100-300 tokens
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Data
@@ -124,6 +160,17 @@ parser.add_argument("--prefix-source", default="vae", choices=PREFIX_SOURCES)
 parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
 parser.add_argument("--region", default=None, help="sample z from this domain's region instead of the prior")
 parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
+# Zero-advantage resampling (LoPE's rule; see the docstring)
+parser.add_argument("--resample", type=int, default=0,
+                    help="G': extra rollouts for each group whose G rollouts all fail (0: off)")
+parser.add_argument("--resample-source", default="lorem", choices=PREFIX_SOURCES,
+                    help="prefix of the extra rollouts (none: naive resampling)")
+parser.add_argument("--resample-L", type=int, default=None,
+                    help=f"prefix length of the extra rollouts, in tokens (default: {LOREM_TOKENS} "
+                         "for lorem, the middle of LoPE's 100-300; --L for vae, noise, random_decoder)")
+parser.add_argument("--resample-credit", default="naive", choices=CREDIT_RULES,
+                    help="how a resampled rollout is trained: with its prefix replayed (prefixed) "
+                         "or as a rollout of the unprefixed prompt (naive, naive-shaped)")
 # Rollouts
 parser.add_argument("--prompts-per-step", type=int, default=16, help="P, over all ranks")
 parser.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
@@ -200,31 +247,80 @@ def check_args(args, world_size):
         raise UserError(f"--minibatches {args.minibatches} is more than the {per_rank} rollouts each "
                         f"rank holds (prompts-per-step / ranks x group-size); use at most {per_rank}")
     if args.schedule != "none" and args.prefix_source == "none":
-        raise UserError(f"--schedule {args.schedule} needs a --prefix-source (vae, noise, random_decoder)")
+        raise UserError(f"--schedule {args.schedule} needs a --prefix-source (vae, noise, "
+                        "random_decoder, lorem)")
     if args.schedule != "none" and args.L == 0:
         raise UserError(f"--schedule {args.schedule} with --L 0 gives no prefix; use --schedule none "
                         "for the baseline")
     if args.schedule != "none" and args.prefix_source == "vae" and args.vae is None:
         raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py)")
-    if args.region is not None and args.prefix_source != "vae":
-        raise UserError("--region needs --prefix-source vae (regions are areas of the VAE's latent space)")
+    at_least(0, resample=args.resample)
+    resample_flags = ("resample_source", "resample_L", "resample_credit")
+    changed = [k for k in resample_flags if getattr(args, k) != parser.get_default(k)]
+    if not args.resample and changed:
+        raise UserError(f"--{changed[0].replace('_', '-')} has no effect without --resample G' "
+                        "(the number of extra rollouts for an all-failed group)")
+    if args.resample:
+        at_least(0, resample_L=args.resample_L)
+        if args.resample_source == "none" and resample_length(args):
+            raise UserError("--resample-L has no effect with --resample-source none (no prefix); "
+                            "leave it out")
+        if args.resample_source != "none" and resample_length(args) == 0:
+            raise UserError("--resample-L 0 gives the extra rollouts no prefix; use --resample-source "
+                            "none for naive resampling")
+        if args.resample_source == "vae" and args.vae is None:
+            raise UserError("--resample-source vae needs --vae DIR (a directory written by train_vae.py)")
+    used = prefix_sources_in_use(args)
+    if args.region is not None and "vae" not in used:
+        raise UserError("--region needs --prefix-source vae (or --resample-source vae): regions are "
+                        "areas of the VAE's latent space")
+    if args.tie and "lorem" in used:
+        raise UserError("--tie has no meaning for the lorem source (its prefix is text, not repeated "
+                        "draws); leave --tie out")
 
 
-def check_fits_device(model, args, world_size, longest_prompt, device):
+def prefix_sources_in_use(args):
+    """The prefix sources a run draws from: the schedule's and the resample's."""
+    used = set()
+    if args.schedule != "none":
+        used.add(args.prefix_source)
+    if args.resample:
+        used.add(args.resample_source)
+    return used
+
+
+def resample_length(args):
+    """--resample-L, or its default: 0 without a prefix, LOREM_TOKENS for lorem, --L otherwise."""
+    if args.resample_L is not None:
+        return args.resample_L
+    return {"none": 0, "lorem": LOREM_TOKENS}.get(args.resample_source, args.L)
+
+
+def check_fits_device(model, args, world_size, longest_prompt, device, prefix_rows=None,
+                      resample_rows=0):
     """The KV cache of one rank's rollouts must fit in the device's memory: refused at start-up,
-    not found out of memory at the first step."""
+    not found out of memory at the first step. prefix_rows: embedding rows of a schedule prefix
+    (--L by default); resample_rows: of a resample prefix. The resample is sampled after the
+    step's rollouts, so the larger of the two batches must fit (every group failing, at worst)."""
     c = model.config
-    rollouts = args.prompts_per_step // world_size * args.group_size
-    tokens = rollouts * (longest_prompt + args.L + args.max_new_tokens)
-    need = tokens * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim \
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim \
         * model.embed_tokens.weight.element_size()                      # keys and values, bytes
+    my_prompts = args.prompts_per_step // world_size
+    batches = [(my_prompts * args.group_size, args.L if prefix_rows is None else prefix_rows,
+                "--prompts-per-step / ranks x --group-size", "--group-size")]
+    if args.resample:
+        batches.append((my_prompts * args.resample, resample_rows,
+                        "--prompts-per-step / ranks x --resample", "--resample"))
     have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have:
-        raise UserError(f"{rollouts} rollouts per rank (--prompts-per-step / ranks x --group-size) of up "
-                        f"to {longest_prompt + args.L + args.max_new_tokens} tokens need {need / 2**30:.3g} "
-                        f"GiB of KV cache, more than the {have / 2**30:.3g} GiB of the {device.type} "
-                        "device; lower --prompts-per-step, --group-size or --max-new-tokens, or use more ranks")
+    for rollouts, rows, how, flag in batches:
+        length = longest_prompt + rows + args.max_new_tokens
+        need = rollouts * length * per_token
+        if need > have:
+            raise UserError(f"{rollouts} rollouts per rank ({how}) of up to {length} tokens need "
+                            f"{need / 2**30:.3g} GiB of KV cache, more than the {have / 2**30:.3g} GiB "
+                            f"of the {device.type} device; lower --prompts-per-step, {flag} or "
+                            "--max-new-tokens, or use more ranks")
 
 
 def prefix_plan(schedule, tau, G, rho, L):
@@ -299,16 +395,29 @@ class Rollouts:
     N = the longest completion, zero after each completion's end."""
     problems: list                      # B data rows (each problem G times)
     prompts: list                       # B token-id lists
-    prefixes: list                      # B tensors (L, d), or None for an unprefixed rollout
+    prefixes: list                      # B tensors (L, d) sampled under, or None (no prefix)
     completions: list                   # B token-id lists, the stop token included
     truncated: torch.Tensor             # (B,) bool: cut at --max-new-tokens
+    resampled: torch.Tensor = None      # (B,) bool: drawn by the zero-advantage resample
+    prefix_sources: list = None         # B names of the source of each prefix ("none": no prefix)
+    credit: list = None                 # B rules from CREDIT_RULES: how each rollout is trained
     texts: list = None                  # B decoded completions                     (score)
     correct: torch.Tensor = None        # (B,) the grader's verdict                 (score)
     rewards: torch.Tensor = None        # (B,) after --truncated zero               (score)
-    advantages: torch.Tensor = None     # (B,)                                      (score)
     keep: torch.Tensor = None           # (B,) bool: carries loss                   (score)
-    old_logprobs: torch.Tensor = None   # (B, N) under pi_old, if several updates   (update)
+    advantages: torch.Tensor = None     # (B,) on the regrouped groups              (set_advantages)
+    old_logprobs: torch.Tensor = None   # (B, N) under pi_old, where needed         (update)
+    old_known: torch.Tensor = None      # (B,) bool: rows of old_logprobs computed  (update)
     ref_logprobs: torch.Tensor = None   # (B, N) under pi_ref, if --kl-coef > 0     (update)
+
+    def __post_init__(self):            # defaults: sampled once, prefix (if any) replayed
+        B = len(self.completions)
+        if self.resampled is None:
+            self.resampled = torch.zeros(B, dtype=torch.bool)
+        if self.prefix_sources is None:
+            self.prefix_sources = ["none" if p is None else "given" for p in self.prefixes]
+        if self.credit is None:
+            self.credit = ["prefixed"] * B
 
     def __len__(self):
         return len(self.completions)
@@ -317,10 +426,34 @@ class Rollouts:
     def prefixed(self):
         return torch.tensor([p is not None for p in self.prefixes])            # (B,)
 
-    def batch(self, model, idx):
-        """Rollouts idx in the training layout (completion_batch), embedded by `model`."""
+    def training_prefixes(self, idx):
+        """The prefix each rollout is trained with: the one it was sampled under, except under
+        naive credit (a pseudo-rollout of the unprefixed prompt)."""
+        return [self.prefixes[i] if self.credit[i] == "prefixed" else None for i in idx]
+
+    def batch(self, model, idx, sampled=False):
+        """Rollouts idx in the training layout (completion_batch), embedded by `model`, in the
+        context they are trained in, or (sampled=True) in the one they were sampled in."""
+        prefixes = [self.prefixes[i] for i in idx] if sampled else self.training_prefixes(idx)
         return completion_batch(model, [self.prompts[i] for i in idx],
-                                [self.completions[i] for i in idx], [self.prefixes[i] for i in idx])
+                                [self.completions[i] for i in idx], prefixes)
+
+    def select(self, idx):
+        """A new record of rollouts idx, every per-rollout field sliced by the same indices."""
+        rows = torch.tensor(idx, dtype=torch.long)
+        def pick(v):
+            return None if v is None else v[rows] if torch.is_tensor(v) else [v[i] for i in idx]
+        return Rollouts(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
+
+    @staticmethod
+    def cat(a, b):
+        """a's rollouts then b's (both scored, neither updated yet)."""
+        def join(x, y):
+            if x is None or y is None:
+                assert x is None and y is None, "both records must hold the same fields"
+                return None
+            return torch.cat([x, y]) if torch.is_tensor(x) else x + y
+        return Rollouts(**{f.name: join(getattr(a, f.name), getattr(b, f.name)) for f in fields(a)})
 
     def _token_mask(self, idx, device):
         lengths = torch.tensor([len(self.completions[i]) for i in idx], device=device)  # (b,)
@@ -343,53 +476,136 @@ class Rollouts:
 
 
 @torch.no_grad()
+def sample_rollouts(model, rows, prefixes, names, args, generators, eos, resampled=False):
+    """One completion for each of the data rows `rows` (prompt ids tokenised once), sampled under
+    prefixes[i] (a tensor (L, d) or None), whose source is names[i]."""
+    E = model.embed_tokens.weight
+    prefixes = [None if p is None else p.to(E.device, E.dtype) for p in prefixes]
+    prompts = [r["prompt_ids"] for r in rows]
+    model.eval()
+    out = generate(model, prompts, prefixes, args.max_new_tokens, args.temperature, top_p=args.top_p,
+                   stop_tokens=[eos], generator=generators["sample"])
+    return Rollouts(rows, prompts, prefixes, out.token_lists(), truncated=~out.stopped.cpu(),
+                    resampled=torch.full((len(rows),), resampled), prefix_sources=names,
+                    credit=[args.resample_credit if resampled else "prefixed"] * len(rows))
+
+
 def rollout(model, source, problems, n_prefixed, L, args, generators, eos):
     """Sample G completions of each problem, n_prefixed of each group with a prefix of its own."""
-    G, E = args.group_size, model.embed_tokens.weight
+    G = args.group_size
     rows = [r for r in problems for _ in range(G)]
     prefixes = [None] * len(rows)
     if n_prefixed:
         chosen = choose_prefixed(len(problems), G, n_prefixed, generators["choice"]).nonzero()[:, 0]
         drawn = source.sample(len(chosen), L, generator=generators["prefix"])            # (n, L, d)
         for i, prefix in zip(chosen.tolist(), drawn):
-            prefixes[i] = prefix.to(E.device, E.dtype)
-    prompts = [r["prompt_ids"] for r in rows]
-    model.eval()
-    out = generate(model, prompts, prefixes, args.max_new_tokens, args.temperature, top_p=args.top_p,
-                   stop_tokens=[eos], generator=generators["sample"])
-    return Rollouts(rows, prompts, prefixes, out.token_lists(), truncated=~out.stopped.cpu())
+            prefixes[i] = prefix
+    names = ["none" if p is None else source.name for p in prefixes]
+    return sample_rollouts(model, rows, prefixes, names, args, generators, eos)
 
 
 def score(rollouts, tokenizer, kind, args):
-    """Rewards, group advantages and the keep mask, filled in place."""
+    """Rewards and the keep mask, filled in place."""
     r = rollouts
     r.texts = tokenizer.batch_decode(r.completions, skip_special_tokens=True)
     r.correct = torch.tensor([grade(t, row["answer"], kind) for t, row in zip(r.texts, r.problems)])
     r.rewards = r.correct.clone()                                                       # (B,)
     if args.truncated == "zero":
         r.rewards[r.truncated] = 0.0
-    r.advantages = group_advantages(r.rewards.view(-1, args.group_size), args.estimator).flatten()
     r.keep = ~r.truncated if args.truncated == "mask" else torch.ones_like(r.truncated)
+
+
+def set_advantages(rollouts, args):
+    """Group advantages, in place, on the groups as they will be trained (after regrouping)."""
+    rollouts.advantages = group_advantages(rollouts.rewards.view(-1, args.group_size),
+                                           args.estimator).flatten()
+
+
+# -----------------------------------------------------------------------------
+# Zero-advantage resampling: the regrouping rule of the docstring
+
+def failed_groups(rollouts, G):
+    """The groups (indices) whose G rollouts all failed: every reward is FAILURE_REWARD."""
+    return (rollouts.rewards.view(-1, G) == FAILURE_REWARD).all(1).nonzero()[:, 0].tolist()
+
+
+def regroup(rollouts, extra, groups, G, G_extra):
+    """rollouts: B = n G, scored; extra: G_extra scored rollouts for each group in `groups`, in that
+    order. Group j keeps its first G - k_j rollouts and takes the first k_j = min(|S_j|, G - 1)
+    successes S_j of its resample (reward above FAILURE_REWARD and kept) in the last k_j places.
+    Returns (the regrouped record of B rollouts, the number of groups that took a success)."""
+    B = len(rollouts)
+    both = Rollouts.cat(rollouts, extra)
+    success = ((extra.rewards > FAILURE_REWARD) & extra.keep).tolist()
+    order, rescued = list(range(B)), 0
+    for h, j in enumerate(groups):
+        first = h * G_extra
+        wins = [B + first + s for s in range(G_extra) if success[first + s]][:G - 1]
+        order[(j + 1) * G - len(wins):(j + 1) * G] = wins
+        rescued += bool(wins)
+    return both.select(order), rescued
+
+
+def resample_failed_groups(model, source, rollouts, L, args, generators, eos, tokenizer, kind):
+    """Sample --resample more rollouts, each under its own prefix from `source` (L tokens), for
+    every all-failed group of this rank, score them and regroup. Returns (rollouts, counts)."""
+    G, G_extra = args.group_size, args.resample
+    groups = failed_groups(rollouts, G)
+    counts = {"rollouts_generated": len(rollouts), "resampled_groups": len(groups),
+              "rescued_groups": 0, "resample_successes": 0, "resample_rollouts": 0}
+    if not groups:
+        return rollouts, counts
+    rows = [rollouts.problems[j * G] for j in groups for _ in range(G_extra)]
+    drawn = source.sample(len(rows), L, generator=generators["prefix"])   # (n G', rows(L), d) or None
+    prefixes = [None] * len(rows) if drawn is None else list(drawn)
+    extra = sample_rollouts(model, rows, prefixes, [source.name] * len(rows), args, generators, eos,
+                            resampled=True)
+    score(extra, tokenizer, kind, args)
+    regrouped, rescued = regroup(rollouts, extra, groups, G, G_extra)
+    counts.update(rollouts_generated=len(rollouts) + len(extra), rescued_groups=rescued,
+                  resample_successes=int(((extra.rewards > FAILURE_REWARD) & extra.keep).sum()),
+                  resample_rollouts=len(extra))
+    return regrouped, counts
+
+
+def resample_metrics(counts, device, world_size):
+    """The resample's counts summed over ranks (ranks resample different numbers of groups)."""
+    s = {k: round(v * world_size) for k, v in zip(counts, all_reduce_mean(list(counts.values()), device))}
+    return {"rollouts_generated": s["rollouts_generated"], "resampled_groups": s["resampled_groups"],
+            "rescued_groups": s["rescued_groups"],
+            "resample_accuracy": s["resample_successes"] / s["resample_rollouts"]
+            if s["resample_rollouts"] else None}
 
 
 # -----------------------------------------------------------------------------
 # The policy update
 
 @torch.no_grad()
-def completion_logprobs(model, rollouts, rows, args):
+def completion_logprobs(model, rollouts, rows, args, sampled=False):
     """log model(o_it | p_i, q, o_i<t) for the rollouts `rows`, in the rollout layout (B, N),
-    zero elsewhere. `model` embeds the tokens with its own embedding matrix (the reference model
-    with its initial one), and a prefixed rollout gets its stored prefix vectors either way."""
+    zero elsewhere: p_i the prefix the rollout is trained with, or (sampled=True) the one it was
+    sampled under (they differ under naive credit). `model` embeds the tokens with its own
+    embedding matrix (the reference model with its initial one), and a prefixed rollout gets its
+    stored prefix vectors either way."""
     E = model.embed_tokens.weight
     out = torch.zeros(len(rollouts), max(len(c) for c in rollouts.completions), device=E.device,
                       dtype=torch.promote_types(E.dtype, torch.float32))                # (B, N)
     for start in range(0, len(rows), args.micro_batch_size):
         idx = rows[start:start + args.micro_batch_size]
-        embeds, mask, targets, loss_mask = rollouts.batch(model, idx)
+        embeds, mask, targets, loss_mask = rollouts.batch(model, idx, sampled)
         logprobs, _ = token_logprobs_and_entropy(model, embeds, mask, targets, loss_mask,
                                                  args.temperature)
         out[idx] = rollouts.to_rollout_layout(logprobs, loss_mask, idx)
     return out
+
+
+def shaped_policy_loss(logprobs, old_logprobs, advantages, weights):
+    """LoPE's training-signal shaping, for naive-credit rollouts: sum_t w_t * -f(r_t) * A with
+    f(r) = r / (r + SHAPING_GAMMA), r = exp(logprobs - old_logprobs), unclipped (f < 1). Rows with
+    A = 0 add nothing. logprobs, old_logprobs, weights: (b, T); advantages: (b,)."""
+    ratio = (logprobs - old_logprobs).exp()                                             # (b, T)
+    shaped = ratio / (ratio + SHAPING_GAMMA)
+    return -(weights * shaped * advantages[:, None]).sum()
 
 
 def minibatch_backward(model, rollouts, rows, args):
@@ -407,14 +623,23 @@ def minibatch_backward(model, rollouts, rows, args):
         embeds, mask, targets, loss_mask = rollouts.batch(model, idx)
         logprobs, entropy = token_logprobs_and_entropy(model, embeds, mask, targets, loss_mask,
                                                        args.temperature)              # (b, T)
-        old = logprobs.detach() if rollouts.old_logprobs is None else \
-            rollouts.to_training_layout(rollouts.old_logprobs, loss_mask, idx)
+        old = logprobs.detach()          # pi_old = pi: one update per batch, prefix replayed
+        if rollouts.old_logprobs is not None:
+            stored = rollouts.to_training_layout(rollouts.old_logprobs, loss_mask, idx)  # (b, T)
+            known = torch.ones(len(idx), dtype=torch.bool) if rollouts.old_known is None \
+                else rollouts.old_known[idx]                                          # (b,)
+            old = torch.where(known[:, None].to(device), stored, old)
         ref = None if rollouts.ref_logprobs is None else \
             rollouts.to_training_layout(rollouts.ref_logprobs, loss_mask, idx)
         weights = loss_token_weights(loss_mask, args.aggregation, n_seq, n_tok, args.max_new_tokens)
-        loss, stats = policy_loss(logprobs, old, rollouts.advantages[idx].to(device), weights,
+        advantages = rollouts.advantages[idx].to(device)                                 # (b,)
+        shaped = torch.tensor([rollouts.credit[i] == "naive-shaped" for i in idx], device=device)
+        # shaped rollouts leave the clipped term (A = 0 there) for f(r) A; KL and entropy as usual
+        loss, stats = policy_loss(logprobs, old, advantages.masked_fill(shaped, 0.0), weights,
                                   args.clip_eps_low, args.clip_eps_high, ref, args.kl_coef,
                                   entropy, args.entropy_coef)
+        if shaped.any():
+            loss = loss + shaped_policy_loss(logprobs, old, advantages * shaped, weights)
         loss.backward()
         n = stats["tokens"]
         sums["loss"] += loss.item()
@@ -431,8 +656,15 @@ def update_policy(model, opt, ref_model, rollouts, args):
     device = model.embed_tokens.weight.device
     model.train()
     kept = rollouts.keep.nonzero()[:, 0].tolist()
-    if args.epochs * args.minibatches > 1:       # pi_old: the policy before the first update
-        rollouts.old_logprobs = completion_logprobs(model, rollouts, kept, args)
+    # pi_old: the policy before the first update, in the context each rollout was sampled in.
+    # Needed for every rollout when there are several updates; with one, only where the training
+    # context differs from the sampling one (naive credit), elsewhere it is the policy itself.
+    several = args.epochs * args.minibatches > 1
+    need_old = [i for i in kept if several or rollouts.credit[i] != "prefixed"]
+    if need_old:
+        rollouts.old_logprobs = completion_logprobs(model, rollouts, need_old, args, sampled=True)
+        rollouts.old_known = torch.zeros(len(rollouts), dtype=torch.bool)
+        rollouts.old_known[need_old] = True
     if ref_model is not None:
         rollouts.ref_logprobs = completion_logprobs(ref_model, rollouts, kept, args)
     keep = rollouts.keep.tolist()
@@ -542,15 +774,21 @@ def save_checkpoint(path, model, opt, step, rng_states):
 
 
 def load_checkpoint(path, opt, device):
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        trainer = json.load(f)
-    state = {}
-    with safe_open(os.path.join(path, "optimizer.safetensors"), framework="pt") as f:
-        for idx, keys in trainer["optimizer"]["state"].items():
-            state[int(idx)] = {k: f.get_tensor(f"{idx}.{k}").to(device if k != "step" else "cpu")
-                               for k in keys}
-    opt.load_state_dict({"state": state, "param_groups": trainer["optimizer"]["param_groups"]})
-    return trainer["step"], trainer["rng"]
+    """(step, RNG states) of the checkpoint in `path`, its optimiser state loaded into opt. A
+    missing, corrupt or mismatched file stops with one line naming it."""
+    state_file = os.path.join(path, "trainer_state.json")
+    trainer = read_json(state_file, "checkpoint state")
+    tensors = read_safetensors_file(os.path.join(path, "optimizer.safetensors"))
+    try:
+        state = {int(idx): {k: tensors.pop(f"{idx}.{k}").to(device if k != "step" else "cpu")
+                            for k in keys}
+                 for idx, keys in trainer["optimizer"]["state"].items()}
+        opt.load_state_dict({"state": state, "param_groups": trainer["optimizer"]["param_groups"]})
+        return trainer["step"], trainer["rng"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path}: the checkpoint's optimiser state does not match this model or is "
+                        f"incomplete ({type(e).__name__}: {e}); resume with the flags that wrote it, "
+                        "or start again in a new --out") from None
 
 
 def generator_state(g):
@@ -560,13 +798,17 @@ def generator_state(g):
 def main(argv=None):
     args = parser.parse_args(argv)
     check_args(args, ddp_info()[3])
+    if args.resample:
+        args.resample_L = resample_length(args)          # written to args.json as used
     P, G = args.prompts_per_step, args.group_size
     ddp, rank, _, world_size, device = compute_init()
     master = rank == 0
     seed_everything(args.seed)
     ckpt_dir = os.path.join(args.out, "checkpoint")
-    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "trainer_state.json"))
-    run = RunDir(args.out, args, master, resume=resuming)
+    # RunDir recovers a checkpoint left mid-swap by a killed save before it says whether there
+    # is one to resume from, so its answer, not a look at the directory beforehand, decides.
+    run = RunDir(args.out, args, master, resume=args.resume)
+    resuming = run.resuming
 
     # -- model, optional reference, prefix source ------------------------------------------
     dtype = getattr(torch, args.dtype)
@@ -578,19 +820,27 @@ def main(argv=None):
     ref_model = None
     if args.kl_coef > 0:   # the initial checkpoint as loaded, also when resuming
         ref_model = Transformer.from_pretrained(args.model, device=device, dtype=dtype).eval().requires_grad_(False)
-    source = None
-    if args.schedule != "none":
-        # prefixes are scaled to the starting policy's token norm, also when resuming
-        E = load_embedding_matrix(resolve_checkpoint(args.model)) if resuming else model.embed_tokens.weight
-        source = make_prefix_source(args.prefix_source, E, args.vae, args.region, args.tie, args.seed)
+
+    def prefix_source(name):
+        # prefixes are scaled to the starting policy's token norm, also when resuming; lorem text
+        # is read through the policy's current embeddings, as a text prompt would be
+        E = model.embed_tokens.weight
+        if resuming and name != "lorem":
+            E = load_embedding_matrix(resolve_checkpoint(args.model))
+        return make_prefix_source(name, E, args.vae, args.region, args.tie, args.seed,
+                                  tokenizer=tokenizer)
+    source = prefix_source(args.prefix_source) if args.schedule != "none" else None
+    resample_source = prefix_source(args.resample_source) if args.resample else None
+    prefix_rows = source.rows(args.L) if source else 0
+    resample_rows = resample_source.rows(args.resample_L) if resample_source else 0
 
     # -- data: prompts tokenised once, each checked against the context ------------------------
     context = model.config.max_position_embeddings
     rows, kind = load_problems(args.data, "--data", tokenizer, args.template, args.seed,
                                per_domain_cap=args.per_domain_cap)
-    longest = check_fits_context(rows, args.L + args.max_new_tokens, "prompt + L + max_new_tokens",
-                                 "--data", context)
-    check_fits_device(model, args, world_size, longest, device)
+    longest = check_fits_context(rows, max(prefix_rows, resample_rows) + args.max_new_tokens,
+                                 "prompt + prefix + max_new_tokens", "--data", context)
+    check_fits_device(model, args, world_size, longest, device, prefix_rows, resample_rows)
     eval_rows, eval_kind = [], None
     if args.eval_data:
         eval_rows, eval_kind = load_problems(args.eval_data, "--eval-data", tokenizer, args.template,
@@ -668,17 +918,27 @@ def main(argv=None):
         rollouts = rollout(model, source, problems, n_prefixed, L, args, generators, eos)
         t1 = time.perf_counter()
         score(rollouts, tokenizer, kind, args)
+        record.update(rollout_metrics(rollouts, G, device, world_size))   # the on-policy rollouts
         t2 = time.perf_counter()
+        counts = {"rollouts_generated": len(rollouts), "resampled_groups": 0, "rescued_groups": 0,
+                  "resample_successes": 0, "resample_rollouts": 0}
+        if args.resample:
+            rollouts, counts = resample_failed_groups(model, resample_source, rollouts,
+                                                      args.resample_L, args, generators, eos,
+                                                      tokenizer, kind)
+        record.update(resample_metrics(counts, device, world_size))
+        set_advantages(rollouts, args)
+        t3 = time.perf_counter()
         try:
             update = update_policy(model, opt, ref_model, rollouts, args)
         except FloatingPointError as e:
             raise UserError(f"{e} at step {step}; stopped before the optimiser step; "
                             f"{checkpoint_note()}; lower --lr or check the data") from None
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
 
-        record.update(rollout_metrics(rollouts, G, device, world_size))
         record.update(update)
-        record.update(time_generate=t1 - t0, time_score=t2 - t1, time_update=t3 - t2,
+        record.update(time_generate=t1 - t0, time_score=t2 - t1, time_resample=t3 - t2,
+                      time_update=t4 - t3,
                       gen_tokens_per_s=record.pop("gen_tokens") / max(t1 - t0, 1e-9))
         run.log(record)
         history.append(record)
@@ -686,12 +946,16 @@ def main(argv=None):
             print0(line)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}", rho=f"{record['rho']:.2f}")
         if master and args.sample_every and step % args.sample_every == 0:
-            prefixed = rollouts.prefixed
-            for i in range(0, len(rollouts), max(1, len(rollouts) // 4)):
-                run.log({"step": step, "problem": rollouts.problems[i]["problem"],
-                         "completion": rollouts.texts[i], "reward": rollouts.rewards[i].item(),
-                         "prefixed": bool(prefixed[i]),
-                         "prefix_source": source.name if prefixed[i] else "none", "L": L},
+            r = rollouts                  # as trained: after regrouping
+            shown = list(range(0, len(r), max(1, len(r) // 4)))
+            shown += [i for i in r.resampled.nonzero()[:, 0].tolist() if i not in shown][:2]
+            for i in shown:
+                prefix = r.prefixes[i]
+                run.log({"step": step, "problem": r.problems[i]["problem"], "completion": r.texts[i],
+                         "reward": r.rewards[i].item(), "prefixed": prefix is not None,
+                         "prefix_source": r.prefix_sources[i],
+                         "L": 0 if prefix is None else (args.resample_L if r.resampled[i] else L),
+                         "resampled": bool(r.resampled[i]), "credit": r.credit[i]},
                         name="samples.jsonl")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             checkpoint(step + 1)

@@ -1,7 +1,10 @@
 """rl.py under every flag combination that matters, run in-process for 2 steps on a tiny model
-built here; the flags it refuses (one line, exit code 2); the schedule table and the choice of
-prefixed rollouts; rows without ids; the guards around a step (a non-finite gradient stops the
-run before the optimiser step, non-finite weights are never checkpointed) and its warnings.
+built here, zero-advantage resampling included (every prefix source and credit rule, alone and
+with a KL or several updates); the flags it refuses (one line, exit code 2); resuming from a
+checkpoint recovered from an interrupted swap, and a corrupt checkpoint stopping in one line; the
+schedule table and the choice of prefixed rollouts; rows without ids; the guards around a step (a
+non-finite gradient stops the run before the optimiser step, non-finite weights are never
+checkpointed) and its warnings.
 
 Run:  python -m pytest tests/test_rl_flags.py -q        (about 1.5 minutes on two cores)
 """
@@ -115,6 +118,79 @@ def test_flag_combination_runs(tiny, tmp_path, parity_reward, one_thread, estima
     assert any(not torch.equal(weights[k], before[k]) for k in before)
 
 
+# -- zero-advantage resampling: every source and credit rule, alone and with KL / several updates ---
+
+@pytest.fixture(scope="module")
+def tiny_vae(tiny):
+    """An untrained VAE for the tiny model (the flags need one; what it decodes does not matter)."""
+    from model import PaletteVAE, embedding_fingerprint, load_embedding_matrix, save_vae
+    E = load_embedding_matrix(str(tiny / "model"))
+    vae = PaletteVAE(E.shape[1], latent_dim=4, hidden_dim=16)
+    vae.set_statistics(E[torch.randint(0, E.shape[0], (64, 4), generator=torch.Generator().manual_seed(0))].mean(1), E)
+    save_vae(vae, str(tiny / "vae"), {"beta": 0.1, "model": "tiny", "domains": {},
+                                     "fingerprint": embedding_fingerprint(E)})
+    return tiny / "vae"
+
+
+@pytest.fixture
+def failing_then_parity(monkeypatch):
+    """Each step's 10 on-policy rollouts fail, so both groups are resampled (3 more rollouts each,
+    graded right after them); a resampled rollout succeeds when its completion's length is odd."""
+    calls = {"n": 0}
+
+    def grade(text, answer, kind):
+        i = calls["n"] % 16
+        calls["n"] += 1
+        return 0.0 if i < 10 else float(len(text) % 2)
+    monkeypatch.setattr(rl, "grade", grade)
+
+
+RESAMPLE_RUNS = [(source, credit, 0.0, 1, 1, "zero") for source in ("none", "lorem", "noise", "vae")
+                 for credit in rl.CREDIT_RULES] + \
+                [("lorem", credit, kl, epochs, minibatches, truncated) for credit in rl.CREDIT_RULES
+                 for kl, epochs, minibatches, truncated in [(0.05, 1, 1, "zero"), (0.0, 2, 1, "mask"),
+                                                            (0.05, 1, 3, "zero")]] + \
+                [("vae", "naive-shaped", 0.05, 2, 1, "mask")]
+
+
+@pytest.mark.parametrize("source,credit,kl_coef,epochs,minibatches,truncated", RESAMPLE_RUNS)
+def test_resample_flag_combination_runs(tiny, tiny_vae, tmp_path, failing_then_parity, one_thread,
+                                        source, credit, kl_coef, epochs, minibatches, truncated):
+    length = {"none": [], "lorem": ["--resample-L", 4]}.get(source, ["--resample-L", 2])
+    rl.main(tiny_args(tiny, tmp_path, "--resample", 3, "--resample-source", source, *length,
+                      "--resample-credit", credit,
+                      "--vae", tiny_vae, "--kl-coef", kl_coef, "--epochs", epochs,
+                      "--minibatches", minibatches, "--truncated", truncated))
+    steps = records(tmp_path)
+    assert [r["step"] for r in steps] == [0, 1]
+    for r in steps:
+        assert r["rollouts_generated"] == 2 * 5 + 2 * 3 and r["resampled_groups"] == 2
+        assert r["accuracy"] == 0.0 and r["zero_variance_frac"] == 1.0     # the on-policy rollouts
+        assert r["rescued_groups"] <= 2 and 0 <= r["resample_accuracy"] <= 1
+        if r["updates"]:
+            assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "grad_norm"))
+        if r["rescued_groups"] and truncated == "zero":
+            assert r["grad_norm"] > 0                   # the regrouped groups carry signal
+        assert ("kl" in r) == (kl_coef > 0)
+    assert sum(r["rescued_groups"] for r in steps) > 0
+    assert json.load(open(tmp_path / "args.json"))["resample_L"] == {"none": 0, "lorem": 4}.get(source, 2)
+
+
+@pytest.mark.parametrize("extra", [[], ["--resample", 3, "--resample-source", "vae",
+                                        "--resample-credit", "prefixed", "--kl-coef", 0.05,
+                                        "--epochs", 2]])
+def test_lorem_prefixes_under_a_schedule(tiny, tiny_vae, tmp_path, failing_then_parity, one_thread, extra):
+    rl.main(tiny_args(tiny, tmp_path, "--prefix-source", "lorem", "--vae", tiny_vae, *extra))
+    assert [(r["step"], r["rho"], r["L"]) for r in records(tmp_path)] == [(0, 0.4, 2), (1, 0.4, 2)]
+
+
+def test_a_resample_prefix_must_fit_the_context(tiny, tmp_path):
+    # lorem's default length, 200 tokens, does not fit the tiny model's context of 128
+    with pytest.raises(UserError, match=r"prompt \+ prefix \+ max_new_tokens = .* exceeds the "
+                                        "model's context of 128"):
+        rl.main(tiny_args(tiny, tmp_path / "run", "--resample", 3))
+
+
 # -- refused at start-up: one line, exit code 2, nothing written -------------------------------------
 
 REFUSED = [
@@ -151,6 +227,19 @@ REFUSED = [
     (["--lr", "0.1", "--weight-decay", "10"], "would flip every weight's sign"),
     (["--seed", "-1"], "--seed must be in [0, "),
     (["--schedule", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--resample", "-1"], "--resample must be >= 0"),
+    (["--resample-credit", "naive-shaped"], "--resample-credit has no effect without --resample G'"),
+    (["--resample-source", "vae"], "--resample-source has no effect without --resample G'"),
+    (["--resample-L", "8"], "--resample-L has no effect without --resample G'"),
+    (["--resample", "3", "--resample-source", "vae"], "--resample-source vae needs --vae DIR"),
+    (["--resample", "3", "--resample-L", "-1"], "--resample-L must be >= 0"),
+    (["--resample", "3", "--resample-source", "noise", "--resample-L", "0"],
+     "--resample-L 0 gives the extra rollouts no prefix; use --resample-source none"),
+    (["--resample", "3", "--resample-source", "none", "--resample-L", "4"],
+     "--resample-L has no effect with --resample-source none"),
+    (["--resample", "3", "--tie"], "--tie has no meaning for the lorem source"),
+    (["--prefix-source", "lorem", "--tie"], "--tie has no meaning for the lorem source"),
+    (["--resample", "3", "--resample-credit", "sometimes"], "invalid choice: 'sometimes'"),
 ]
 
 
@@ -176,10 +265,11 @@ def test_a_refused_flag_exits_2_without_a_traceback(tiny, tmp_path):
         "group of one has advantage 0 and nothing is learned"]
 
 
-@pytest.mark.parametrize("flag", ["--prompts-per-step", "--group-size"])
-def test_a_batch_that_cannot_fit_the_device_is_refused(tiny, tmp_path, flag):
+@pytest.mark.parametrize("flags", [["--prompts-per-step", 10**12], ["--group-size", 10**12],
+                                   ["--resample", 10**12, "--resample-L", 2]])
+def test_a_batch_that_cannot_fit_the_device_is_refused(tiny, tmp_path, flags):
     with pytest.raises(UserError, match=r"rollouts per rank .* GiB of KV cache, more than the .* GiB"):
-        rl.main(tiny_args(tiny, tmp_path / "run", flag, 10**12))
+        rl.main(tiny_args(tiny, tmp_path / "run", *flags))
 
 
 def test_eval_prompts_must_fit_the_context(tiny, tmp_path):
@@ -187,6 +277,52 @@ def test_eval_prompts_must_fit_the_context(tiny, tmp_path):
     (tmp_path / "long.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(UserError, match="--eval-data: problem .* exceeds the model's context of 128"):
         rl.main(tiny_args(tiny, tmp_path / "run", "--eval-data", tmp_path / "long.jsonl"))
+
+
+# -- resume: a checkpoint recovered from an interrupted swap, a corrupt checkpoint --------------------
+
+def interrupted_run(tiny, out):
+    """A 2-step run with checkpoints, then the state a kill between the two renames of the last
+    checkpoint swap leaves: the complete new checkpoint under its temporary name, no checkpoint/."""
+    rl.main(tiny_args(tiny, out, "--save-every", 1))
+    os.rename(out / "checkpoint", out / ".new-checkpoint-abc")
+
+
+def test_resume_from_a_checkpoint_recovered_mid_swap(tiny, tmp_path, parity_reward, one_thread, capsys):
+    interrupted_run(tiny, tmp_path)
+    rl.main(tiny_args(tiny, tmp_path, "--save-every", 1, "--steps", 3, "--resume"))
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in records(tmp_path)] == [0, 1, 2]
+    assert json.load(open(tmp_path / "checkpoint" / "trainer_state.json"))["step"] == 3
+
+
+def test_a_resampled_run_resumes_to_the_same_state(tiny, tmp_path, failing_then_parity, one_thread):
+    """Resampling draws its lorem text and completions from the checkpointed generators: a run
+    stopped after 2 steps and resumed to 4 ends where a straight 4-step run ends."""
+    flags = ("--resample", 3, "--resample-L", 4, "--resample-credit", "naive-shaped")
+    rl.main(tiny_args(tiny, tmp_path / "straight", *flags, "--steps", 4))
+    rl.main(tiny_args(tiny, tmp_path / "resumed", *flags))
+    rl.main(tiny_args(tiny, tmp_path / "resumed", *flags, "--steps", 4, "--resume"))
+    a, b = records(tmp_path / "straight"), records(tmp_path / "resumed")
+    keys = ("reward_mean", "rollouts_generated", "rescued_groups", "resample_accuracy", "loss")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert sum(r["rescued_groups"] for r in a) > 0
+    wa = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "trainer_state.json"])
+def test_a_corrupt_checkpoint_stops_in_one_line(tiny, tmp_path, capsys, one_thread, name):
+    rl.main(tiny_args(tiny, tmp_path, "--save-every", 1))
+    path = tmp_path / "checkpoint" / name
+    path.write_bytes(path.read_bytes()[:40])                 # cut short
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        rl.run_main(lambda: rl.main(tiny_args(tiny, tmp_path, "--steps", 3, "--resume")))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and name in err[0], err
 
 
 # -- pieces: schedules, who gets a prefix, rows without ids -------------------------------------------

@@ -1,0 +1,281 @@
+"""Zero-advantage resampling in rl.py and the lorem prefix source: the naive-credit ratio (and its
+shaping) against a hand computation on a tiny float64 model; the regrouping rule (size G, at least
+one failure, successes only from the resample, only kept ones); a resample without a success;
+`prefixed` credit with no prefix is plain GRPO; the lorem source's text, length and embeddings.
+
+Run:  python -m pytest tests/test_resample.py -q        (about 30 s on one core)
+"""
+import copy
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rl
+from model import LOREM_BOUNDARY, LOREM_WORDS, ModelConfig, Transformer, make_prefix_source
+from test_rl_flags import one_thread, records, tiny, tiny_args   # noqa: F401 (fixtures)
+
+
+def tiny_model(seed=0, d=16):
+    torch.manual_seed(seed)
+    config = ModelConfig(model_type="qwen3", vocab_size=24, hidden_size=d, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, tie_word_embeddings=False, max_position_embeddings=64)
+    model = Transformer(config)
+    model.init_weights(std=0.3)
+    return model.double()
+
+
+def update_args(**overrides):
+    args = dict(aggregation="token-mean", max_new_tokens=6, micro_batch_size=2, temperature=0.8,
+                clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0, entropy_coef=0.0, epochs=1,
+                minibatches=1, grad_clip=float("inf"), resample_credit="naive")
+    return SimpleNamespace(**{**args, **overrides})
+
+
+def rollouts_of(prompts, completions, prefixes, rewards, resampled=False, credit="prefixed",
+                keep=None):
+    """A scored record made by hand (no sampling)."""
+    B = len(prompts)
+    r = rl.Rollouts(problems=[{"problem": str(p)} for p in prompts], prompts=prompts,
+                    prefixes=prefixes, completions=completions,
+                    truncated=torch.zeros(B, dtype=torch.bool),
+                    resampled=torch.full((B,), resampled),
+                    prefix_sources=["none" if p is None else "noise" for p in prefixes],
+                    credit=[credit] * B)
+    r.texts = [""] * B
+    r.rewards = torch.tensor(rewards, dtype=torch.float64)
+    r.correct = r.rewards.clone()
+    r.keep = torch.ones(B, dtype=torch.bool) if keep is None else torch.tensor(keep)
+    return r
+
+
+def hand_logprobs(model, prompt, completion, prefix=None, temperature=0.8, grad=False):
+    """log pi(o_t | prefix, q, o_<t) for one rollout alone, from the model's plain forward."""
+    ids = torch.tensor(prompt + completion)
+    embeds = model.embed_tokens.weight[ids]
+    if prefix is not None:
+        embeds = torch.cat([prefix, embeds])
+    with torch.set_grad_enabled(grad):
+        logits = model(inputs_embeds=embeds[None])[0] / temperature                  # (T, V)
+    n = len(completion)
+    return logits[-n - 1:-1].log_softmax(-1).gather(-1, ids[-n:, None])[:, 0]           # (n,)
+
+
+# -- the naive-credit ratio -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("credit", ["naive", "naive-shaped", "prefixed"])
+def test_credit_rule_loss_and_gradient_equal_a_hand_computation(credit):
+    """A group of two: an unprefixed failure and a resampled success sampled under a 3-vector
+    prefix. One update per batch: under naive credit pi_old still reads the prefix, so the
+    ratio is pi(o | q) / pi_old(o | p, q), not 1."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    prompts, completions = [[3, 4, 5], [3, 4, 5]], [[6, 7, 8, 9], [10, 11, 12]]
+    r = rl.Rollouts.cat(rollouts_of(prompts[:1], completions[:1], [None], [0.0]),
+                        rollouts_of(prompts[1:], completions[1:], [prefix], [1.0], resampled=True,
+                                    credit=credit))
+    rl.set_advantages(r, SimpleNamespace(group_size=2, estimator="grpo"))
+    A = r.advantages
+    args = update_args()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt.zero_grad = lambda set_to_none=True: None        # keep the update's gradient to compare
+    model.zero_grad()
+    metrics = rl.update_policy(model, opt, None, r, args)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    new = [hand_logprobs(model, prompts[0], completions[0], grad=True),
+           hand_logprobs(model, prompts[1], completions[1],
+                         prefix if credit == "prefixed" else None, grad=True)]
+    old = [new[0].detach(), hand_logprobs(model, prompts[1], completions[1], prefix)]
+    ratios = [(n - o).exp() for n, o in zip(new, old)]
+    if credit != "prefixed":
+        assert (ratios[1] - 1).abs().min() > 1e-3       # the prefix moves pi_old: r is not 1
+    terms = []
+    for i, ratio in enumerate(ratios):
+        if i == 1 and credit == "naive-shaped":
+            terms.append(ratio / (ratio + 0.1) * A[i])
+        else:
+            terms.append(torch.minimum(ratio * A[i], ratio.clamp(0.8, 1.28) * A[i]))
+    weight = torch.tensor(1.0, dtype=torch.float32) / 7  # token-mean over 4 + 3 tokens, as
+    hand = -(torch.cat(terms) * weight).sum()            # loss_token_weights gives it: float32
+    assert metrics["loss"] == pytest.approx(hand.item(), rel=1e-10)
+    model.zero_grad()
+    hand.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_naive_credit_keeps_the_sampling_time_pi_old_over_several_updates():
+    model = tiny_model()
+    initial = copy.deepcopy(model)
+    prefix = torch.randn(2, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = rl.Rollouts.cat(rollouts_of([[3, 4]], [[5, 6, 7]], [None], [0.0]),
+                        rollouts_of([[3, 4]], [[8, 9]], [prefix], [1.0], resampled=True, credit="naive"))
+    rl.set_advantages(r, SimpleNamespace(group_size=2, estimator="grpo"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    metrics = rl.update_policy(model, opt, None, r, update_args(epochs=3))
+    assert metrics["updates"] == 3
+    assert r.old_known.tolist() == [True, True]
+    torch.testing.assert_close(r.old_logprobs[1, :2], hand_logprobs(initial, [3, 4], [8, 9], prefix),
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(r.old_logprobs[0, :3], hand_logprobs(initial, [3, 4], [5, 6, 7]),
+                               rtol=1e-10, atol=1e-12)
+
+
+# -- the regrouping rule ----------------------------------------------------------------------------
+
+def test_regrouping_keeps_size_and_a_failure_and_takes_successes_only_from_the_resample():
+    G, G_extra = 4, 5
+    # three groups; completions name their rollout: [100 + i] originals, [200 + i] resampled
+    original = rollouts_of([[1]] * 4 + [[2]] * 4 + [[3]] * 4, [[100 + i] for i in range(12)],
+                           [None] * 12, [0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0])
+    assert rl.failed_groups(original, G) == [0, 2]
+    extra = rollouts_of([[1]] * 5 + [[3]] * 5, [[200 + i] for i in range(10)],
+                        [torch.zeros(2, 4)] * 10,
+                        [0, 1, 1, 1, 1,           # group 0: four successes, more than G - 1
+                         1, 0, 1, 0, 0],          # group 2: a success that was masked, then one
+                        resampled=True, credit="naive",
+                        keep=[True] * 5 + [False] + [True] * 4)
+    regrouped, rescued = rl.regroup(original, extra, [0, 2], G, G_extra)
+    assert len(regrouped) == 12 and rescued == 2
+    names = [c[0] for c in regrouped.completions]
+    assert names[0:4] == [100, 201, 202, 203]           # first G - 3 originals, first 3 successes
+    assert names[4:8] == [104, 105, 106, 107]           # a mixed group is left alone
+    assert names[8:12] == [108, 109, 110, 207]          # the masked success is not taken
+    groups = regrouped.rewards.view(3, G)
+    assert ((groups == 0).sum(1) >= 1).all()            # every group keeps a failure
+    for i in range(12):                                 # successes of failed groups: resampled
+        if i // G in (0, 2) and regrouped.rewards[i] > 0:
+            assert regrouped.resampled[i] and regrouped.credit[i] == "naive"
+            assert regrouped.prefixes[i] is not None and regrouped.prefix_sources[i] == "noise"
+        if not regrouped.resampled[i]:
+            assert regrouped.credit[i] == "prefixed" and regrouped.prefixes[i] is None
+    assert [p["problem"] for p in regrouped.problems] == [str([j // G + 1]) for j in range(12)]
+
+
+def lorem_args(tiny, out, *extra):
+    return rl.parser.parse_args(tiny_args(tiny, out, "--resample", 3, "--resample-L", 4, *extra))
+
+
+def tiny_policy(tiny):
+    from model import load_policy
+    model, tokenizer = load_policy(str(tiny / "model"))
+    rows, kind = rl.load_problems(str(tiny / "train.jsonl"), "--data", tokenizer, "plain", seed=0)
+    return model, tokenizer, rows, kind
+
+
+def generators(seed=0):
+    return {"prefix": torch.Generator().manual_seed(seed), "sample": torch.Generator().manual_seed(seed),
+            "choice": torch.Generator().manual_seed(seed)}
+
+
+def test_a_sampled_resample_is_regrouped_and_recorded(tiny, tmp_path, monkeypatch, one_thread):
+    """Sampled for real on the tiny model: every original fails, the resample's rollouts succeed
+    when their completion has odd length; lorem prefixes of 4 tokens plus the boundary."""
+    model, tokenizer, rows, kind = tiny_policy(tiny)
+    args = lorem_args(tiny, tmp_path, "--resample-source", "lorem")
+    args.resample_L = rl.resample_length(args)
+    gens = generators()
+    r = rl.rollout(model, None, rows[:2], 0, 0, args, gens, tokenizer.eos_token_id)
+    monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 0.0)
+    rl.score(r, tokenizer, kind, args)
+    monkeypatch.setattr(rl, "grade", lambda text, answer, kind: float(len(text) % 2))
+    source = make_prefix_source("lorem", model.embed_tokens.weight, tokenizer=tokenizer)
+    out, counts = rl.resample_failed_groups(model, source, r, 4, args, gens,
+                                            tokenizer.eos_token_id, tokenizer, kind)
+    assert counts["rollouts_generated"] == 10 + 6 and counts["resampled_groups"] == 2
+    assert len(out) == 10
+    boundary = len(tokenizer(LOREM_BOUNDARY, add_special_tokens=False)["input_ids"])
+    for j in range(2):
+        group = list(range(5 * j, 5 * j + 5))
+        assert any(out.rewards[i] == 0 for i in group)
+        assert all(out.problems[i] is rows[j] for i in group)
+        wins = [i for i in group if out.rewards[i] > 0]
+        assert all(out.resampled[i] and out.prefixes[i].shape == (4 + boundary, 32)
+                   and out.prefix_sources[i] == "lorem" and out.credit[i] == "naive" for i in wins)
+    assert counts["rescued_groups"] == sum(bool(out.rewards[5 * j:5 * j + 5].sum()) for j in range(2))
+    assert counts["resample_successes"] >= out.rewards.sum()
+
+
+def test_a_resample_without_success_leaves_zero_advantage(tiny, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 0.0)       # nothing ever succeeds
+    rl.main(tiny_args(tiny, tmp_path, "--resample", 3, "--resample-L", 4, "--sample-every", 1))
+    steps = records(tmp_path)
+    assert [r["step"] for r in steps] == [0, 1]
+    for r in steps:
+        assert r["rollouts_generated"] == 2 * 5 + 2 * 3       # P G + G' for each failed group
+        assert r["resampled_groups"] == 2 and r["rescued_groups"] == 0
+        assert r["resample_accuracy"] == 0.0 and r["zero_variance_frac"] == 1.0
+        assert r["loss"] == 0.0 and r["grad_norm"] == 0.0
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert samples and not any(s["resampled"] for s in samples)   # nothing was taken in
+    weights = load_file(str(tmp_path / "model" / "model.safetensors"))
+    before = load_file(str(tiny / "model" / "model.safetensors"))
+    assert all(torch.equal(weights[k], before[k]) for k in before)  # zero advantage: no change
+
+
+# -- prefixed credit without a prefix is plain GRPO ------------------------------------------------
+
+@pytest.mark.parametrize("credit,exact", [("prefixed", True), ("naive", False)])
+def test_credit_without_a_prefix_is_plain_grpo_on_the_same_rollouts(credit, exact):
+    """Regrouped rollouts of a prefix-free resample trained under `credit`, against the same
+    rollouts as ordinary GRPO rollouts: prefixed credit gives the same bits, naive credit the same
+    numbers up to rounding (its pi_old comes from a separate forward pass)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = lambda n: torch.randint(3, 23, (n,), generator=g).tolist()
+    G, G_extra = 3, 4
+    prompts = [tokens(3) for _ in range(2) for _ in range(G)]
+    original = rollouts_of(prompts, [tokens(2 + i % 4) for i in range(6)], [None] * 6,
+                           [0, 0, 0, 0, 1, 0])
+    extra = rollouts_of([prompts[0]] * G_extra, [tokens(1 + i) for i in range(G_extra)],
+                        [None] * G_extra, [1, 0, 1, 1], resampled=True, credit=credit)
+    regrouped, _ = rl.regroup(original, extra, rl.failed_groups(original, G), G, G_extra)
+    plain = rollouts_of(regrouped.prompts, regrouped.completions, [None] * 6,
+                        regrouped.rewards.tolist())
+    assert regrouped.resampled.sum() == 2 and not plain.resampled.any()
+    results = []
+    for r in (regrouped, plain):
+        rl.set_advantages(r, SimpleNamespace(group_size=G, estimator="grpo"))
+        model = tiny_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        metrics = rl.update_policy(model, opt, None, r, update_args(micro_batch_size=4, kl_coef=0.0))
+        results.append((metrics, [p.detach().clone() for p in model.parameters()]))
+    (m1, w1), (m2, w2) = results
+    assert m1["loss"] != 0.0                              # the regrouped group carries signal
+    if exact:
+        assert m1["loss"] == m2["loss"] and m1["grad_norm"] == m2["grad_norm"]
+        assert all(torch.equal(a, b) for a, b in zip(w1, w2))
+    else:
+        assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-9)
+        for a, b in zip(w1, w2):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+# -- the lorem source -------------------------------------------------------------------------------
+
+def test_lorem_prefixes_are_fresh_text_of_L_tokens_then_the_boundary(tiny):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny / "tokenizer"))
+    E = torch.randn(len(tokenizer), 8)
+    source = make_prefix_source("lorem", E, tokenizer=tokenizer)
+    boundary = tokenizer(LOREM_BOUNDARY, add_special_tokens=False)["input_ids"]
+    ids = source.token_ids(6, 20, torch.Generator().manual_seed(0))                  # (6, 20 + b)
+    assert ids.shape == (6, 20 + len(boundary)) and source.rows(20) == 20 + len(boundary)
+    assert all(row[20:].tolist() == boundary for row in ids)
+    assert len({tuple(row[:20].tolist()) for row in ids}) == 6                          # fresh text
+    assert tokenizer.unk_token_id not in ids                                            # real tokens
+    words = tokenizer.decode(ids[0, :20]).replace(".", " ").replace(",", " ").split()
+    assert len(words) >= 2 and all(w in LOREM_WORDS for w in words[:-1])   # the last may be cut
+    p = source.sample(6, 20, generator=torch.Generator().manual_seed(0))                # (6, 20 + b, 8)
+    assert torch.equal(p, E[ids])                                                       # the embeddings
+    assert torch.equal(source.sample(6, 20, generator=torch.Generator().manual_seed(0)), p)   # seeded
+    assert source.sample(3, 0) is None and source.rows(0) == 0
+    with pytest.raises(rl.UserError, match="needs the policy's tokenizer"):
+        make_prefix_source("lorem", E)
+    with pytest.raises(rl.UserError, match="--tie has no meaning"):
+        make_prefix_source("lorem", E, tie=True, tokenizer=tokenizer)
