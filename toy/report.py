@@ -75,6 +75,22 @@ def inference_table(world, out, args):
     return "\n".join(lines)
 
 
+def check_same_run(run_dir, argv):
+    """A finished RL run is reused only if its args.json holds the flags this report would run it
+    with; a report asked with other flags (--rl-steps, --rl-flags, ...) stops in one line instead
+    of mixing old runs into a new table."""
+    import rl
+    wanted = vars(rl.parser.parse_args([str(a) for a in argv]))
+    with open(f"{run_dir}/args.json") as f:
+        saved = json.load(f)
+    # a flag missing from args.json did not exist when the run was made: it ran as the default did
+    differ = sorted(k for k in wanted if k != "resume" and k in saved and saved[k] != wanted[k])
+    if differ:
+        sys.exit(f"error: {run_dir} holds a finished run made with other flags "
+                 f"({', '.join('--' + k.replace('_', '-') for k in differ)}); delete it (or the whole "
+                 f"report directory) to run it again with these")
+
+
 def rl_comparison(world, out, args):
     """(b): the same RL budget for every arm; held-out greedy pass@1 after RL, reward curves."""
     vae = ["--vae", f"{world}/vae"]
@@ -87,11 +103,14 @@ def rl_comparison(world, out, args):
         for arm, start, flags in arms:
             for seed in range(args.seeds):
                 run_dir = f"{out}/{estimator}_{arm.replace(' ', '_').replace('=', '')}_seed{seed}"
-                if not os.path.exists(f"{run_dir}/model/config.json"):
-                    run("rl.py", "--model", f"{world}/{start}/model", "--data", f"{world}/data/math_train.jsonl",
+                argv = ["--model", f"{world}/{start}/model", "--data", f"{world}/data/math_train.jsonl",
                         "--eval-data", f"{world}/data/math_test.jsonl", "--eval-problems", 200,
                         "--eval-every", 0, "--steps", args.rl_steps, "--estimator", estimator,
-                        "--seed", seed, "--save-every", 0, "--out", run_dir, *flags, *args.rl_flags.split())
+                        "--seed", seed, "--save-every", 0, "--out", run_dir, *flags, *args.rl_flags.split()]
+                if os.path.exists(f"{run_dir}/model/config.json"):
+                    check_same_run(run_dir, argv)           # a finished run is reused only as it was asked
+                else:
+                    run("rl.py", *argv)
                 records = [json.loads(l) for l in open(f"{run_dir}/metrics.jsonl")]
                 curves.setdefault((estimator, arm), []).append([r["reward_mean"] for r in records if "reward_mean" in r])
                 finals.setdefault((estimator, arm), []).append(
