@@ -5,6 +5,9 @@ Each problem gets --n candidates, decoded in one of three modes:
     greedy-latent   each candidate greedy under its OWN latent: diversity from the prefix alone
                     (the paper's Fig. 1: GSM8K pass@32 52.9% -> 85.3% with one noise token)
     latent-sample   each candidate under its own latent AND token sampling at --temperature
+A candidate's prefix comes from --prefix-source: vae (prior, or --region), noise, random_decoder,
+or lorem (--L tokens of fresh pseudo-Latin text, then a boundary instruction: LoPE's text
+perturbation in the same slot, L + b embedding rows that count against the context).
 pass@1 is the mean accuracy over all candidates; pass@k is the unbiased estimator of Chen et al.
 (2021), 1 - C(n - c, k) / C(n, k) for c correct of n, averaged over problems. A candidate cut off
 at --max-new-tokens (no eos) counts as wrong, as in rl.py's default. Latents of problem
@@ -26,6 +29,9 @@ Toy world:
     python evaluate.py --model runs/toy/sft/model --vae runs/toy/vae --prefix-source vae \
         --mode greedy-latent --benchmarks runs/toy/data/math_test.jsonl --n 8 --k 1,8 \
         --max-new-tokens 96 --out runs/toy/eval                    # adds a row to the same table
+    python evaluate.py --model runs/toy/sft/model --prefix-source lorem --L 8 \
+        --mode greedy-latent --benchmarks runs/toy/data/math_test.jsonl --n 8 --k 1,8 \
+        --max-new-tokens 96 --out runs/toy/eval                    # text prefixes, same table
 8 GPUs (problems shard over ranks; rank 0 merges and writes the tables):
     torchrun --nproc_per_node 8 evaluate.py --model runs/rl-qwen3-4b/model --template math \
         --benchmarks gsm8k,math500,minerva_math,olympiadbench,amc23 --mode greedy-latent \
@@ -74,7 +80,8 @@ parser.add_argument("--seed", type=int, default=0, help="seeds the latents and t
 parser.add_argument("--prefix-source", default="none", choices=PREFIX_SOURCES)
 parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
 parser.add_argument("--region", default=None, help="sample z from this domain's region, not the prior")
-parser.add_argument("--L", type=int, default=1, help="prefix tokens per candidate")
+parser.add_argument("--L", type=int, default=1,
+                    help="prefix tokens per candidate (lorem: text tokens, then the boundary)")
 parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
 # Output
 parser.add_argument("--out", required=True, help="directory for results.json, results.md, <benchmark>.jsonl")
@@ -190,7 +197,7 @@ def check_args(args):
     check_seed(args.seed)
     if args.mode != "sample" and (args.prefix_source == "none" or args.L == 0):
         raise UserError(f"--mode {args.mode} gives each candidate its own latent: it needs "
-                        "--prefix-source vae|noise|random_decoder and --L >= 1")
+                        "--prefix-source vae|noise|random_decoder|lorem and --L >= 1")
     if args.prefix_source == "vae" and args.vae is None:
         raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py)")
     check_out_dir(args.out)
@@ -238,7 +245,10 @@ def main(argv=None):
     model.eval()
     eos = tokenizer.eos_token_id
     source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, args.vae,
-                                args.region, args.tie, args.seed)
+                                args.region, args.tie, args.seed, tokenizer=tokenizer)
+    prefix_rows = source.rows(args.L)       # embedding rows of one prefix: L, or L + b for lorem
+    prefix_note = f"prefix {prefix_rows}" + (f" (--L {args.L} + {prefix_rows - args.L} boundary tokens)"
+                                             if prefix_rows > args.L else "")
     settings = {k: getattr(args, k) for k in ("model", "template", "mode", "n", "top_p", "max_new_tokens",
                                               "seed", "prefix_source", "vae", "region", "L", "tie", "dtype")}
     settings["temperature"] = temperature
@@ -257,9 +267,10 @@ def main(argv=None):
         encoded = [tokenizer(format_prompt(r["problem"], args.template, tokenizer),
                              add_special_tokens=False)["input_ids"] for r in rows]
         longest = max(range(len(rows)), key=lambda i: len(encoded[i]))
-        if len(encoded[longest]) + args.L * prefixed + args.max_new_tokens > context:
+        if len(encoded[longest]) + prefix_rows + args.max_new_tokens > context:
             raise UserError(f"{bench} problem {keys[longest]!r}: {len(encoded[longest])} prompt tokens + "
-                            f"L + --max-new-tokens exceeds the model's context of {context}")
+                            f"{prefix_note} + --max-new-tokens {args.max_new_tokens} exceeds the "
+                            f"model's context of {context}; lower --L or --max-new-tokens")
 
         # -- resume: records of this configuration already written (merged or per-rank parts)
         paths = sorted(glob.glob(os.path.join(args.out, f"{bench}.jsonl")) +
@@ -291,7 +302,7 @@ def main(argv=None):
                     # latents of a problem depend on (seed, problem) only: not on batch, rank or resume
                     key_hash = int(hashlib.sha1(keys[i].encode()).hexdigest()[:12], 16)
                     g_latent = torch.Generator().manual_seed(args.seed * 1_000_003 + key_hash)
-                    drawn = source.sample(args.n, args.L, generator=g_latent)      # (n, L, d) or None
+                    drawn = source.sample(args.n, args.L, generator=g_latent)      # (n, rows, d) or None
                     prefixes += [None] * args.n if drawn is None else list(drawn.to(device, dtype))
                 texts, stopped = [], []
                 for s in range(0, len(prompts), args.batch_size):

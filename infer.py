@@ -1,19 +1,23 @@
 r"""Latent-guided generation: complete prompts under N latents, one block per (prompt, latent).
 
 Latent i is one draw of L prefix embeddings (from the VAE's prior or a domain region, or a
-baseline source), shared by every prompt, so block i of each prompt shows what "strategy i" does
-with it. Decoding is greedy by default: any difference between latents is then the prefix's
-doing, not token randomness (the paper's Fig. 1). With --prefix-source none, N latents are N
-identical greedy completions, or N samples with --temperature > 0. Generation stops at the
-tokenizer's eos. Prompts are decoded latent by latent (all prompts of latent i in batches of
---batch-size rows) and printed as each batch finishes; --out also writes one JSON line per
-(prompt, latent): {"prompt_index", "prompt", "latent", "prefix_source", "region", "L",
-"temperature", "seed", "completion", "num_tokens", "stopped"}.
+baseline source: noise, random_decoder, or lorem, whose prefix is L tokens of fresh pseudo-Latin
+text and then a boundary instruction, L + b rows), shared by every prompt, so block i of each
+prompt shows what "strategy i" does with it. Decoding is greedy by default: any difference
+between latents is then the prefix's doing, not token randomness (the paper's Fig. 1). With
+--prefix-source none, N latents are N identical greedy completions, or N samples with
+--temperature > 0. Generation stops at the tokenizer's eos. Prompts are decoded latent by
+latent (all prompts of latent i in batches of --batch-size rows) and printed as each batch
+finishes; --out also writes one JSON line per (prompt, latent): {"prompt_index", "prompt",
+"latent", "prefix_source", "region", "L", "temperature", "seed", "completion", "num_tokens",
+"stopped"}.
 
 Toy world:
     python infer.py --model runs/toy/sft/model --vae runs/toy/vae --num-latents 4 --prompt "47+38=?"
     python infer.py --model runs/toy/base --prefix-source none --temperature 1 --num-latents 4 \
         --prompts-file runs/toy/data/math_test.jsonl --out runs/toy/infer.jsonl
+    python infer.py --model runs/toy/sft/model --prefix-source lorem --L 8 --num-latents 4 \
+        --prompt "47+38=?"                              # text prefixes: 8 lorem tokens + boundary
 A real model (one process; pick the GPU with CUDA_VISIBLE_DEVICES):
     python infer.py --model runs/rl-qwen3-4b/model --vae runs/vae-qwen3-4b --region math --L 1 \
         --template math --num-latents 8 --max-new-tokens 1024 --dtype bfloat16 \
@@ -44,7 +48,8 @@ parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"
 parser.add_argument("--prefix-source", default="vae", choices=PREFIX_SOURCES)
 parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
 parser.add_argument("--region", default=None, help="sample z from this domain's region, not the prior")
-parser.add_argument("--L", type=int, default=1, help="prefix tokens per latent (0: no prefix)")
+parser.add_argument("--L", type=int, default=1,
+                    help="prefix tokens per latent (0: no prefix; lorem: text tokens, then the boundary)")
 parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
 parser.add_argument("--num-latents", type=int, default=4, help="latents (blocks) per prompt")
 # Decoding
@@ -97,7 +102,7 @@ def check_args(args):
     check_seed(args.seed)
     if args.prefix_source == "vae" and args.vae is None:
         raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py); "
-                        "or choose --prefix-source none, noise or random_decoder")
+                        "or choose --prefix-source none, noise, random_decoder or lorem")
     if args.out and os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a directory; give a file name for the JSON lines")
     if args.out and args.prompts_file and os.path.abspath(args.out) == os.path.abspath(args.prompts_file):
@@ -118,22 +123,27 @@ def main(argv=None):
     model.eval()
     eos = tokenizer.eos_token_id
     source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, args.vae,
-                                args.region, args.tie, args.seed)
+                                args.region, args.tie, args.seed, tokenizer=tokenizer)
+    prefix_rows = source.rows(args.L)       # embedding rows of one prefix: L, or L + b for lorem
+    prefix_note = f"prefix {prefix_rows}" + (f" (--L {args.L} + {prefix_rows - args.L} boundary tokens)"
+                                             if prefix_rows > args.L else "")
     prompts = [tokenizer(format_prompt(t, args.template, tokenizer), add_special_tokens=False)["input_ids"]
                for t in texts]
     context = model.config.max_position_embeddings
-    prefix_bytes = args.num_latents * args.L * model.config.hidden_size * 4
-    if args.prefix_source != "none" and prefix_bytes > MAX_PREFIX_BYTES:
-        raise UserError(f"--num-latents {args.num_latents} x --L {args.L} prefixes of width "
-                        f"{model.config.hidden_size} would take {prefix_bytes / 2**30:.0f} GiB; lower them")
+    prefix_bytes = args.num_latents * prefix_rows * model.config.hidden_size * 4
+    if prefix_bytes > MAX_PREFIX_BYTES:
+        raise UserError(f"--num-latents {args.num_latents} prefixes of {prefix_rows} rows (--L {args.L}) "
+                        f"and width {model.config.hidden_size} would take {prefix_bytes / 2**30:.0f} GiB; "
+                        "lower them")
     for i, p in enumerate(prompts):
-        if len(p) + args.L + args.max_new_tokens > context:
-            raise UserError(f"prompt {i}: {len(p)} tokens + L {args.L} + --max-new-tokens "
-                            f"{args.max_new_tokens} exceeds the model's context of {context}")
+        if len(p) + prefix_rows + args.max_new_tokens > context:
+            raise UserError(f"prompt {i}: {len(p)} tokens + {prefix_note} + "
+                            f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of "
+                            f"{context}; lower --L or --max-new-tokens")
 
     # All latents up front from one seeded generator: latent i is the same whatever the prompts.
     g_latent = torch.Generator().manual_seed(args.seed)
-    latents = source.sample(args.num_latents, args.L, generator=g_latent)      # (N, L, d) or None
+    latents = source.sample(args.num_latents, args.L, generator=g_latent)      # (N, rows, d) or None
     g_sample = torch.Generator(device=device).manual_seed(args.seed + 1)
     label = "none" if latents is None else \
         f"{source.name}{':' + args.region if args.region else ''}, L={args.L}"
@@ -147,7 +157,7 @@ def main(argv=None):
         set_interrupt_hint(f"the completions printed so far are also in {args.out}")
     try:
         for i in range(args.num_latents):
-            prefix = None if latents is None else latents[i].to(device, dtype)       # (L, d)
+            prefix = None if latents is None else latents[i].to(device, dtype)       # (rows, d)
             for s in range(0, len(prompts), args.batch_size):
                 batch = prompts[s:s + args.batch_size]
                 out = generate(model, batch, None if prefix is None else [prefix] * len(batch),

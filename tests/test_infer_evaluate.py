@@ -237,3 +237,60 @@ def test_bad_input_exits_with_one_line(world, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "error: " in proc.stderr and message in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# the lorem source: text prefixes of L tokens and the boundary instruction, L + b embedding rows
+
+
+def lorem_rows(world, L):
+    """Embedding rows of one lorem prefix of L tokens for the tiny world's tokenizer: L + b."""
+    from transformers import AutoTokenizer
+    from model import make_prefix_source
+    tokenizer = AutoTokenizer.from_pretrained(world["model"])
+    return make_prefix_source("lorem", torch.zeros(len(tokenizer), 32), tokenizer=tokenizer).rows(L)
+
+
+def test_infer_and_evaluate_run_with_lorem_prefixes(world, tmp_path, monkeypatch):
+    shapes = []          # rows of every prefix handed to generate()
+    for module in (infer, evaluate):
+        real = module.generate
+        monkeypatch.setattr(module, "generate", lambda model, prompts, prefixes=None, *a, real=real, **kw:
+                            shapes.extend(p.shape[0] for p in prefixes or [] if p is not None) or
+                            real(model, prompts, prefixes, *a, **kw))
+    rows = run_infer(world, tmp_path, "--prefix-source", "lorem", "--L", "4", "--num-latents", "3",
+                     "--prompts-file", world["data"])
+    assert len(rows) == 15 and all(r["prefix_source"] == "lorem" and r["L"] == 4 for r in rows)
+    assert shapes and set(shapes) == {lorem_rows(world, 4)} and lorem_rows(world, 4) > 4
+    # the text reaches the policy: some greedy completion differs from the unprefixed one
+    plain = run_infer(world, tmp_path, "--prefix-source", "none", "--num-latents", "1",
+                      "--prompts-file", world["data"])
+    assert any(r["completion"] != plain[r["prompt_index"]]["completion"] for r in rows)
+
+    shapes.clear()
+    out = tmp_path / "eval"
+    records = read_jsonl(run_eval(world, out, "--mode", "greedy-latent", "--prefix-source", "lorem",
+                                  "--L", "4", "--n", "3", "--limit", "3", "--batch-size", "8"))
+    assert len(records) == 3 and all(r["config"] == "greedy-latent lorem L=4" and
+                                     len(r["completions"]) == 3 for r in records)
+    assert len(shapes) == 9 and set(shapes) == {lorem_rows(world, 4)}
+    with open(out / "results.json") as f:
+        assert json.load(f)["configs"]["greedy-latent lorem L=4"]["benchmarks"]["toy_math"]["n_problems"] == 3
+
+
+@pytest.mark.parametrize("script", ["infer", "evaluate"])
+def test_a_lorem_prefix_too_long_for_the_context_is_refused_in_one_line(world, tmp_path, script):
+    """Prompt + 70 prefix rows + new tokens fit the context of 128, so a noise prefix of L = 70
+    runs; lorem's L = 70 is 70 + b rows (b, its boundary, about 50 tokens) and must be refused."""
+    def run(*flags):
+        if script == "infer":
+            return run_infer(world, tmp_path, "--prompt", "47+38=?", "--num-latents", "1", *flags)
+        return run_eval(world, tmp_path / f"eval{len(list(tmp_path.iterdir()))}", "--mode", "greedy-latent",
+                        "--n", "1", "--limit", "1", *flags)
+    run("--prefix-source", "noise", "--L", "70")
+    assert lorem_rows(world, 70) + 8 + 12 > 128
+    with pytest.raises(UserError, match="exceeds the model's context of 128") as refusal:
+        run("--prefix-source", "lorem", "--L", "70")
+    message = str(refusal.value)
+    assert f"prefix {lorem_rows(world, 70)} (--L 70 + {lorem_rows(world, 70) - 70} boundary tokens)" in message
+    assert "\n" not in message
