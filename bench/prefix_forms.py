@@ -30,6 +30,7 @@ SmolLM2-135M-Instruct (the VAE from train_vae.py --template chat; the warm-up on
 """
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
@@ -42,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import atomic_write_json, atomic_write_text  # noqa: E402
 from data import format_prompt, grade, grading_kind_for, gsm8k_prediction, last_boxed, load_rows  # noqa: E402
 from model import (PREFIX_FORMS, NoisePrefix, VAEPrefix, generate, is_broken, load_policy,  # noqa: E402
-                   load_vae, prefix_health)
+                   load_vae, make_prefix_source, prefix_health)
 from toy.task import extract_answer as toy_answer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +63,9 @@ parser.add_argument("--forms", default=",".join(PREFIX_FORMS), help="prefix form
 parser.add_argument("--region-forms", default=",".join(PREFIX_FORMS),
                     help="the forms also measured with --region latents (each costs a row per model)")
 parser.add_argument("--latents", type=int, default=16, help="prefixes (greedy candidates) per problem")
-parser.add_argument("--references", default="noise,lorem", help="reference sources measured on every model")
+parser.add_argument("--references", default="noise,lorem",
+                    help="references measured on every model: noise, lorem, random_decoder, sampling "
+                         "(token sampling at T = 1 with no prefix, --latents samples)")
 # Warm-ups
 parser.add_argument("--warmups", default="10", help="comma-separated sft_warmup.py step counts")
 parser.add_argument("--warmup-data", default=None, help="--data for sft_warmup.py (no warm-ups if absent)")
@@ -108,6 +111,12 @@ def ci95(values):
     return 1.96 * (sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
 
 
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from c right of n candidates (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    c = round(c)                  # the grader scores 0.0 or 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def answer_of(completion, kind):
     """The answer a completion gives, for counting distinct answers (None: it gives none)."""
     if kind == "toy":
@@ -115,10 +124,18 @@ def answer_of(completion, kind):
     return gsm8k_prediction(completion) if kind == "gsm8k" else last_boxed(completion)
 
 
+class Sampling:
+    """Not a prefix: token sampling at temperature 1 with no prefix, --latents samples per problem
+    (the paper's baseline for diversity: token-level randomness instead of a latent)."""
+    name = "sampling"
+
+
 @torch.no_grad()
 def measure(model, tokenizer, rows, kind, source, args):
     """Greedy answers of every problem under --latents prefixes of `source` (or one answer
-    with no prefix when source is None) -> the row's numbers."""
+    with no prefix when source is None; --latents T = 1 samples when it is Sampling) -> the row's
+    numbers."""
+    sampling = isinstance(source, Sampling)
     n = 1 if source is None else args.latents
     prompts = [tokenizer(format_prompt(r["problem"], args.template, tokenizer),
                          add_special_tokens=False)["input_ids"] for r in rows]
@@ -126,16 +143,17 @@ def measure(model, tokenizer, rows, kind, source, args):
     items = []                                                   # (problem index, prefix or None)
     for i in range(len(rows)):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + i)   # same z for every form
-        prefixes = [None] * n if source is None else list(source.sample(n, 1, generator=g))
+        prefixes = [None] * n if source is None or sampling else list(source.sample(n, 1, generator=g))
         items += [(i, p) for p in prefixes]
     correct = [[] for _ in rows]
     answers = [[] for _ in rows]
     broken, cut_off = [], []
     for start in range(0, len(items), args.batch_size):
         batch = items[start:start + args.batch_size]
-        prefixes = None if source is None else [p for _, p in batch]
+        prefixes = None if source is None or sampling else [p for _, p in batch]
         generation = generate(model, [prompts[i] for i, _ in batch], prefixes, args.max_new_tokens,
-                              temperature=0, stop_tokens=[eos])
+                              temperature=1.0 if sampling else 0, stop_tokens=[eos],
+                              generator=torch.Generator().manual_seed(args.seed * 1_000_003 + start))
         out = generation.token_lists()
         for (i, _), ids, finished in zip(batch, out, generation.stopped.tolist()):
             ids = [t for t in ids if t != eos]
@@ -149,6 +167,8 @@ def measure(model, tokenizer, rows, kind, source, args):
     solved = [float(max(c)) for c in correct]
     return {"pass@1": 100 * mean(per_problem), "pass@1_ci95": 100 * ci95(per_problem),
             f"pass@{n}": 100 * mean(solved), f"pass@{n}_ci95": 100 * ci95(solved),
+            **{f"pass@{k}": 100 * mean([pass_at_k(len(c), sum(c), k) for c in correct])
+               for k in (4, 8) if k < n},
             "per_problem_pass@1": per_problem,
             "distinct_answers": sum(len({a for a in ans if a is not None}) for ans in answers) / len(rows),
             "broken": 100 * sum(broken) / len(broken), "cut_off": 100 * sum(cut_off) / len(cut_off),
@@ -218,7 +238,7 @@ def main():
         started = time.time()
         r = measure(model, tokenizer, rows, kind, source, args)
         r["seconds"] = time.time() - started
-        if source is not None and not isinstance(source, LoremPrefix):
+        if source is not None and not isinstance(source, (LoremPrefix, Sampling)):
             r.update(prefix_health(source)[0])
         results["rows"][key] = r
         atomic_write_json(results_path, results)
@@ -242,6 +262,11 @@ def main():
             run_row(model, tokenizer, model_label, "noise", NoisePrefix(E.shape[1], E.norm(dim=-1).mean()))
         if "lorem" in args.references.split(","):
             run_row(model, tokenizer, model_label, "lorem", LoremPrefix(model, tokenizer))
+        if "random_decoder" in args.references.split(","):
+            run_row(model, tokenizer, model_label, "random_decoder",
+                    make_prefix_source("random_decoder", E, seed=args.seed))
+        if "sampling" in args.references.split(","):
+            run_row(model, tokenizer, model_label, "token sampling T=1", Sampling())
 
     run_model(args.model, "base", forms)
     if args.warmup_data:
