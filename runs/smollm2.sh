@@ -40,7 +40,7 @@ WARMUP="--template chat --batch-size 16 --micro-batch-size 4 --lr 1e-5"
 if [ "${FULL:-0}" = 1 ]; then
     PROBLEMS=40; RL_STEPS=10
 elif [ "${SMOKE:-0}" = 1 ]; then
-    W=runs/smollm2-smoke; VAE_SIZE="--per-domain-cap 40 --steps 20"; WARMUP_STEPS=1; LATENTS=2
+    W=runs/smollm2-smoke; VAE_SIZE="--per-domain-cap 40 --steps 20 --batch-size 32"; WARMUP_STEPS=1; LATENTS=2
     PROBLEMS=2; RL_STEPS=1; RL_SIZE="--prompts-per-step 2 --group-size 2"
     WARMUP="--template chat --batch-size 2 --micro-batch-size 2 --lr 1e-5"
 fi
