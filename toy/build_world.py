@@ -6,6 +6,7 @@ in minutes, so train_vae.py -> sft_warmup.py -> rl.py run end to end with no dow
     python -m toy.build_world --out runs/toy                       # CPU (2 cores): ~5 min
     python -m toy.build_world --out runs/toy --force               # rebuild from scratch
     python -m toy.build_world --out runs/toy_big --device cuda --size medium --steps 3000
+    python -m toy.build_world --out runs/premise/world --setting premise   # the premise world
 
 Writes (one process; a second build of the same --out is skipped unless --force):
 
@@ -28,6 +29,20 @@ from the start and has room to improve. Pretraining and held-out math share one 
 toy.task.DIFFICULTY (operands of 2-3 digits); the held-out set excludes every problem of
 train.jsonl and math_train.jsonl, which removes a noticeable share of the small 2+2-digit space,
 so it is slightly harder than the pretraining mix.
+
+--setting premise builds the second setting of the world, whose data build the paper's premise
+in (toy.task, "The premise setting"; whether the model trained on it meets the premise is what
+python -m toy.premise measures): math traces without a preamble are 94% column;
+on "ripple" problems (half of every math file) the corpus's column traces drop a carry and are
+wrong while round and split are right; half of the math traces follow a one-token preamble ("c",
+"-" or "0") that names the strategy the trace then uses (90% of the time). Code and qa keep the
+default generator at an eighth of --n-pretrain each, so four fifths of the training steps go to
+math, where the minority strategies need the examples. The math rows carry "family" and
+"preamble"; the preamble is part of the prompt ("-47+38=?\\n"), never of the loss.
+math_train.jsonl (RL and the warm-up) has no preambles and the corpus's traces, slip included;
+the held-out and VAE files hold correct traces; math_test is uniform over strategies (only its
+answers are used).
+The default setting's files are byte for byte what they were before the flag existed.
 """
 
 import argparse
@@ -40,11 +55,11 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common import RunDir, UserError, atomic_write_json, run_main, seed_everything
+from common import RunDir, UserError, atomic_write_json, progress, run_main, seed_everything
 from model import ModelConfig, Transformer, generate
-from toy.task import DOMAINS, STRATEGIES, detect_strategy, generate as generate_rows, grade, write_jsonl
+from toy.task import (DOMAINS, PREAMBLE_SHARE, PREMISE_STRATEGY_WEIGHTS, STRATEGIES, detect_strategy,
+                      generate as generate_rows, generate_premise_math, grade, write_jsonl)
 from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
 
 # Model shapes (Qwen3 architecture, tied embeddings). "small" is the CPU default.
@@ -56,6 +71,7 @@ SIZES = {
     "medium": dict(hidden_size=384, intermediate_size=1152, num_hidden_layers=8,
                    num_attention_heads=6, num_key_value_heads=2, head_dim=64),  # a GPU world
 }
+SETTINGS = ("default", "premise")
 DATA_FILES = ("train.jsonl", "math_train.jsonl", "math_test.jsonl",
               "vae_math.jsonl", "vae_code.jsonl", "vae_qa.jsonl")
 
@@ -65,6 +81,9 @@ def parse_args(argv=None):
     # Output
     p.add_argument("--out", default="runs/toy", help="world directory")
     p.add_argument("--force", action="store_true", help="rebuild even if the world exists")
+    # Setting
+    p.add_argument("--setting", choices=SETTINGS, default="default",
+                   help="premise: one dominant strategy, a family it gets wrong, preambles (see above)")
     # Data (problem counts; each file has its own seed)
     p.add_argument("--n-pretrain", type=int, default=12000, help="problems per domain in train.jsonl")
     p.add_argument("--n-math-train", type=int, default=4000, help="math problems for RL")
@@ -100,6 +119,8 @@ def parse_args(argv=None):
 def write_data(data_dir, args):
     """Write every data file; each file draws from its own seed (seed*10 + file index)."""
     os.makedirs(data_dir, exist_ok=True)
+    if args.setting == "premise":
+        return write_premise_data(data_dir, args)
     seed = args.seed
     train = [row for i, domain in enumerate(DOMAINS)
              for row in generate_rows(domain, args.n_pretrain, seed=seed * 10 + i)]
@@ -116,9 +137,42 @@ def write_data(data_dir, args):
     return files
 
 
+def write_premise_data(data_dir, args):
+    """The premise setting's files, with the default's names and seeds (seed*10 + file index)."""
+    seed, eighth = args.seed, args.n_pretrain // 8
+    train = generate_premise_math(args.n_pretrain, seed * 10, weights=PREMISE_STRATEGY_WEIGHTS,
+                                  preamble_share=PREAMBLE_SHARE, slip=True)
+    train += [row for i, domain in enumerate(DOMAINS) if domain != "math"
+              for row in generate_rows(domain, eighth, seed=seed * 10 + i)]
+    random.Random(seed).shuffle(train)
+    # RL and warm-up problems, no preamble, traces by the corpus's own writer (slip included):
+    # RL reads only the answers, and the prefix warm-up should teach reading prefixes, not
+    # carrying (with correct column traces here, 10 warm-up steps at lr 3e-5 took column on
+    # ripple problems from 0% to about 46%, undoing the family the setting is built on)
+    math_train = generate_premise_math(args.n_math_train, seed * 10 + 3, weights=PREMISE_STRATEGY_WEIGHTS,
+                                       slip=True)
+    seen = {r["problem"] for r in train + math_train}
+    files = {"train.jsonl": train, "math_train.jsonl": math_train,
+             "math_test.jsonl": generate_premise_math(args.n_math_test, seed * 10 + 4, exclude=seen),
+             "vae_math.jsonl": generate_premise_math(args.n_vae, seed * 10 + 5)}
+    for i, domain in enumerate(DOMAINS):
+        if domain != "math":
+            files[f"vae_{domain}.jsonl"] = generate_rows(domain, args.n_vae, seed=seed * 10 + 5 + i)
+    for name, rows in files.items():
+        write_jsonl(rows, os.path.join(data_dir, name))
+    return files
+
+
+def prompt_text(row):
+    """What the model is conditioned on: the row's preamble if it has one (premise setting),
+    the problem and a newline."""
+    return row.get("preamble", "") + row["problem"] + "\n"
+
+
 def encode_examples(rows, tokenizer):
-    """(token ids, number of prompt tokens) per row: problem + "\\n" + solution + <eos>."""
-    prompts = tokenizer([r["problem"] + "\n" for r in rows])["input_ids"]
+    """(token ids, number of prompt tokens) per row: [preamble] + problem + "\\n" + solution +
+    <eos>."""
+    prompts = tokenizer([prompt_text(r) for r in rows])["input_ids"]
     solutions = tokenizer([r["solution"] for r in rows])["input_ids"]
     return [(p + s + [EOS_ID], len(p)) for p, s in zip(prompts, solutions)]
 
@@ -163,7 +217,7 @@ def train(model, examples, args, run):
     order, pos = list(range(len(examples))), len(examples)
     losses = []
     model.train()
-    bar = tqdm(range(args.steps), desc="pretrain", dynamic_ncols=True)
+    bar = progress(range(args.steps), "pretrain")     # tqdm in a terminal, a line now and then in a log
     for step in bar:
         if pos + args.batch_size > len(order):    # new epoch: reshuffle
             rng.shuffle(order)

@@ -32,6 +32,11 @@ computed independently from the problem text.
 
 Try it: python -m toy.task            (prints one example per strategy)
         python -m toy.task --domain math --n 1000 --seed 0 --out math.jsonl
+
+The premise setting (`python -m toy.build_world --setting premise`, section "The premise
+setting" below) reuses these problems, strategies and checks to build a world in which the
+paper's premise holds by construction: one dominant math strategy, a problem family on which
+only the minority strategies are right, and a one-token preamble that moves the choice.
 """
 
 import json
@@ -470,6 +475,158 @@ def verify_solution(row):
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return False
 
+
+# -----------------------------------------------------------------------------
+# The premise setting: a world where token sampling rarely changes the strategy, a minority
+# strategy wins on one family of problems, and context moves the choice
+#
+# The default world draws every strategy equally often, so plain sampling already explores
+# strategies and the paper's premise fails there. The premise setting changes only the math
+# part of the pretraining corpus (code and qa keep the default generator), in three ways:
+#
+# 1. A dominant strategy. Math traces without a preamble use column with probability 0.94,
+#    round and split 0.03 each (PREMISE_STRATEGY_WEIGHTS). A model trained on this picks
+#    column nearly always, and picks it on the first token: a confident early choice that
+#    temperature-1 sampling rarely overturns, as with the first tokens of real models.
+# 2. A family where the dominant strategy is wrong. A "ripple" problem has a column whose two
+#    digits sum to 9 and that receives a carry, so the carry runs on (45+55, 199+1). The corpus's
+#    column traces on ripple problems drop that carry, the classic slip of a written-addition
+#    learner ("4+5=9 c0" where "4+5+1=10 c1" is right), and state the answer that follows from
+#    it, which is wrong. So the dominant procedure a model learns from this corpus has a
+#    systematic bug on exactly this family, while the corpus's round and split traces are
+#    correct on every problem. Half of all math problems in this setting are ripple
+#    problems (RIPPLE_SHARE; about 8% of random 2-3 digit pairs are), so the family is large
+#    enough to matter for reward. Held-out, RL and VAE data hold correct traces only.
+# 3. Context moves the choice. Half of the math pretraining traces (PREAMBLE_SHARE) have a
+#    one-token preamble right before the problem ("-47+38=?"): the character that marks the
+#    strategy's traces (PREAMBLE_CUES: "c" of column's carries, "-" of round's subtraction, "0"
+#    of split's place values; no problem starts with any of them). Those traces draw their
+#    strategy uniformly, and the preamble names the same strategy 90% of the time
+#    (PREAMBLE_MATCH). The model thus learns that the token before a question chooses the
+#    strategy. One token is the shape of a one-token prefix (L = 1), and the cue is the
+#    character that distinguishes that strategy's traces, which is also what distinguishes the
+#    mean-pooled trace embeddings the VAE is trained on. A prefix in embedding space therefore
+#    has something to move; whether a given prefix source moves it is a measurement
+#    (toy/premise.py), not an assumption. The preamble traces also give the minority strategies
+#    most of their examples; how well a small model learns to execute them is measured too.
+#
+# Rows of this setting carry two more fields: "family" (plain or ripple) and "preamble" (the
+# token before the problem, "" for none). "problem" stays the bare problem, so parse_problem,
+# solve and verify_solution apply unchanged; a slipped trace fails verify_solution.
+
+MATH_FAMILIES = ("plain", "ripple")
+PREMISE_STRATEGY_WEIGHTS = {"column": 0.94, "round": 0.03, "split": 0.03}
+PREAMBLE_CUES = {"column": "c", "round": "-", "split": "0"}
+PREAMBLE_SHARE = 0.5
+PREAMBLE_MATCH = 0.9
+RIPPLE_SHARE = 0.5
+
+
+def math_family(params):
+    """"ripple" if some digit column sums to 9 and receives a carry (the carry runs on through
+    it), else "plain". params: make_problem's math parameters or a row with "problem"."""
+    p = parse_problem(params["problem"], "math") if "problem" in params else params
+    a, b, carry = p["a"], p["b"], 0
+    for i in range(max(len(str(a)), len(str(b)))):
+        x, y = _digit(a, i), _digit(b, i)
+        if carry and x + y == 9:
+            return "ripple"
+        carry = (x + y + carry) // 10
+    return "plain"
+
+
+def _slipped_column(a, b):
+    # Column addition that drops a carry running into a column whose digits sum to 9: that
+    # column is written "x+y=9 c0" and nothing is carried on. Lines and the stated result
+    # follow the slip consistently, so the trace reads like a confident but wrong one.
+    lines, carry, digits = [], 0, []
+    for i in range(max(len(str(a)), len(str(b)))):
+        x, y = _digit(a, i), _digit(b, i)
+        if carry and x + y == 9:
+            carry = 0                        # the slip: the incoming carry is forgotten
+        s = x + y + carry
+        lines.append(f"{x}+{y}{'+1' if carry else ''}={s} c{s // 10}")
+        carry, digits = s // 10, [s % 10] + digits
+    result = int(("1" if carry else "") + "".join(map(str, digits)))
+    return lines, str(result)
+
+
+def slipped_column_solution(params):
+    """The corpus's column trace for a problem in the premise setting: correct on plain
+    problems (equal to solve(params, "column")), the slipped, wrong one on ripple problems."""
+    p = parse_problem(params["problem"], "math") if "problem" in params else params
+    lines, result = _slipped_column(p["a"], p["b"])
+    return "\n".join(lines + [f"{ANSWER_PREFIX} {result}"])
+
+
+def make_preamble(strategy):
+    """The one-token preamble that cues `strategy`: "c" (column), "-" (round), "0" (split)."""
+    return PREAMBLE_CUES[strategy]
+
+
+def preamble_strategy(preamble):
+    """The strategy a preamble cues, or None."""
+    return {cue: s for s, cue in PREAMBLE_CUES.items()}.get(preamble)
+
+
+def _draw_math_family(rng, family, **difficulty):
+    """make_problem("math") redrawn until its family is `family`."""
+    while True:
+        params = make_problem("math", rng, **difficulty)
+        if math_family(params) == family:
+            return params
+
+
+def generate_premise_math(n, seed, exclude=None, weights=None, preamble_share=0.0, slip=False,
+                          ripple_share=RIPPLE_SHARE, **difficulty):
+    """n distinct math problems of the premise setting as rows (deterministic given seed), with
+    the extra fields "family" and "preamble".
+
+    weights: strategy -> probability for rows without a preamble (None: all strategies equally
+    often, as in the default world). preamble_share: the fraction of rows with a preamble; their
+    strategy is uniform and the preamble shows it with probability PREAMBLE_MATCH, another
+    strategy otherwise. slip: column traces of ripple problems are the slipped ones (the
+    pretraining corpus only). ripple_share: the fraction of ripple problems.
+    """
+    rng = random.Random(f"toy-premise-math-{seed}")
+    strategies = STRATEGIES["math"]
+    weights = weights or {s: 1 / len(strategies) for s in strategies}
+    if set(weights) != set(strategies):
+        raise ValueError(f"weights must name exactly the math strategies {strategies}")
+    exclude = set(exclude or ())
+    rows, seen, tries = [], set(), 0
+    while len(rows) < n:
+        tries += 1
+        if tries > 100 * n + 1000:
+            raise ValueError(f"could not draw {n} distinct premise math problems; raise the digits")
+        family = "ripple" if rng.random() < ripple_share else "plain"
+        params = _draw_math_family(rng, family, **difficulty)
+        text = format_problem(params)
+        if text in seen or text in exclude:
+            continue
+        seen.add(text)
+        preamble = ""
+        if rng.random() < preamble_share:
+            strategy = rng.choice(strategies)
+            shown = strategy if rng.random() < PREAMBLE_MATCH else rng.choice(
+                [s for s in strategies if s != strategy])
+            preamble = make_preamble(shown)
+        else:
+            strategy = rng.choices(strategies, weights=[weights[s] for s in strategies])[0]
+        solution = (slipped_column_solution(params) if slip and strategy == "column"
+                    else solve(params, strategy))
+        rows.append({
+            "id": f"toy-premise-math-{seed}-{len(rows)}",
+            "problem": text,
+            "solution": solution,
+            "answer": true_answer(params),
+            "domain": "math",
+            "source": "toy",
+            "strategy": strategy,
+            "family": family,
+            "preamble": preamble,
+        })
+    return rows
 
 if __name__ == "__main__":
     import argparse
