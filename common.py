@@ -256,6 +256,99 @@ def all_reduce_mean(values, device):
     return t.tolist()
 
 
+# FSDP2 (--fsdp): each rank keeps 1/world of every weight, gradient and optimiser moment. One unit
+# per decoder layer plus the root (embedding, final norm, lm_head). The training path reads the
+# root's weights outside Transformer.forward (embed_rows, token_logprobs_and_entropy), so FSDP's
+# forward hooks cannot gather them: fsdp_before_backward gathers the root by hand before each
+# micro-batch; its gradients are reduce-scattered in FSDP's end-of-backward callback, after the
+# embedding's gradient has arrived, and it is resharded there. The layers gather themselves.
+
+def fsdp_shard(model):
+    """Shard a Transformer in place with FSDP2 over all ranks; returns it (now an FSDPModule).
+    Build the optimiser after this, on the sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    # The first forward decides which unit is the root; make it the whole model, not a layer
+    # that generation happens to run first.
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.inv_freq.device))
+    model.reshard()   # the root stays gathered after a forward; the optimiser must get the shards
+    return model
+
+
+def fsdp_units(model):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def fsdp_unshard_for_generation(model):
+    """Gather every unit and keep it whole until fsdp_before_backward: decoding runs a different
+    number of forward passes on each rank, so it must not all-gather layer by layer."""
+    for unit in fsdp_units(model):
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+
+
+def fsdp_before_backward(model):
+    """Before each training micro-batch: the layers back to their shards (they gather
+    themselves in forward and free themselves after), the root gathered by hand (see above).
+    A no-op for a model that is not sharded."""
+    units = fsdp_units(model)
+    for unit in units:
+        if unit is not model:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+    if units:
+        model.unshard()
+
+
+def local_shard(t):
+    """This rank's part of a (possibly sharded) tensor."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_value(t):
+    """A scalar or tensor that FSDP may return as a DTensor (a gradient norm), as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def fsdp_full_state(model, opt=None):
+    """(weights, optimiser state or None), gathered to whole tensors on the CPU of rank 0 (empty on
+    the others); the optimiser's state is keyed by parameter name. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    for unit in fsdp_units(model):   # the state is read from the shards the optimiser holds
+        unit.reshard()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            None if opt is None else get_optimizer_state_dict(model, opt, options=options))
+
+
+def fsdp_whole_model(sharded, weights):
+    """A plain Transformer holding the gathered `weights` (rank 0), to save as an HF directory."""
+    from model import Transformer
+    with torch.device("meta"):
+        model = Transformer(sharded.config)
+    if model.config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    model.load_state_dict(weights, strict=True, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.source_dir = sharded.source_dir
+    return model
+
+
+def fsdp_load_optimizer_state(model, opt, state):
+    """Load a whole optimiser state (keyed by parameter name, as fsdp_full_state gives it, present
+    on every rank) into the sharded optimiser: each rank keeps its part."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
 # -----------------------------------------------------------------------------
 # Progress bars: a live tqdm bar in a terminal; in a log file, a plain line now and then
 

@@ -101,6 +101,26 @@ LoPE against palette resampling (no schedule; 24 extra rollouts for each all-fai
     python rl.py --model runs/toy/sft/model --vae runs/toy/vae --schedule none --resample 24 \
         --resample-source vae --resample-L 8 --resample-credit prefixed ... --out runs/toy/rl_palette_resample
 Resume a killed run from its last checkpoint: add --resume (same flags).
+
+Sharded (--fsdp, FSDP2): with plain data parallelism every rank holds the whole model, its
+gradients and both AdamW moments, all in --dtype (there is no separate fp32 master copy): 8 bytes
+per parameter in bfloat16, 16 in float32. --fsdp keeps 1/ranks of each on every rank (one unit per
+decoder layer, plus the root: embedding, final norm, lm_head), gathers the whole model for the
+rollouts (generation reads every layer at every token; gathering layer by layer would cost an
+all-gather per token) and frees it before the update, which gathers one layer at a time.
+Per GPU at 8 ranks, before activations and KV cache (Qwen3 sizes 1.7B, 4.0B, 8.2B parameters):
+                         bfloat16                           float32
+                  1.7B      4B        8B             1.7B      4B        8B
+    DDP           13.6 GB   32 GB     66 GB          27 GB     64 GB     131 GB
+    FSDP2 update  1.7 GB    4 GB      8.2 GB         3.4 GB    8 GB      16 GB   (+ the root and
+                                         two layers gathered whole: about 3.3 GB at 8B in bfloat16)
+    FSDP2 rollout 5.1 GB    12 GB     25 GB          10 GB     24 GB     49 GB   (shards + whole weights)
+So 8B trains on 80 GB GPUs only sharded, in bfloat16 (float32 would leave too little for the KV
+cache). Checkpoints stay whole Hugging Face directories: the weights and the AdamW state are
+gathered to rank 0 and written as with DDP (so a run resumes on any number of ranks, and the
+files are the ones `transformers` and the DDP path read; the price is rank 0's CPU memory for
+one whole copy while it writes).
+    torchrun --nproc_per_node 8 rl.py --fsdp --model runs/sft-qwen3-8b/model ... --dtype bfloat16
 """
 
 import argparse
@@ -117,7 +137,9 @@ from safetensors.torch import save_file
 from common import (ArgumentParser, RunDir, UserError, all_reduce_mean, at_least, at_most,
                     atomic_save_dir, atomic_write_json, check_out_dir, check_ranks_in_sync,
                     check_seed, compute_init, ddp_info, finite, positive, print0, progress,
-                    read_json, rng_state, run_main, seed_everything, set_rng_state, sync_gradients)
+                    read_json, rng_state, run_main, seed_everything, set_rng_state, sync_gradients,
+                    fsdp_before_backward, fsdp_full_state, fsdp_load_optimizer_state, fsdp_shard,
+                    fsdp_unshard_for_generation, fsdp_whole_model, full_value, local_shard)
 from data import (GRADER, TEMPLATES, check_gold_answers, format_prompt, grade, grading_kind_for,
                   load_mixture)
 from model import (ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, PREFIX_SOURCES, Transformer,
@@ -152,6 +174,8 @@ parser.add_argument("--eval-every", type=int, default=10, help="steps between he
 parser.add_argument("--model", required=True, help="hub id or checkpoint directory (after sft_warmup.py)")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 parser.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
+parser.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser state "
+                    "over ranks (FSDP2) instead of replicating them (DDP)")
 # Palette
 parser.add_argument("--schedule", default="linear", choices=list(SCHEDULES))
 parser.add_argument("--rho", type=float, default=0.5, help="prefixed fraction of each group (constant)")
@@ -271,6 +295,12 @@ def check_args(args, world_size):
         if args.resample_source == "vae" and args.vae is None:
             raise UserError("--resample-source vae needs --vae DIR (a directory written by train_vae.py)")
     used = prefix_sources_in_use(args)
+    if args.fsdp and args.truncated == "mask":
+        raise UserError("--fsdp needs the same number of micro-batches on every rank (each is a "
+                        "collective), which --truncated mask does not give; use --truncated zero")
+    if args.fsdp and "lorem" in used:
+        raise UserError("--fsdp cannot read lorem text through the sharded embedding; use another "
+                        "prefix source, or leave out --fsdp")
     if args.region is not None and "vae" not in used:
         raise UserError("--region needs --prefix-source vae (or --resample-source vae): regions are "
                         "areas of the VAE's latent space")
@@ -620,6 +650,7 @@ def minibatch_backward(model, rollouts, rows, args):
         return sums
     for start in range(0, len(rows), args.micro_batch_size):
         idx = rows[start:start + args.micro_batch_size]
+        fsdp_before_backward(model)      # --fsdp: gather the root, whose weights embed_rows reads
         embeds, mask, targets, loss_mask = rollouts.batch(model, idx)
         logprobs, entropy = token_logprobs_and_entropy(model, embeds, mask, targets, loss_mask,
                                                        args.temperature)              # (b, T)
@@ -676,8 +707,9 @@ def update_policy(model, opt, ref_model, rollouts, args):
             sums = minibatch_backward(model, rollouts, rows, args)
             if sums["sequences"] == 0:
                 continue                         # nothing kept on any rank: no optimiser step
-            sync_gradients(model)                # the one place ranks synchronise
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+            if not args.fsdp:                    # FSDP reduce-scatters during backward instead
+                sync_gradients(model)            # the one place ranks synchronise
+            grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)).item()
             loss = all_reduce_mean([sums["loss"]], device)[0]
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 what = "gradient norm" if math.isfinite(loss) else "loss"
@@ -758,11 +790,17 @@ def training_warnings(history):
 # -----------------------------------------------------------------------------
 # Checkpoints: weights as a Hugging Face directory, optimiser tensors as safetensors, the rest JSON
 
-def save_checkpoint(path, model, opt, step, rng_states):
+def save_checkpoint(path, model, opt, step, rng_states, full_state=None):
+    """full_state: under --fsdp, (weights, optimiser state) gathered by fsdp_full_state; the
+    optimiser's entries are then keyed by parameter name instead of by index."""
     def write(tmp):
-        model.save_pretrained(os.path.join(tmp, "model"))
-        tensors, meta = {}, {"param_groups": opt.state_dict()["param_groups"], "state": {}}
-        for idx, state in opt.state_dict()["state"].items():
+        if full_state is None:
+            model.save_pretrained(os.path.join(tmp, "model"))
+        else:
+            fsdp_whole_model(model, full_state[0]).save_pretrained(os.path.join(tmp, "model"))
+        opt_state = opt.state_dict() if full_state is None else full_state[1]
+        tensors, meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
+        for idx, state in opt_state["state"].items():
             meta["state"][idx] = sorted(state)
             for key, value in state.items():
                 tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous() \
@@ -773,17 +811,23 @@ def save_checkpoint(path, model, opt, step, rng_states):
     atomic_save_dir(path, write)
 
 
-def load_checkpoint(path, opt, device):
-    """(step, RNG states) of the checkpoint in `path`, its optimiser state loaded into opt. A
-    missing, corrupt or mismatched file stops with one line naming it."""
+def load_checkpoint(path, opt, device, sharded=None):
+    """(step, RNG states) of the checkpoint in `path`, its optimiser state loaded into opt
+    (sharded: the FSDP model, whose optimiser state was saved by parameter name). A missing,
+    corrupt or mismatched file stops with one line naming it."""
     state_file = os.path.join(path, "trainer_state.json")
     trainer = read_json(state_file, "checkpoint state")
     tensors = read_safetensors_file(os.path.join(path, "optimizer.safetensors"))
     try:
-        state = {int(idx): {k: tensors.pop(f"{idx}.{k}").to(device if k != "step" else "cpu")
+        key = str if sharded is not None else int
+        state = {key(idx): {k: tensors.pop(f"{idx}.{k}").to(device if k != "step" else "cpu")
                             for k in keys}
                  for idx, keys in trainer["optimizer"]["state"].items()}
-        opt.load_state_dict({"state": state, "param_groups": trainer["optimizer"]["param_groups"]})
+        whole = {"state": state, "param_groups": trainer["optimizer"]["param_groups"]}
+        if sharded is None:
+            opt.load_state_dict(whole)
+        else:
+            fsdp_load_optimizer_state(sharded, opt, whole)
         return trainer["step"], trainer["rng"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: the checkpoint's optimiser state does not match this model or is "
@@ -847,6 +891,8 @@ def main(argv=None):
                                              args.seed, limit=args.eval_problems)
         check_fits_context(eval_rows, args.max_new_tokens, "prompt + max_new_tokens", "--eval-data", context)
 
+    if args.fsdp:
+        fsdp_shard(model)                # the optimiser below then holds only this rank's shards
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             betas=(0.9, 0.99), fused=device.type == "cuda")
     generators = {"prefix": torch.Generator().manual_seed(args.seed * 7919 + rank),     # latents
@@ -854,7 +900,7 @@ def main(argv=None):
                   "choice": torch.Generator().manual_seed(args.seed * 31 + rank)}       # who is prefixed
     last_checkpoint = None
     if resuming:
-        start_step, rngs = load_checkpoint(ckpt_dir, opt, device)
+        start_step, rngs = load_checkpoint(ckpt_dir, opt, device, model if args.fsdp else None)
         last_checkpoint = start_step
         set_rng_state(rngs[rank]["global"])
         for name, g in generators.items():
@@ -870,8 +916,10 @@ def main(argv=None):
 
     def checkpoint(step):
         nonlocal last_checkpoint
-        all_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
-        if not all_finite.item():   # ranks hold equal weights, so every rank stops here
+        all_finite = torch.stack([local_shard(p.detach()).isfinite().all() for p in model.parameters()]).all()
+        if args.fsdp:               # each rank holds other shards: all must be finite
+            all_finite = torch.tensor(all_reduce_mean([float(all_finite)], device)[0] == 1.0)
+        if not all_finite.item():   # every rank reaches the same answer, so every rank stops here
             raise UserError(f"non-finite weights after step {step - 1}, so no checkpoint is written; "
                             f"{checkpoint_note()}; lower --lr or use --dtype float32")
         state = {"global": rng_state(), **{name: generator_state(g) for name, g in generators.items()}}
@@ -880,8 +928,9 @@ def main(argv=None):
             dist.all_gather_object(states, state)
         else:
             states = [state]
+        full_state = fsdp_full_state(model, opt) if args.fsdp else None   # every rank gathers
         if master:
-            save_checkpoint(ckpt_dir, model, opt, step, states)
+            save_checkpoint(ckpt_dir, model, opt, step, states, full_state)
         if ddp:
             dist.barrier()
         last_checkpoint = step
@@ -904,6 +953,8 @@ def main(argv=None):
     history = []
     bar = progress(range(start_step, args.steps), "rl", total=args.steps, initial=start_step)
     for step in bar:
+        if args.fsdp:
+            fsdp_unshard_for_generation(model)   # rollouts (and evaluation) read whole weights
         tau = step / args.steps
         n_prefixed, L = prefix_plan(args.schedule, tau, G, args.rho, args.L)
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
@@ -961,13 +1012,18 @@ def main(argv=None):
             checkpoint(step + 1)
 
     if eval_rows:
+        if args.fsdp:
+            fsdp_unshard_for_generation(model)
         final = evaluate_greedy()
         run.log({"step": args.steps, "eval_pass1": final})
         print0(f"held-out greedy pass@1 after RL: {final:.3f}")
-    check_ranks_in_sync(model)
+    if not args.fsdp:                    # sharded ranks hold different parts by design
+        check_ranks_in_sync(model)
     checkpoint(args.steps)
+    weights = fsdp_full_state(model)[0] if args.fsdp else None
     if master:
-        model.save_pretrained(run.file("model"), tokenizer_dir=model.source_dir)
+        (fsdp_whole_model(model, weights) if args.fsdp else model).save_pretrained(
+            run.file("model"), tokenizer_dir=model.source_dir)
         print0(f"saved {run.file('model')}")
 
 

@@ -6,7 +6,9 @@ carry the answer, or the model would learn to copy it). The loss is the language
 only (prefix and prompt positions carry none). About 10 optimiser steps on purpose: enough to
 make the model read prefixes, too few to learn to ignore them or to memorise answers. The VAE is
 frozen. With --prefix-source none this is the plain SFT given to the baselines, so that RL
-comparisons start from equally fine-tuned models.
+comparisons start from equally fine-tuned models; noise, random_decoder and lorem warm a policy
+up for those baselines' prefixes (lorem: L tokens of fresh pseudo-Latin text, then a boundary
+instruction, L + b rows against the context).
 
 Before and after training it measures, on --eval-problems held-out problems: greedy pass@1 with
 no prefix (the warm-up must not damage the model) and the fraction of problems whose greedy
@@ -31,7 +33,8 @@ import torch
 
 from common import (ArgumentParser, RunDir, UserError, at_least, check_out_dir, check_seed,
                     compute_init, finite, positive, print0, progress, run_main, seed_everything,
-                    sync_gradients, check_ranks_in_sync)
+                    sync_gradients, check_ranks_in_sync, fsdp_before_backward, fsdp_full_state,
+                    fsdp_shard, fsdp_unshard_for_generation, fsdp_whole_model, full_value)
 from data import format_prompt, grade, grading_kind_for, load_mixture
 from model import (PREFIX_SOURCES, completion_batch, generate, load_policy, make_prefix_source,
                    prefix_health)
@@ -48,6 +51,8 @@ parser.add_argument("--eval-max-new-tokens", type=int, default=128)
 # Model
 parser.add_argument("--model", required=True, help="hub id or checkpoint directory")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+parser.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser state "
+                    "over ranks (FSDP2; rl.py's docstring gives the memory per GPU)")
 # Palette
 parser.add_argument("--prefix-source", default="vae", choices=PREFIX_SOURCES)
 parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
@@ -110,21 +115,29 @@ def check_args(args, world_size=1):
                         f"{args.micro_batch_size} over {world_size} ranks")
     if args.prefix_source == "vae" and args.vae is None:
         raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py); "
-                        "or choose --prefix-source none, noise or random_decoder")
+                        "or choose --prefix-source none, noise, random_decoder or lorem")
+    if args.fsdp and args.prefix_source == "lorem":
+        raise UserError("--fsdp cannot read lorem text through the sharded embedding; use another "
+                        "prefix source, or leave out --fsdp")
     check_out_dir(args.out)
 
 
-def check_eval_rows(args, rows, prompts, context):
-    """Held-out problems must have an answer to grade, and fit the context with their prefix and
-    the tokens generated for them."""
+def check_eval_rows(args, rows, prompts, context, source):
+    """Held-out problems must have an answer to grade, and fit the context with their prefix (of
+    max(L, 1) tokens, as prefix_sensitivity draws it: source.rows of that, L + b for lorem) and the
+    tokens generated for them."""
+    L = max(args.L, 1)
+    prefix_rows = source.rows(L)
+    prefix_note = f"prefix {prefix_rows}" + (f" (L {L} + {prefix_rows - L} boundary tokens)"
+                                             if prefix_rows > L else "")
     for r, p in zip(rows, prompts):
         name = r.get("id", r["problem"][:40])
         if r.get("answer") is None:
             raise UserError(f"--eval-data {args.eval_data}: problem {name!r} has no answer to grade against")
-        if len(p) + max(args.L, 1) + args.eval_max_new_tokens > context:
-            raise UserError(f"--eval-data problem {name!r}: {len(p)} prompt tokens + L {max(args.L, 1)} + "
+        if len(p) + prefix_rows + args.eval_max_new_tokens > context:
+            raise UserError(f"--eval-data problem {name!r}: {len(p)} prompt tokens + {prefix_note} + "
                             f"--eval-max-new-tokens {args.eval_max_new_tokens} exceeds the model's "
-                            f"context of {context}; lower --eval-max-new-tokens")
+                            f"context of {context}; lower --eval-max-new-tokens or --L")
 
 
 def main(argv=None):
@@ -137,11 +150,12 @@ def main(argv=None):
 
     model, tokenizer = load_policy(args.model, device, getattr(torch, args.dtype))
     context = model.config.max_position_embeddings
-    if args.L + 2 > context:
-        raise UserError(f"--L {args.L} leaves no room for a question and an answer in the model's "
-                        f"context of {context}")
     source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, args.vae,
-                                args.region, args.tie, args.seed)
+                                args.region, args.tie, args.seed, tokenizer=tokenizer)
+    prefix_rows = source.rows(args.L)       # embedding rows of one prefix: L, or L + b for lorem
+    if prefix_rows + 2 > context:
+        raise UserError(f"--L {args.L} ({prefix_rows} prefix rows with {source.name}) leaves no room "
+                        f"for a question and an answer in the model's context of {context}; lower --L")
 
     # -- (prompt, answer) token pairs --------------------------------------------------------
     rows = [r for r in load_mixture(args.data, per_domain_cap=args.per_domain_cap, seed=args.seed)
@@ -151,12 +165,12 @@ def main(argv=None):
     for r in rows:
         prompt = tokenizer(format_prompt(r["problem"], args.template, tokenizer), add_special_tokens=False)["input_ids"]
         answer = tokenizer(r["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(prompt) + len(answer) + args.L <= limit:
+        if len(prompt) + len(answer) + prefix_rows <= limit:
             pairs.append((prompt, answer))
     why = "--max-tokens" if args.max_tokens <= context else "the model's context"
     if not pairs:
         raise UserError(f"--data {args.data}: no pairs with a solution within {limit} tokens ({why}) "
-                        f"with L = {args.L}")
+                        f"with L = {args.L} ({prefix_rows} prefix rows)")
     if len(pairs) < len(rows):
         print0(f"note: left out {len(rows) - len(pairs)} of {len(rows)} pairs longer than {limit} "
                f"tokens with the prefix ({why})")
@@ -169,7 +183,8 @@ def main(argv=None):
     if args.eval_data:
         eval_rows = load_mixture(args.eval_data, seed=args.seed)[:args.eval_problems]
         check_eval_rows(args, eval_rows, [tokenizer(format_prompt(r["problem"], args.template, tokenizer),
-                                                    add_special_tokens=False)["input_ids"] for r in eval_rows], context)
+                                                    add_special_tokens=False)["input_ids"] for r in eval_rows],
+                        context, source)
         kind = grading_kind_for(eval_rows[0])
         before = prefix_sensitivity(model, tokenizer, eval_rows, source, max(args.L, 1),
                                     args.template, args.eval_max_new_tokens, kind)
@@ -177,6 +192,8 @@ def main(argv=None):
 
     # -- train ----------------------------------------------------------------------------------
     model.train()
+    if args.fsdp:
+        fsdp_shard(model)                # the optimiser below then holds only this rank's shards
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             betas=(0.9, 0.95))
     per_rank = args.batch_size // world_size
@@ -193,6 +210,7 @@ def main(argv=None):
         for i in range(0, len(batch), args.micro_batch_size):
             micro = batch[i:i + args.micro_batch_size]
             prefixes = source.sample(len(micro), args.L, generator=g_prefix)   # prior draws
+            fsdp_before_backward(model)  # --fsdp: gather the root, whose weights embed_rows reads
             embeds, mask, targets, loss_mask = completion_batch(
                 model, [p for p, _ in micro], [a for _, a in micro],
                 None if prefixes is None else list(prefixes.to(device)))
@@ -202,21 +220,26 @@ def main(argv=None):
             total_loss += loss.item()
         if not math.isfinite(total_loss):
             raise UserError(f"non-finite loss at step {step}; nothing was saved; lower --lr")
-        sync_gradients(model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        if not args.fsdp:                # FSDP reduce-scatters during backward instead
+            sync_gradients(model)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         run.log({"step": step, "loss": total_loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_tokens})
         bar.set_postfix(loss=f"{total_loss:.4f}")
 
+    if args.fsdp:
+        weights = fsdp_full_state(model)[0]      # every rank gathers; rank 0 keeps the whole copy
+        fsdp_unshard_for_generation(model)       # the checks below generate with whole weights
     if eval_rows is not None:
         after = prefix_sensitivity(model, tokenizer, eval_rows, source, max(args.L, 1),
                                    args.template, args.eval_max_new_tokens, kind)
         print0(f"after warm-up:  {after}")
         run.log({"before": before, "after": after}, name="summary.jsonl")
-    check_ranks_in_sync(model)
+    if not args.fsdp:                            # sharded ranks hold different parts by design
+        check_ranks_in_sync(model)
     if master:
-        model.save_pretrained(run.file("model"))
+        (fsdp_whole_model(model, weights) if args.fsdp else model).save_pretrained(run.file("model"))
         print0(f"saved {run.file('model')}")
         # can the warmed-up policy read the prefixes? (geometry, changed and broken answers)
         health, health_lines = prefix_health(source, model, [p for p, _ in pairs[:64]], tokenizer, max(args.L, 1))

@@ -57,6 +57,7 @@ parser.add_argument("--template", default="plain", help="plain | math | chat")
 parser.add_argument("--max-new-tokens", type=int, default=48)
 # Model and palette
 parser.add_argument("--model", required=True, help="the base policy (before any warm-up)")
+parser.add_argument("--label", default="base", help="--model's name in the table")
 parser.add_argument("--vae", required=True, help="directory written by train_vae.py for this policy")
 parser.add_argument("--region", default="math", help="the VAE's latent region to sample from")
 parser.add_argument("--forms", default=",".join(PREFIX_FORMS), help="prefix forms to measure")
@@ -216,7 +217,7 @@ def write_table(results, path, k):
 
 def main():
     args = parser.parse_args()
-    forms = args.forms.split(",")
+    forms = [form for form in args.forms.split(",") if form]      # --forms "": references only
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
     settings = {k: getattr(args, k) for k in ("data", "problems", "template", "max_new_tokens",
@@ -268,7 +269,7 @@ def main():
         if "sampling" in args.references.split(","):
             run_row(model, tokenizer, model_label, "token sampling T=1", Sampling())
 
-    run_model(args.model, "base", forms)
+    run_model(args.model, args.label, forms)
     if args.warmup_data:
         for steps in [int(s) for s in args.warmups.split(",")]:
             for form in forms:

@@ -305,3 +305,70 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(world, tmp_path, monkeyp
     assert state["step"] == 3
     tensors = load_file(str(tmp_path / "checkpoint" / "model" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+# -- sft_warmup.py with lorem prefixes (a tiny random model of its own, context 128) ---------------
+
+def tiny_lorem_world(root):
+    """A random 1-layer model over the toy tokenizer (context 128) and a few 2-digit toy problems:
+    enough for sft_warmup.py to run two steps, far quicker than the pretrained `world`."""
+    from model import ModelConfig, Transformer
+    from toy.task import generate as toy_rows, write_jsonl
+    from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+    tokenizer = build_tokenizer(str(root / "tokenizer"))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
+                                    intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
+                                    max_position_embeddings=128, eos_token_id=EOS_ID, pad_token_id=PAD_ID))
+    model.init_weights()
+    model.save_pretrained(str(root / "model"), tokenizer_dir=str(root / "tokenizer"))
+    write_jsonl(toy_rows("math", 16, seed=1, digits=2), str(root / "train.jsonl"))
+    write_jsonl(toy_rows("math", 4, seed=2, digits=2), str(root / "test.jsonl"))
+    return tokenizer, ["--model", str(root / "model"), "--data", str(root / "train.jsonl"),
+                       "--eval-data", str(root / "test.jsonl"), "--eval-problems", "4",
+                       "--prefix-source", "lorem", "--steps", "2", "--batch-size", "4",
+                       "--micro-batch-size", "2", "--lr", "1e-3"]
+
+
+def test_sft_warms_up_with_lorem_prefixes(tmp_path, monkeypatch):
+    import model as model_module
+    import sft_warmup
+    tokenizer, argv = tiny_lorem_world(tmp_path)
+    drawn = []           # (prefixes asked for, L, embedding rows of each) of every lorem draw
+    original = model_module.LoremPrefix._draw
+
+    def recorded(self, n, L, generator):
+        prefixes = original(self, n, L, generator)                  # (n, L + b, d)
+        drawn.append((n, L, prefixes.shape[1]))
+        return prefixes
+    monkeypatch.setattr(model_module.LoremPrefix, "_draw", recorded)
+    sft_warmup.main(argv + ["--L", "4", "--eval-max-new-tokens", "8", "--out", str(tmp_path / "sft")])
+    boundary = len(tokenizer(model_module.LOREM_BOUNDARY, add_special_tokens=False)["input_ids"])
+    assert (2, 4, 4 + boundary) in drawn                          # the training micro-batches'
+    assert all(rows == L + boundary for _, L, rows in drawn)
+    assert len(metrics(tmp_path / "sft")) == 2
+    before = load_file(str(tmp_path / "model" / "model.safetensors"))
+    after = load_file(str(tmp_path / "sft" / "model" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("flags, message", [
+    # 80 + b rows (b, the boundary instruction, is 51 toy tokens) leave no room in 128 positions;
+    # 80 + 2 would
+    (["--L", "80"], lambda b: f"--L 80 ({80 + b} prefix rows with lorem) leaves no room"),
+    # a held-out prompt (8 tokens) + 8 + b rows + 64 new tokens > 128; 8 + 8 + 64 would fit
+    (["--L", "8", "--eval-max-new-tokens", "64"], lambda b: f"prefix {8 + b} (L 8 + {b} boundary "
+     "tokens) + --eval-max-new-tokens 64 exceeds the model's context of 128"),
+])
+def test_sft_refuses_a_lorem_prefix_too_long_for_the_context(tmp_path, flags, message):
+    import re
+    import sft_warmup
+    from common import UserError
+    from model import LOREM_BOUNDARY
+    tokenizer, argv = tiny_lorem_world(tmp_path)
+    b = len(tokenizer(LOREM_BOUNDARY, add_special_tokens=False)["input_ids"])
+    with pytest.raises(UserError, match=re.escape(message(b))) as refusal:
+        sft_warmup.main(argv + flags + ["--out", str(tmp_path / "sft")])
+    assert "\n" not in str(refusal.value)
+    assert not os.path.exists(tmp_path / "sft" / "model")

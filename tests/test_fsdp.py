@@ -1,0 +1,121 @@
+"""--fsdp (FSDP2) against the DDP path, on two CPU ranks over gloo: the same weights from the same
+seed, a killed sharded run that resumes to the same state, and checkpoints that stay whole
+Hugging Face directories.
+
+Run:  OMP_NUM_THREADS=1 python -m pytest tests/test_fsdp.py -q      (a few minutes on one core;
+      it builds the tiny world of tests/test_stages.py)
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_stages import REPO, metrics, rl_args, run_script, world  # noqa: F401 (world: a fixture)
+
+# Prefixed rollouts (noise source), so the sharded embedding also carries prefix rows; a high
+# learning rate, so that a gradient the sharded path got wrong shows in the weights.
+RL = ("--schedule", "linear", "--prefix-source", "noise", "--L", "2", "--prompts-per-step", "4",
+      "--group-size", "4", "--lr", "1e-3", "--micro-batch-size", "4")
+
+
+def weights(run_dir):
+    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
+
+
+def base_weights(world):
+    return load_file(os.path.join(world, "base", "model.safetensors"))
+
+
+def test_fsdp_rl_matches_ddp(world, tmp_path):
+    run_script("rl.py", *rl_args(world, tmp_path / "ddp", *RL, "--steps", "3"), nproc=2)
+    run_script("rl.py", *rl_args(world, tmp_path / "fsdp", *RL, "--steps", "3", "--fsdp"), nproc=2)
+    ddp, fsdp, base = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), base_weights(world)
+    assert ddp.keys() == fsdp.keys()
+    moved = max((ddp[k] - base[k]).abs().max().item() for k in ddp)
+    assert moved > 1e-4, "the runs did not train, so the comparison would say nothing"
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5, msg=k)
+    a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
+    assert [m["reward_mean"] for m in a] == [m["reward_mean"] for m in b]
+    assert all(abs(x["grad_norm"] - y["grad_norm"]) < 1e-4 * max(1.0, x["grad_norm"])
+               for x, y in zip(a, b))
+
+
+def test_fsdp_sft_matches_ddp(world, tmp_path):
+    args = ("--model", world / "base", "--prefix-source", "noise", "--data",
+            world / "math_train.jsonl", "--steps", "2", "--batch-size", "8",
+            "--micro-batch-size", "2", "--lr", "1e-3")
+    run_script("sft_warmup.py", *args, "--out", tmp_path / "ddp", nproc=2)
+    run_script("sft_warmup.py", *args, "--out", tmp_path / "fsdp", "--fsdp", nproc=2)
+    ddp, fsdp = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
+    assert any(not torch.equal(ddp[k], v) for k, v in base_weights(world).items())
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fsdp_killed_run_resumes_exactly(world, tmp_path):
+    """SIGKILL to every process of a --fsdp torchrun after its first checkpoint; resumed, it ends
+    bit for bit where an uninterrupted --fsdp run ends (weights, and the rewards of every step)."""
+    common = (*RL, "--steps", "8", "--save-every", "2", "--fsdp")
+    run_script("rl.py", *rl_args(world, tmp_path / "straight", *common), nproc=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           os.path.join(REPO, "rl.py"), *[str(a) for a in rl_args(world, tmp_path / "killed", *common)]]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    state_file = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
+    while not state_file.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)          # the launcher and both ranks
+    assert proc.wait() == -9, "the run finished before it could be killed"
+    killed_at = json.load(open(state_file))["step"]
+    assert killed_at < 8
+    run_script("rl.py", *rl_args(world, tmp_path / "killed", *common, "--resume"), nproc=2)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in metrics(tmp_path / "killed")] == list(range(8))
+    assert [m["reward_mean"] for m in metrics(tmp_path / "killed")] == \
+        [m["reward_mean"] for m in metrics(tmp_path / "straight")]
+
+
+def test_fsdp_checkpoint_is_a_whole_hf_directory(world, tmp_path):
+    """The sharded run's checkpoint holds whole tensors: transformers loads the weights and gives
+    our model's logits; the optimiser state covers every parameter, by name, at full size."""
+    from transformers import AutoModelForCausalLM
+    from model import Transformer
+    run_script("rl.py", *rl_args(world, tmp_path, *RL, "--steps", "2", "--save-every", "1",
+                                 "--fsdp"), nproc=2)
+    ckpt = tmp_path / "checkpoint"
+    ours = Transformer.from_pretrained(str(ckpt / "model")).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(str(ckpt / "model")).eval()
+    ids = torch.tensor([[3, 7, 11, 5, 9, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids), theirs(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    opt = load_file(str(ckpt / "optimizer.safetensors"))
+    params = dict(ours.named_parameters())       # a tied lm_head appears once
+    for name, p in params.items():
+        assert opt[f"{name}.exp_avg"].shape == p.shape and opt[f"{name}.exp_avg_sq"].shape == p.shape
+    assert json.load(open(ckpt / "trainer_state.json"))["step"] == 2
+
+
+def test_fsdp_refuses_what_it_cannot_shard():
+    """Flags --fsdp cannot serve stop at start-up in one line: uneven micro-batch counts over
+    ranks (masked truncations) and lorem text read through the sharded embedding."""
+    import rl
+    import sft_warmup
+    from common import UserError
+    base = ["--model", "m", "--data", "d.jsonl", "--out", "o", "--fsdp"]
+    with pytest.raises(UserError, match="--truncated zero"):
+        rl.check_args(rl.parser.parse_args(base + ["--schedule", "none", "--truncated", "mask"]), 2)
+    with pytest.raises(UserError, match="lorem"):
+        rl.check_args(rl.parser.parse_args(base + ["--schedule", "linear", "--prefix-source", "lorem"]), 2)
+    with pytest.raises(UserError, match="lorem"):
+        sft_warmup.check_args(sft_warmup.parser.parse_args(base + ["--prefix-source", "lorem"]), 2)
+    rl.check_args(rl.parser.parse_args(base + ["--schedule", "none"]), 2)     # the plain case runs
