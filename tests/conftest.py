@@ -3,12 +3,14 @@
 Run the whole suite with:  python -m pytest -q
 """
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never reach a hub
 torch.set_num_threads(2)
@@ -58,3 +60,49 @@ def hf_checkpoint(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     return request.param, str(path), model
+
+
+# -- the stages' tiny trained world (tests/test_stages.py, tests/test_fsdp.py) ----------------------
+
+@pytest.fixture(scope="session")
+def stages_world(tmp_path_factory):
+    """A tiny world: char tokenizer, 2-digit addition data, a 2-layer model pretrained for 400
+    steps (greedy pass@1 about 30%, so RL has reward to start from and room above), a VAE."""
+    from common import RunDir
+    from model import ModelConfig, Transformer
+    from toy import build_world
+    from toy.task import generate as toy_rows, write_jsonl
+    from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+    root = tmp_path_factory.mktemp("world")
+    tokenizer = build_tokenizer(str(root / "tokenizer"))
+    rows = toy_rows("math", 3000, seed=1, digits=2)
+    write_jsonl(rows, str(root / "math_train.jsonl"))
+    write_jsonl(toy_rows("math", 40, seed=2, digits=2, exclude={r["problem"] for r in rows}),
+                str(root / "math_test.jsonl"))
+    for domain in ("math", "code", "qa"):
+        write_jsonl(toy_rows(domain, 150, seed=3), str(root / f"vae_{domain}.jsonl"))
+    torch.manual_seed(0)
+    config = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=64,
+                         intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                         max_position_embeddings=256, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model = Transformer(config)
+    model.init_weights()
+    args = build_world.parse_args(["--out", str(root), "--steps", "400", "--warmup", "20"])
+    build_world.train(model, build_world.encode_examples(rows, tokenizer), args, RunDir(str(root)))
+    model.save_pretrained(str(root / "base"), tokenizer_dir=str(root / "tokenizer"))
+    run_script("train_vae.py", "--model", root / "base", "--out", root / "vae", "--steps", "300",
+               "--data", ",".join(f"{d}={root}/vae_{d}.jsonl" for d in ("math", "code", "qa")))
+    return root
+
+
+def run_script(script, *args, nproc=None, check=True):
+    cmd = [sys.executable, os.path.join(REPO, script)] if nproc is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+         os.path.join(REPO, script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc else "2", PYTHONPATH=REPO)
+    result = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stderr[-3000:]}")
+    return result
