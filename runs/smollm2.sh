@@ -18,7 +18,7 @@
 #   bash runs/smollm2.sh                        # sized for a 2-core CPU: 20 problems x 16 candidates
 #   FULL=1 bash runs/smollm2.sh                 # 40 problems x 16 candidates, GRPO 10 steps
 #   SMOKE=1 bash runs/smollm2.sh                # every step at a tiny size, into runs/smollm2-smoke/
-#                                               # (checks the script end to end in a few minutes)
+#                                               # (checks the script end to end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=runs/smollm2
