@@ -32,7 +32,7 @@ def tiny_model(seed=0, d=16):
 def update_args(**overrides):
     args = dict(aggregation="token-mean", max_new_tokens=6, micro_batch_size=2, temperature=0.8,
                 clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0, entropy_coef=0.0, epochs=1,
-                minibatches=1, grad_clip=float("inf"), resample_credit="naive")
+                minibatches=1, grad_clip=float("inf"), resample_credit="naive", fsdp=False)
     return SimpleNamespace(**{**args, **overrides})
 
 
