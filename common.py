@@ -517,6 +517,19 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
+def replace_readme_section(readme, name, section):
+    """Rewrite the text between `<!-- NAME:start -->` and `<!-- NAME:end -->` in a README (the
+    reports' maintainer step); the markers must already be there, so a report never decides where
+    in the README its section goes."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = open(readme).read()
+    if start not in text or end not in text:
+        raise UserError(f"{readme} has no {start} ... {end} markers: add them where the section belongs")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    atomic_write_text(readme, f"{before}{start}\n{section.strip()}\n{end}{after}")
+
+
 def atomic_save_file(path, write_fn):
     """write_fn(tmp_path) writes a file that then replaces `path` in one rename."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -451,6 +451,16 @@ def grade(completion, answer, kind):
     return GRADER(completion, answer, kind)
 
 
+def answer_of(completion, kind):
+    """The answer a completion states, read as grade() reads it (None: it states none): the last
+    \\boxed{} for math, gsm8k_prediction for gsm8k, the last 'answer:' line for toy. For counting
+    distinct answers among the candidates of a problem."""
+    if kind == "toy":
+        from toy.task import extract_answer
+        return extract_answer(completion)
+    return gsm8k_prediction(completion) if kind == "gsm8k" else last_boxed(completion)
+
+
 def grading_kind_for(row_or_source):
     """How completions for a row, or for the rows of a file or hub dataset, are graded.
     A row's `grading_kind` (load_rows sets one on every row, so every stage gets the same

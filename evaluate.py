@@ -10,7 +10,9 @@ or lorem (--L tokens of fresh pseudo-Latin text, then a boundary instruction: Lo
 perturbation in the same slot, L + b embedding rows that count against the context).
 pass@1 is the mean accuracy over all candidates; pass@k is the unbiased estimator of Chen et al.
 (2021), 1 - C(n - c, k) / C(n, k) for c correct of n, averaged over problems. A candidate cut off
-at --max-new-tokens (no eos) counts as wrong, as in rl.py's default. Latents of problem
+at --max-new-tokens (no eos) counts as wrong, as in rl.py's default. Beside them, the mean number
+of distinct answers the n candidates of a problem state (data.answer_of; a cut-off candidate
+states none): diversity, whether or not it is right. Latents of problem
 i come from a generator seeded by (--seed, problem id), so they do not depend on batching,
 sharding or resuming.
 
@@ -51,7 +53,7 @@ import torch.distributed as dist
 from common import (ArgumentParser, UserError, acquire_lock, at_least, atomic_write_json,
                     atomic_write_text, check_out_dir, check_seed, compute_init, finite, on_master,
                     print0, progress, read_json, recover_leftovers, run_main, set_interrupt_hint)
-from data import (BENCHMARKS, GRADER, TEMPLATES, format_prompt, grade, grading_kind_for,
+from data import (BENCHMARKS, GRADER, TEMPLATES, answer_of, format_prompt, grade, grading_kind_for,
                   load_benchmark, load_rows, resolve_benchmark)
 from model import PREFIX_SOURCES, generate, load_policy, make_prefix_source
 
@@ -158,7 +160,12 @@ def write_tables(path_json, path_md, name, entry):
             cells = ["–" if v is None else f"{100 * v:.2f}" for v in vals + [avg]]
             lines.append(f"| {cname} | " + " | ".join(cells) + " |")
         lines.append("")
-    atomic_write_text(path_md, "\n".join(lines))
+    lines += ["### distinct answers per problem", "", "| Config | " + " | ".join(columns) + " |",
+              "|---" * (len(columns) + 1) + "|"]
+    for cname, c in configs.items():
+        vals = [c["benchmarks"].get(b, {}).get("distinct_answers") for b in columns]
+        lines.append(f"| {cname} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals) + " |")
+    atomic_write_text(path_md, "\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
@@ -333,8 +340,13 @@ def main(argv=None):
             if missing:
                 raise UserError(f"{bench}: no record for {len(missing)} problems (first {missing[0]!r})")
             counts = [records[k]["correct"] for k in keys]
+            # diversity beside accuracy: how many different answers the n candidates of a problem
+            # state (a cut-off completion states none), the paper's claim (a) in one number
+            distinct = [len({answer_of(t, kind) for t, done in zip(r["completions"], r["stopped"]) if done}
+                            - {None}) for r in (records[k] for k in keys)]
             entry["benchmarks"][bench] = {"n_problems": len(keys), **{
-                f"pass@{k}": sum(pass_at_k(args.n, c, k) for c in counts) / len(counts) for k in ks}}
+                f"pass@{k}": sum(pass_at_k(args.n, c, k) for c in counts) / len(counts) for k in ks},
+                "distinct_answers": sum(distinct) / len(distinct)}
             print0(f"{bench}: " + ", ".join(f"pass@{k} {100 * entry['benchmarks'][bench][f'pass@{k}']:.2f}"
                                             for k in ks) + f" ({GRADER.failures} grading failures so far)")
         if ddp:

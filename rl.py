@@ -226,6 +226,8 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--save-every", type=int, default=25, help="steps between checkpoints (0: only at the end)")
 parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
 parser.add_argument("--sample-every", type=int, default=10, help="steps between decoded rollouts in samples.jsonl")
+parser.add_argument("--samples-per-step", type=int, default=4,
+                    help="rollouts written at such a step, spread over the batch (0: every rollout)")
 
 
 MAX_EPOCHS = 100   # passes over one batch of rollouts; PPO-style training uses a few
@@ -239,7 +241,8 @@ def check_args(args, world_size):
              micro_batch_size=args.micro_batch_size, eval_problems=args.eval_problems,
              per_domain_cap=args.per_domain_cap)
     at_least(0, L=args.L, eval_every=args.eval_every, save_every=args.save_every,
-             sample_every=args.sample_every, warmup_steps=args.warmup_steps)
+             sample_every=args.sample_every, samples_per_step=args.samples_per_step,
+             warmup_steps=args.warmup_steps)
     at_most(MAX_EPOCHS, epochs=args.epochs)
     if args.group_size < 2:
         raise UserError(f"--group-size must be >= 2, got {args.group_size}: advantages compare the "
@@ -998,8 +1001,11 @@ def main(argv=None):
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}", rho=f"{record['rho']:.2f}")
         if master and args.sample_every and step % args.sample_every == 0:
             r = rollouts                  # as trained: after regrouping
-            shown = list(range(0, len(r), max(1, len(r) // 4)))
-            shown += [i for i in r.resampled.nonzero()[:, 0].tolist() if i not in shown][:2]
+            if args.samples_per_step:          # a few to read, and up to two rescued by resampling
+                shown = list(range(0, len(r), max(1, len(r) // args.samples_per_step)))
+                shown += [i for i in r.resampled.nonzero()[:, 0].tolist() if i not in shown][:2]
+            else:                              # every rollout: for measuring behaviour over training
+                shown = list(range(len(r)))
             for i in shown:
                 prefix = r.prefixes[i]
                 run.log({"step": step, "problem": r.problems[i]["problem"], "completion": r.texts[i],

@@ -8,7 +8,8 @@ For one policy and one VAE, on --problems held-out problems, greedy decoding, on
                     problem, share of broken answers (model.is_broken: empty or one repeated token)
     vae <region>    the same with latents from the VAE's --region (default math)
     noise           reference: a Gaussian vector at the token norm (model.NoisePrefix)
-    lorem           reference: 4-12 pseudo-Latin words, as the real embeddings of their tokens
+    lorem           reference: --lorem-L tokens of pseudo-Latin text and the boundary instruction,
+                    as the policy's own token embeddings (model.LoremPrefix, rl.py's lorem source)
 Every form is measured on the base model, then each form is warmed up with sft_warmup.py for each
 of --warmups steps (its VAE copied with vae.json's "prefix_form" set: the form changes no weight)
 and measured again on the warmed model, the references beside it. Latents of problem i come from a
@@ -32,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -41,10 +41,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import atomic_write_json, atomic_write_text  # noqa: E402
-from data import format_prompt, grade, grading_kind_for, gsm8k_prediction, last_boxed, load_rows  # noqa: E402
+from data import answer_of, format_prompt, grade, grading_kind_for, load_rows  # noqa: E402
 from model import (PREFIX_FORMS, NoisePrefix, VAEPrefix, generate, is_broken, load_policy,  # noqa: E402
                    load_vae, make_prefix_source, prefix_health)
-from toy.task import extract_answer as toy_answer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +63,7 @@ parser.add_argument("--forms", default=",".join(PREFIX_FORMS), help="prefix form
 parser.add_argument("--region-forms", default=",".join(PREFIX_FORMS),
                     help="the forms also measured with --region latents (each costs a row per model)")
 parser.add_argument("--latents", type=int, default=16, help="prefixes (greedy candidates) per problem")
+parser.add_argument("--lorem-L", type=int, default=16, help="text tokens of a lorem reference prefix")
 parser.add_argument("--references", default="noise,lorem",
                     help="references measured on every model: noise, lorem, random_decoder, sampling "
                          "(token sampling at T = 1 with no prefix, --latents samples)")
@@ -75,29 +75,6 @@ parser.add_argument("--warmup-args", default="", help="more sft_warmup.py flags,
 parser.add_argument("--batch-size", type=int, default=64, help="rows per generate()")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
-
-LOREM_WORDS = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
-               "incididunt ut labore et dolore magna aliqua enim ad minim veniam quis nostrud "
-               "exercitation ullamco laboris nisi aliquip ex ea commodo consequat duis aute irure "
-               "in reprehenderit voluptate velit esse cillum fugiat nulla pariatur excepteur sint "
-               "occaecat cupidatat non proident sunt culpa qui officia deserunt mollit anim id est "
-               "laborum").split()
-
-
-class LoremPrefix:
-    """4-12 pseudo-Latin words as the embeddings of their real tokens, one text per candidate."""
-    name = "lorem"
-
-    def __init__(self, model, tokenizer):
-        self.E, self.tokenizer = model.embed_tokens.weight.detach(), tokenizer
-
-    def sample(self, n, L, generator=None):
-        rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=generator)))
-        texts = [" ".join(rng.choice(LOREM_WORDS) for _ in range(rng.randint(4, 12))) + "\n"
-                 for _ in range(n)]
-        return [self.E[torch.tensor(self.tokenizer(t, add_special_tokens=False)["input_ids"])]
-                for t in texts]                                                  # n x (L_i, d)
-
 
 def mean(values):
     return sum(values) / len(values)
@@ -116,13 +93,6 @@ def pass_at_k(n, c, k):
     """Unbiased pass@k from c right of n candidates (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
     c = round(c)                  # the grader scores 0.0 or 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def answer_of(completion, kind):
-    """The answer a completion gives, for counting distinct answers (None: it gives none)."""
-    if kind == "toy":
-        return toy_answer(completion)
-    return gsm8k_prediction(completion) if kind == "gsm8k" else last_boxed(completion)
 
 
 class Sampling:
@@ -144,7 +114,8 @@ def measure(model, tokenizer, rows, kind, source, args):
     items = []                                                   # (problem index, prefix or None)
     for i in range(len(rows)):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + i)   # same z for every form
-        prefixes = [None] * n if source is None or sampling else list(source.sample(n, 1, generator=g))
+        L = args.lorem_L if getattr(source, "name", None) == "lorem" else 1      # text needs words
+        prefixes = [None] * n if source is None or sampling else list(source.sample(n, L, generator=g))
         items += [(i, p) for p in prefixes]
     correct = [[] for _ in rows]
     answers = [[] for _ in rows]
@@ -221,7 +192,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
     settings = {k: getattr(args, k) for k in ("data", "problems", "template", "max_new_tokens",
-                                                "latents", "region", "seed")}
+                                                "latents", "region", "seed", "lorem_L")}
     results = {"settings": settings, "rows": {}}
     if os.path.exists(results_path):
         with open(results_path) as f:
@@ -239,7 +210,7 @@ def main():
         started = time.time()
         r = measure(model, tokenizer, rows, kind, source, args)
         r["seconds"] = time.time() - started
-        if source is not None and not isinstance(source, (LoremPrefix, Sampling)):
+        if source is not None and getattr(source, "name", None) not in ("lorem", "sampling"):
             r.update(prefix_health(source)[0])
         results["rows"][key] = r
         atomic_write_json(results_path, results)
@@ -262,7 +233,8 @@ def main():
         if "noise" in args.references.split(","):
             run_row(model, tokenizer, model_label, "noise", NoisePrefix(E.shape[1], E.norm(dim=-1).mean()))
         if "lorem" in args.references.split(","):
-            run_row(model, tokenizer, model_label, "lorem", LoremPrefix(model, tokenizer))
+            run_row(model, tokenizer, model_label, f"lorem {args.lorem_L}",
+                    make_prefix_source("lorem", E, tokenizer=tokenizer))
         if "random_decoder" in args.references.split(","):
             run_row(model, tokenizer, model_label, "random_decoder",
                     make_prefix_source("random_decoder", E, seed=args.seed))

@@ -23,9 +23,10 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
+
+from common import replace_readme_section, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,17 +123,6 @@ def grpo_summary(run_dir):
             "generate_share": sum(r["time_generate"] for r in steps) / sum(per_step)}
 
 
-def write_readme(section):
-    path = os.path.join(REPO, "README.md")
-    text = open(path).read()
-    start, end = "<!-- smollm2-report:start -->", "<!-- smollm2-report:end -->"
-    block = f"{start}\n{section}\n{end}"
-    if start not in text:
-        sys.exit(f"README.md has no {start} marker: add the SmolLM2 section first")
-    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    open(path, "w").write(text)
-
-
 def main():
     args = parser.parse_args()
     world = args.dir
@@ -178,11 +168,11 @@ mean reward per step (%) {rewards}; {grpo['seconds_per_step']:.0f} s per step, {
     print(section)
     if args.readme:
         shutil.copy(f"{world}/vae/latents.png", os.path.join(REPO, "docs", "smollm2_latents.png"))
-        write_readme(section)
+        replace_readme_section(os.path.join(REPO, "README.md"), "smollm2-report", section)
         print("README.md updated")
     else:
         print(f"wrote {world}/report/report.md (README.md untouched; --readme refreshes it)")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

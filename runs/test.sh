@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
 PY=$(command -v python || command -v python3)
-exec "$PY" -m pytest -q "$@"
+exec "$PY" -m pytest -q --durations=15 "$@"

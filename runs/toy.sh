@@ -14,10 +14,16 @@
 # and a stage stopped part-way (Ctrl-C) without one starts again.
 #   bash runs/toy.sh                 # everything under runs/toy/
 #   QUICK=1 bash runs/toy.sh         # steps 0-5 only (no multi-seed report)
+#   SETTING=premise QUICK=1 bash runs/toy.sh   # the same steps in the premise world, runs/toy_premise/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
-W=runs/toy
+SETTING=${SETTING:-default}
+case $SETTING in
+    default) W=runs/toy ;;
+    premise) W=runs/toy_premise ;;
+    *) echo "error: SETTING=$SETTING; choose default or premise" >&2; exit 2 ;;
+esac
 D=$W/data
 
 # a live process holds DIR/.lock: a run is working in DIR now
@@ -45,7 +51,7 @@ stage() {
     fi
 }
 
-python -m toy.build_world --out $W
+python -m toy.build_world --out $W --setting $SETTING
 
 stage $W/vae vae.json python train_vae.py --model $W/base --out $W/vae \
     --data math=$D/vae_math.jsonl,code=$D/vae_code.jsonl,qa=$D/vae_qa.jsonl

@@ -53,6 +53,36 @@ def make_hf_model(family, seed=0, vocab_size=97, hidden_size=64, layers=2):
     return model
 
 
+def tiny_toy_model(tokenizer_dir=None, layers=1, context=128, tied=True, std=None, seed=0):
+    """(model, tokenizer): a random Qwen3-shaped model over the toy tokenizer (hidden 32, two heads
+    of 16 dims sharing one KV head, MLP 64), the stand-in checkpoint of the stage, loader and
+    prefix tests. tokenizer_dir: where to save the tokenizer (pass it to save_pretrained too)."""
+    from model import ModelConfig, Transformer
+    from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+    tokenizer = build_tokenizer(tokenizer_dir and str(tokenizer_dir))
+    config = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=tied,
+                         max_position_embeddings=context, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    model.init_weights() if std is None else model.init_weights(std=std)
+    return model, tokenizer
+
+
+def tiny_float64_model(vocab_size, seed=0, tied=False):
+    """A 2-layer float64 model (hidden 16) with weights large enough for peaked, varied
+    distributions: for losses and gradients checked against hand computations."""
+    from model import ModelConfig, Transformer
+    torch.manual_seed(seed)
+    config = ModelConfig(model_type="qwen3", vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, tie_word_embeddings=tied, max_position_embeddings=64)
+    model = Transformer(config)
+    model.init_weights(std=0.3)
+    return model.double()
+
+
 @pytest.fixture(scope="session", params=list(FAMILIES))
 def hf_checkpoint(request, tmp_path_factory):
     """(family, directory, transformers model) for each supported family."""

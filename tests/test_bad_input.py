@@ -43,18 +43,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny random Qwen3-shaped model (context 128) with the toy tokenizer, toy data, a VAE."""
-    from model import ModelConfig, Transformer
     from toy.task import generate as toy_rows, write_jsonl
-    from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+    from conftest import tiny_toy_model
     import train_vae
     root = tmp_path_factory.mktemp("probe_world")
-    tokenizer = build_tokenizer(str(root / "tokenizer"))
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
-                                    intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                    num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-                                    max_position_embeddings=128, eos_token_id=EOS_ID, pad_token_id=PAD_ID))
-    model.init_weights()
+    model, tokenizer = tiny_toy_model(root / "tokenizer")
     model.save_pretrained(str(root / "base"), tokenizer_dir=str(root / "tokenizer"))
     train = toy_rows("math", 16, seed=1, digits=2)
     write_jsonl(train, str(root / "train.jsonl"))

@@ -184,6 +184,16 @@ def test_last_boxed_balanced_braces():
     assert data.last_boxed("no answer") is None
 
 
+def test_answer_of_reads_what_the_grader_reads():
+    """The answer counted as distinct is the one each grading kind compares."""
+    assert data.answer_of("x \\boxed{1} then \\boxed{\\frac{1}{2}}", "math") == "\\frac{1}{2}"
+    assert data.answer_of("so 3 apples, 1,200 in all\n#### 1,250", "gsm8k") == data.gsm8k_prediction(
+        "so 3 apples, 1,200 in all\n#### 1,250")
+    assert data.answer_of("4+5=9 c0\nanswer: 59\nanswer: 61", "toy") == "61"
+    assert data.answer_of("no answer here", "toy") is None
+    assert data.answer_of("no box", "math") is None
+
+
 def test_grade_math_right_wrong_malformed():
     grader = Grader()
     assert grader("so \\boxed{\\frac{1}{2}}.", "0.5", "math") == 1.0

@@ -33,8 +33,11 @@ def base_weights(world):
 
 
 def test_fsdp_rl_matches_ddp(world, tmp_path):
-    run_script("rl.py", *rl_args(world, tmp_path / "ddp", *RL, "--steps", "3"), nproc=2)
-    run_script("rl.py", *rl_args(world, tmp_path / "fsdp", *RL, "--steps", "3", "--fsdp"), nproc=2)
+    """Two epochs of two minibatches per batch: the sharded optimiser steps several times on one
+    batch of rollouts, whose old log-probs were taken with whole weights."""
+    several = ("--steps", "3", "--epochs", "2", "--minibatches", "2")
+    run_script("rl.py", *rl_args(world, tmp_path / "ddp", *RL, *several), nproc=2)
+    run_script("rl.py", *rl_args(world, tmp_path / "fsdp", *RL, *several, "--fsdp"), nproc=2)
     ddp, fsdp, base = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), base_weights(world)
     assert ddp.keys() == fsdp.keys()
     moved = max((ddp[k] - base[k]).abs().max().item() for k in ddp)

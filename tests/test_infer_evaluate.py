@@ -17,9 +17,11 @@ import torch
 import evaluate
 import infer
 from common import UserError, read_jsonl
-from model import ModelConfig, PaletteVAE, Transformer, embedding_fingerprint, save_vae
-from toy.task import generate as toy_problems, write_jsonl
-from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+from model import PaletteVAE, embedding_fingerprint, save_vae
+from toy.task import extract_answer, generate as toy_problems, write_jsonl
+from toy.tokenizer import EOS_ID, PAD_ID
+
+from conftest import tiny_toy_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,14 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def world(tmp_path_factory):
     """{"model", "vae", "data"}: paths of a tiny checkpoint, a VAE for it and 5 toy problems."""
     root = tmp_path_factory.mktemp("infer_eval")
-    tokenizer = build_tokenizer(str(root / "tokenizer"))
-    config = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-                         max_position_embeddings=128, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights(std=0.3)        # large weights, so that a prefix visibly changes the output
+    # large weights, so that a prefix visibly changes the output
+    model, tokenizer = tiny_toy_model(root / "tokenizer", std=0.3)
     model.save_pretrained(str(root / "model"), tokenizer_dir=str(root / "tokenizer"))
     E = model.embed_tokens.weight.detach()
     vae = PaletteVAE(32, latent_dim=4, hidden_dim=16, depth=1)
@@ -128,9 +124,12 @@ def test_evaluate_writes_results_and_resumes(world, tmp_path, monkeypatch, capsy
     for k in (1, 2, 4):
         expected = sum(evaluate.pass_at_k(4, r["correct"], k) for r in records) / 5
         assert row["benchmarks"]["toy_math"][f"pass@{k}"] == pytest.approx(expected)
+    distinct = [len({extract_answer(t) for t, done in zip(r["completions"], r["stopped"]) if done} - {None})
+                for r in records]
+    assert row["benchmarks"]["toy_math"]["distinct_answers"] == pytest.approx(sum(distinct) / 5)
     table = (out / "results.md").read_text()
     assert "| Config | toy_math | Avg |" in table and "| greedy-latent noise L=1 |" in table
-    assert "### pass@4" in table
+    assert "### pass@4" in table and "### distinct answers per problem" in table
 
     # interrupt: drop two problems' records and the tables, then rerun; count generated rows
     lines = open(per_problem).readlines()
@@ -184,7 +183,8 @@ def test_verdicts_and_pass_at_k_from_the_real_grader(world, tmp_path, monkeypatc
     assert [r["verdicts"] for r in read_jsonl(per_problem)] == [[1.0, 0.0]] * 5
     with open(out / "results.json") as f:
         scores = json.load(f)["configs"]["sample T=1"]["benchmarks"]["toy_math"]
-    assert scores == {"n_problems": 5, "pass@1": 0.5, "pass@2": 1.0}
+    # two different answers per problem: the true one and -1
+    assert scores == {"n_problems": 5, "pass@1": 0.5, "pass@2": 1.0, "distinct_answers": 2.0}
     assert "| sample T=1 | 50.00 | 50.00 |" in (out / "results.md").read_text()
 
 

@@ -22,9 +22,10 @@ import pytest
 import torch
 
 from common import UserError
-from model import (ModelConfig, PaletteVAE, Transformer, embedding_fingerprint, load_embedding_matrix,
-                   load_policy, load_vae, read_safetensors_file, save_vae)
-from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+from model import (PaletteVAE, embedding_fingerprint, load_embedding_matrix, load_policy, load_vae,
+                   read_safetensors_file, save_vae)
+
+from conftest import tiny_toy_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = "model-00001-of-00001.safetensors"
@@ -34,14 +35,7 @@ SHARD = "model-00001-of-00001.safetensors"
 def world(tmp_path_factory):
     """{"model", "vae"}: a tiny checkpoint over the toy tokenizer and a VAE for it."""
     root = tmp_path_factory.mktemp("loaders")
-    tokenizer = build_tokenizer(str(root / "tokenizer"))
-    config = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-                         max_position_embeddings=64, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights()
+    model, tokenizer = tiny_toy_model(root / "tokenizer", context=64)
     model.save_pretrained(str(root / "model"), tokenizer_dir=str(root / "tokenizer"))
     E = model.embed_tokens.weight.detach()
     vae = PaletteVAE(32, latent_dim=4, hidden_dim=16, depth=1)

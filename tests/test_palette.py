@@ -11,9 +11,11 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from common import UserError
-from model import (ModelConfig, NoisePrefix, PaletteVAE, PrefixSource, Transformer, VAEPrefix,
+from model import (NoisePrefix, PaletteVAE, PrefixSource, VAEPrefix,
                    embedding_fingerprint, is_broken, load_vae, make_prefix_source,
                    mean_pooled_embeddings, prefix_health, save_vae)
+
+from conftest import tiny_toy_model
 
 
 def test_mean_pooled_h_by_hand():
@@ -225,15 +227,7 @@ class _SamePrefix(PrefixSource):
 
 
 def test_health_check_on_answers_counts_changes_and_broken_outputs():
-    from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
-    tokenizer = build_tokenizer()
-    config = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-                         max_position_embeddings=128, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    model.init_weights()
+    model, tokenizer = tiny_toy_model()
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("12+34=?\n", "5+6=?\n")]
     health, lines = prefix_health(_SamePrefix(32, 1.0), model, prompts, tokenizer, max_new_tokens=12)
     assert health["frac_answers_change"] == 0.0

@@ -7,7 +7,6 @@ Run:  python -m pytest tests/test_resample.py -q        (about 30 s on one core)
 """
 import copy
 import json
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -15,18 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 import rl
-from model import LOREM_BOUNDARY, LOREM_WORDS, ModelConfig, Transformer, make_prefix_source
+from model import LOREM_BOUNDARY, LOREM_WORDS, make_prefix_source
+from conftest import tiny_float64_model
 from test_rl_flags import one_thread, records, tiny, tiny_args   # noqa: F401 (fixtures)
 
 
-def tiny_model(seed=0, d=16):
-    torch.manual_seed(seed)
-    config = ModelConfig(model_type="qwen3", vocab_size=24, hidden_size=d, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=8, tie_word_embeddings=False, max_position_embeddings=64)
-    model = Transformer(config)
-    model.init_weights(std=0.3)
-    return model.double()
+def tiny_model():
+    return tiny_float64_model(vocab_size=24)
 
 
 def update_args(**overrides):
@@ -204,7 +198,8 @@ def test_a_sampled_resample_is_regrouped_and_recorded(tiny, tmp_path, monkeypatc
 
 def test_a_resample_without_success_leaves_zero_advantage(tiny, tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 0.0)       # nothing ever succeeds
-    rl.main(tiny_args(tiny, tmp_path, "--resample", 3, "--resample-L", 4, "--sample-every", 1))
+    rl.main(tiny_args(tiny, tmp_path, "--resample", 3, "--resample-L", 4, "--sample-every", 1,
+                      "--samples-per-step", 0))
     steps = records(tmp_path)
     assert [r["step"] for r in steps] == [0, 1]
     for r in steps:
@@ -213,7 +208,8 @@ def test_a_resample_without_success_leaves_zero_advantage(tiny, tmp_path, monkey
         assert r["resample_accuracy"] == 0.0 and r["zero_variance_frac"] == 1.0
         assert r["loss"] == 0.0 and r["grad_norm"] == 0.0
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
-    assert samples and not any(s["resampled"] for s in samples)   # nothing was taken in
+    assert len(samples) == 2 * 2 * 5                      # --samples-per-step 0: every rollout
+    assert not any(s["resampled"] for s in samples)       # nothing was taken in
     weights = load_file(str(tmp_path / "model" / "model.safetensors"))
     before = load_file(str(tiny / "model" / "model.safetensors"))
     assert all(torch.equal(weights[k], before[k]) for k in before)  # zero advantage: no change

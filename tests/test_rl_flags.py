@@ -29,18 +29,11 @@ def tiny(tmp_path_factory):
     an id). Every token embedding has 1.0 in dimension 0 and only the eos row of lm_head reads
     that dimension, so about one token in five is eos: runs hold both stopped and truncated
     completions of at most 6 tokens."""
-    from model import ModelConfig, Transformer
     from toy.task import generate as toy_rows, write_jsonl
-    from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+    from toy.tokenizer import EOS_ID
+    from conftest import tiny_toy_model
     root = tmp_path_factory.mktemp("tiny_rl")
-    tokenizer = build_tokenizer(str(root / "tokenizer"))
-    torch.manual_seed(0)
-    config = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
-                         max_position_embeddings=128, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    model = Transformer(config)
-    model.init_weights()
+    model, tokenizer = tiny_toy_model(root / "tokenizer", layers=2, tied=False)
     with torch.no_grad():
         model.embed_tokens.weight[:, 0] = 1.0
         model.lm_head.weight[:, 0] = 0.0

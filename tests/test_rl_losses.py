@@ -13,7 +13,8 @@ import torch
 
 import rl
 from common import UserError
-from model import (ModelConfig, Transformer, completion_batch, group_advantages,
+from conftest import tiny_float64_model
+from model import (Transformer, completion_batch, group_advantages,
                    loss_token_weights, policy_loss, token_logprobs_and_entropy)
 
 
@@ -142,15 +143,8 @@ def test_token_entropy_is_that_of_the_tempered_distribution_and_has_its_gradient
 
 # -- the policy update: micro-batches, ranks, the reference model --------------------------------
 
-def tiny_model(seed=0, tied=False):
-    """A 2-layer float64 model with weights large enough for peaked, varied distributions."""
-    torch.manual_seed(seed)
-    config = ModelConfig(model_type="qwen3", vocab_size=23, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=8, tie_word_embeddings=tied, max_position_embeddings=64)
-    model = Transformer(config)
-    model.init_weights(std=0.3)
-    return model.double()
+def tiny_model(tied=False):
+    return tiny_float64_model(vocab_size=23, tied=tied)
 
 
 def update_args(**overrides):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_script  # noqa: E402 (conftest is on the path pytest gives tests/)
+from conftest import REPO, run_script, tiny_toy_model  # noqa: E402 (conftest is on the path pytest gives tests/)
 
 
 @pytest.fixture
@@ -275,16 +275,8 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(world, tmp_path, monkeyp
 def tiny_lorem_world(root):
     """A random 1-layer model over the toy tokenizer (context 128) and a few 2-digit toy problems:
     enough for sft_warmup.py to run two steps, far quicker than the pretrained `world`."""
-    from model import ModelConfig, Transformer
     from toy.task import generate as toy_rows, write_jsonl
-    from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
-    tokenizer = build_tokenizer(str(root / "tokenizer"))
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
-                                    intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                    num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-                                    max_position_embeddings=128, eos_token_id=EOS_ID, pad_token_id=PAD_ID))
-    model.init_weights()
+    model, tokenizer = tiny_toy_model(root / "tokenizer")
     model.save_pretrained(str(root / "model"), tokenizer_dir=str(root / "tokenizer"))
     write_jsonl(toy_rows("math", 16, seed=1, digits=2), str(root / "train.jsonl"))
     write_jsonl(toy_rows("math", 4, seed=2, digits=2), str(root / "test.jsonl"))

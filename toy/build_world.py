@@ -56,7 +56,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from common import RunDir, UserError, atomic_write_json, progress, run_main, seed_everything
+from common import RunDir, UserError, atomic_write_json, progress, read_json, run_main, seed_everything
 from model import ModelConfig, Transformer, generate
 from toy.task import (DOMAINS, PREAMBLE_SHARE, PREMISE_STRATEGY_WEIGHTS, STRATEGIES, detect_strategy,
                       generate as generate_rows, generate_premise_math, grade, write_jsonl)
@@ -291,6 +291,10 @@ def build(args):
     """Build the world described by args; returns the world report (a dict)."""
     t0 = time.time()
     if world_exists(args.out) and not args.force:
+        saved = read_json(os.path.join(args.out, "args.json"), "the world's args.json")
+        if saved.get("setting", "default") != args.setting:
+            raise UserError(f"{args.out} holds a world of setting {saved.get('setting', 'default')!r}, "
+                            f"not {args.setting!r}; give another --out, or --force to rebuild it")
         print(f"{args.out}: world exists, skipping (use --force to rebuild)")
         with open(os.path.join(args.out, "base", "world_report.json")) as f:
             return json.load(f)

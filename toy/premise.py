@@ -41,7 +41,6 @@ import time
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
 from common import UserError, atomic_write_json, atomic_write_text, read_jsonl, run_main
 from data import format_prompt

@@ -19,10 +19,11 @@ the VAE and both warm-ups:
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
+
+from common import replace_readme_section, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,18 +153,6 @@ def plot_curves(curves, path):
     plt.close(fig)
 
 
-def write_readme(section):
-    path = os.path.join(REPO, "README.md")
-    text = open(path).read()
-    start, end = "<!-- toy-report:start -->", "<!-- toy-report:end -->"
-    block = f"{start}\n{section}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text += f"\n## Results on the toy world\n\n{block}\n"
-    open(path, "w").write(text)
-
-
 def main():
     args = parser.parse_args()
     world = args.world
@@ -211,11 +200,11 @@ is measured without prefixes for every arm and is the comparison at equal steps.
         os.makedirs(os.path.join(REPO, "docs"), exist_ok=True)
         shutil.copy(f"{world}/vae/latents.png", os.path.join(REPO, "docs", "toy_latents.png"))
         shutil.copy(f"{out}/rl/reward_curves.png", os.path.join(REPO, "docs", "toy_reward_curves.png"))
-        write_readme(section)
+        replace_readme_section(os.path.join(REPO, "README.md"), "toy-report", section)
         print("rewrote README.md's results section and docs/toy_*.png")
     else:
         print(f"wrote {out}/report.md (README.md untouched; --readme refreshes it)")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
