@@ -6,7 +6,7 @@ in minutes, so train_vae.py -> sft_warmup.py -> rl.py run end to end with no dow
     python -m toy.build_world --out runs/toy                       # CPU (2 cores): ~5 min
     python -m toy.build_world --out runs/toy --force               # rebuild from scratch
     python -m toy.build_world --out runs/toy_big --device cuda --size medium --steps 3000
-    python -m toy.build_world --out runs/premise/world --setting premise   # the premise world
+    python -m toy.build_world --out runs/toy_premise --setting premise    # the premise world
 
 Writes (one process; a second build of the same --out is skipped unless --force):
 

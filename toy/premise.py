@@ -1,8 +1,8 @@
 r"""Premise checks: does a toy world meet the paper's premise (DESIGN.md, section 1.7)? Measured
 before any RL, the same way in every world.
 
-    python -m toy.premise --world runs/premise/world                 # -> runs/premise/world/premise/
-    python -m toy.premise --world runs/toy --out runs/premise/toy    # the default world, left as it is
+    python -m toy.premise --world runs/toy_premise                   # -> runs/toy_premise/premise/
+    python -m toy.premise --world runs/toy                           # the first world -> runs/toy/premise/
 
 On --problems held-out math problems (data/math_test.jsonl, as balanced between the families of
 toy.task.math_family as the file allows), with the world's base model:

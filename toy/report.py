@@ -160,7 +160,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     base = json.load(open(f"{world}/base/world_report.json"))
     vae = json.load(open(f"{world}/vae/vae.json"))
-    sft = [json.loads(l) for l in open(f"{world}/sft/summary.jsonl")][-1]
+    sft = next(r for r in map(json.loads, open(f"{world}/sft/summary.jsonl")) if "before" in r)
     table_a = inference_table(world, f"{out}/inference", args)
     table_b = rl_comparison(world, f"{out}/rl", args)
     section = f"""Measured by `bash runs/toy.sh` (its last step is `python -m toy.report --world {world}`) on
