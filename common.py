@@ -65,6 +65,7 @@ def run_main(main):
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         main()
+        compute_cleanup(wait_for_all=True)
     except UserError as e:
         die(str(e))
     except KeyboardInterrupt:
@@ -174,8 +175,14 @@ def compute_init(device_type=None):
     return ddp, rank, local_rank, world_size, device
 
 
-def compute_cleanup():
+def compute_cleanup(wait_for_all=False):
+    """Tear down the process group. After a finished run every rank first waits for the others
+    (wait_for_all): rank 0 may still be writing the final model while the others are done, and a
+    rank that shuts down its connections while a peer still holds the group open can abort at
+    exit (SIGABRT) although its work is saved. After an error no rank waits: a peer may be gone."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -374,7 +374,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(stage, tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     last = stderr.strip().splitlines()[-1]
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-    assert last.startswith(f"interrupted at step ") and f"({out})" in last, last
+    assert last.startswith("interrupted at step ") and f"({out})" in last, last
     assert f"last complete checkpoint: {out}/checkpoint (step " in last, last
     command = last.split("continue with: ")[1]
     assert command == f"python stage.py --out {out} --steps 400 --save-every 5 --resume", last

@@ -1,7 +1,7 @@
 """toy/compare.py, the exploration comparison, without its RL runs: the 95% t interval against a
 hand computation, every arm's rl.py flags accepted by rl.py's parser, the protocol written before
-the first run and a rerun under another one refused in one line, the table's cells, and the README
-writer touching only its own section.
+the first run and a rerun under another one refused in one line, a failed run's output kept, the
+table's cells, and the README writer touching only its own section.
 
 Run:  python -m pytest tests/test_compare.py -q        (a few seconds)
 """
@@ -90,3 +90,13 @@ def test_readme_section_is_replaced_and_nothing_else(tmp_path):
     assert readme.read_text() == "top\n<!-- x:start -->\nnew\ntable\n<!-- x:end -->\nbottom\n"
     with pytest.raises(UserError, match="no <!-- y:start -->"):
         replace_readme_section(str(readme), "y", "z")
+
+
+def test_a_failed_run_keeps_its_output_and_says_where(tmp_path):
+    """rl.py refuses (its model is missing): one line naming the arm, the seed and the log, and
+    the log holds what rl.py printed."""
+    with pytest.raises(UserError, match=r"grpo, seed 3: rl.py failed \(error: .*\); its output is in "
+                                        r".*grpo_seed3/rl.log") as refused:
+        compare.run_one(str(tmp_path / "world"), str(tmp_path / "out"), "grpo", 3, 1)
+    log = str(refused.value).rsplit("its output is in ", 1)[1]
+    assert "error:" in open(log).read()

@@ -36,7 +36,8 @@ def test_fsdp_rl_matches_ddp(world, tmp_path):
     """Two epochs of two minibatches per batch: the sharded optimiser steps several times on one
     batch of rollouts, whose old log-probs were taken with whole weights."""
     several = ("--steps", "3", "--epochs", "2", "--minibatches", "2")
-    run_script("rl.py", *rl_args(world, tmp_path / "ddp", *RL, *several), nproc=2)
+    ddp_run = run_script("rl.py", *rl_args(world, tmp_path / "ddp", *RL, *several), nproc=2)
+    assert "weights identical on 2 ranks" in ddp_run.stdout      # DDP ranks stayed in sync
     run_script("rl.py", *rl_args(world, tmp_path / "fsdp", *RL, *several, "--fsdp"), nproc=2)
     ddp, fsdp, base = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), base_weights(world)
     assert ddp.keys() == fsdp.keys()
@@ -54,7 +55,8 @@ def test_fsdp_sft_matches_ddp(world, tmp_path):
     args = ("--model", world / "base", "--prefix-source", "noise", "--data",
             world / "math_train.jsonl", "--steps", "2", "--batch-size", "8",
             "--micro-batch-size", "2", "--lr", "1e-3")
-    run_script("sft_warmup.py", *args, "--out", tmp_path / "ddp", nproc=2)
+    ddp_run = run_script("sft_warmup.py", *args, "--out", tmp_path / "ddp", nproc=2)
+    assert "weights identical on 2 ranks" in ddp_run.stdout
     run_script("sft_warmup.py", *args, "--out", tmp_path / "fsdp", "--fsdp", nproc=2)
     ddp, fsdp = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
     assert any(not torch.equal(ddp[k], v) for k, v in base_weights(world).items())

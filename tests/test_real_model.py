@@ -194,7 +194,7 @@ def vae_dir(smollm2_dir, tmp_path_factory):
 def test_sft_warmup_two_steps(smollm2_dir, vae_dir, tmp_path):
     from transformers import AutoTokenizer
     run_stage("sft_warmup.py", "--model", smollm2_dir, "--vae", vae_dir, "--template", "chat",
-              "--data", f"{FIXTURES}/gsm8k_test.jsonl", "--steps", "2", "--batch-size", "2",
+              "--data", f"{FIXTURES}/gsm8k_test.jsonl", "--steps", "2", "--batch-size", "1",
               "--micro-batch-size", "1", "--lr", "1e-5", "--eval-data", f"{FIXTURES}/gsm8k_test.jsonl",
               "--eval-problems", "2", "--eval-max-new-tokens", "8", "--out", tmp_path)
     records = metrics(tmp_path)
@@ -208,7 +208,7 @@ def test_sft_warmup_two_steps(smollm2_dir, vae_dir, tmp_path):
 def test_rl_two_steps(smollm2_dir, vae_dir, tmp_path):
     run_stage("rl.py", "--model", smollm2_dir, "--vae", vae_dir, "--template", "chat",
               "--data", f"{FIXTURES}/gsm8k_test.jsonl", "--schedule", "constant", "--rho", "0.5",
-              "--L", "1", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+              "--L", "1", "--steps", "2", "--prompts-per-step", "1", "--group-size", "2",
               "--max-new-tokens", "12", "--lr", "1e-5", "--warmup-steps", "1", "--eval-every", "0",
               "--sample-every", "1", "--save-every", "0", "--out", tmp_path)
     records = metrics(tmp_path)

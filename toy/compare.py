@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -201,14 +202,17 @@ def run_one(world, out, arm, seed, steps):
     t0 = time.time()
     if not os.path.exists(os.path.join(run_dir, "model", "config.json")):
         if os.path.isdir(run_dir):                 # a run stopped part-way starts again
-            import shutil
             shutil.rmtree(run_dir)
         env = dict(os.environ, OMP_NUM_THREADS="1")
         cmd = [sys.executable, os.path.join(REPO, "rl.py"), *rl_argv(world, run_dir, arm, seed, steps)]
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:
+            os.makedirs(run_dir, exist_ok=True)
+            log = os.path.join(run_dir, "rl.log")
+            with open(log, "w") as f:
+                f.write(done.stdout + done.stderr)
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise UserError(f"{arm}, seed {seed}: rl.py failed ({tail[0]}); its log is in {run_dir}")
+            raise UserError(f"{arm}, seed {seed}: rl.py failed ({tail[0]}); its output is in {log}")
     result = {"arm": arm, "seed": seed, **score_run(world, run_dir, seed), "wall_s": time.time() - t0}
     atomic_write_json(result_path, result)
     return result

@@ -27,21 +27,24 @@ toy.task.math_family as the file allows), with the world's base model:
    is about 0), their cosine to the VAE's corpus mean h, and their norm against a token's.
 
 Writes <out>/premise.json and <out>/premise.md (default --out: <world>/premise); the VAE and the
-warm-ups live under <out>/ too and are reused by a rerun. About 4 minutes per world on one core.
+warm-ups live under <out>/ too and are reused by a rerun. About 2 minutes per world on one core
+(123 s for runs/toy_premise from scratch).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
 
 import torch
 
+import sft_warmup
+import train_vae
 from common import UserError, atomic_write_json, atomic_write_text, read_jsonl, run_main
 from data import format_prompt
 from model import PREFIX_FORMS, generate, load_policy, make_prefix_source, prefix_health
@@ -197,26 +200,31 @@ def base_checks(args, rows):
 # 3-4. Prefix sources after their warm-ups
 
 
-def run_stage(cmd, done, log):
-    """Run one of the project's stage scripts unless its output `done` exists."""
+def run_stage(script, argv, done, log):
+    """Run one of the project's stage scripts (its main(argv), in this process: importing torch
+    once instead of once per stage) unless its output `done` exists; its output goes to `log`."""
     if os.path.exists(done):
         return
-    print(f"== {' '.join(cmd[1:3])} ... -> {os.path.dirname(done)}", flush=True)
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise UserError(f"{' '.join(cmd[:2])} failed (exit {rc}); its output is in {log}")
+    print(f"== {script.__name__}.py {' '.join(argv[:2])} ... -> {os.path.dirname(done)}", flush=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), \
+            torch.enable_grad():           # the stages train, whatever the caller's grad mode
+        try:
+            script.main(argv)
+        except UserError as e:
+            raise UserError(f"{script.__name__}.py: {e} (its output is in {log})") from None
+        except SystemExit as e:            # a refused flag: its one line went to the log
+            raise UserError(f"{script.__name__}.py stopped (exit {e.code}); its output is in {log}") from None
 
 
 def prepare_sources(args):
     """Train the VAE, copy it per form, warm up every source. Returns {name: (warmed model dir,
     source, vae dir or None)}."""
     os.makedirs(args.out, exist_ok=True)
-    data, base, py = os.path.join(args.world, "data"), os.path.join(args.world, "base"), sys.executable
+    data, base = os.path.join(args.world, "data"), os.path.join(args.world, "base")
     vae = os.path.join(args.out, "vae")
-    run_stage([py, "train_vae.py", "--model", base, "--out", vae, "--steps", str(args.vae_steps),
-               "--seed", str(args.seed),
-               "--data", ",".join(f"{d}={data}/vae_{d}.jsonl" for d in ("math", "code", "qa"))],
+    run_stage(train_vae, ["--model", base, "--out", vae, "--steps", str(args.vae_steps),
+                          "--seed", str(args.seed),
+                          "--data", ",".join(f"{d}={data}/vae_{d}.jsonl" for d in ("math", "code", "qa"))],
               os.path.join(vae, "vae.json"), os.path.join(args.out, "vae.log"))
     sources = {"noise": ("noise", None), "random_decoder": ("random_decoder", None)}
     for form in args.forms:
@@ -231,11 +239,11 @@ def prepare_sources(args):
     warmed = {}
     for name, (source, vae_dir) in sources.items():
         out = os.path.join(args.out, "warmup", name)
-        cmd = [py, "sft_warmup.py", "--model", base, "--prefix-source", source, "--out", out,
-               "--data", f"{data}/math_train.jsonl", "--lr", str(args.warmup_lr),
-               "--steps", str(args.warmup_steps), "--seed", str(args.seed)]
-        run_stage(cmd + (["--vae", vae_dir] if vae_dir else []), os.path.join(out, "model", "config.json"),
-                  os.path.join(args.out, f"warmup_{name}.log"))
+        argv = ["--model", base, "--prefix-source", source, "--out", out,
+                "--data", f"{data}/math_train.jsonl", "--lr", str(args.warmup_lr),
+                "--steps", str(args.warmup_steps), "--seed", str(args.seed)]
+        run_stage(sft_warmup, argv + (["--vae", vae_dir] if vae_dir else []),
+                  os.path.join(out, "model", "config.json"), os.path.join(args.out, f"warmup_{name}.log"))
         warmed[name] = (os.path.join(out, "model"), source, vae_dir)
     return warmed
 
