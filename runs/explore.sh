@@ -8,11 +8,13 @@
 #      before the first run
 #   4. both worlds side by side in runs/toy/compare/summary.md (README=1: into README.md and docs/,
 #      the maintainers' step)
-# About 100 minutes on the 2-core machine: each world's build and stages 15 to 20, its premise
-# checks 5, its comparison 25 (two runs at a time). QUICK=1 is the reduced version: two seeds
-# of 8 steps, into <world>/compare_quick (about 50 minutes, most of it the worlds and checks; its
-# numbers are a smoke test, not results). A stage whose output exists is skipped, so a rerun
-# continues where it stopped.
+# About 2 hours on the 2-core machine: the first world's build and stages about 25 minutes, the
+# premise world's about 31 (its base model trains longer), each world's premise checks 2, each
+# world's comparison 30 (two runs at a time; 29m47s measured for the premise world). QUICK=1 is
+# the reduced version: two seeds of 8 steps, into <world>/compare_quick (about 6 minutes a world,
+# so about 70 minutes from a fresh clone, most of it the worlds; its numbers are a smoke test, not
+# results). A stage whose output exists is skipped, so a rerun continues where it stopped; with
+# everything built, README=1 only rewrites the README section and pictures (about a minute).
 #   bash runs/explore.sh
 #   QUICK=1 bash runs/explore.sh
 #   README=1 bash runs/explore.sh
