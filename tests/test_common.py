@@ -442,13 +442,17 @@ def test_progress_is_tqdm_in_a_terminal_and_silent_off_rank_0(monkeypatch, capsy
 def test_torchrun_bad_flag_message_comes_first_and_last(stage, tmp_path):
     """torchrun adds its own failure report after a worker exits non-zero (a log line, its own
     traceback, and a summary box); the worker's line opens the output, and the box's
-    'traceback :' lines, the last words of the report, repeat it."""
+    'traceback :' lines, the last words of the report, repeat it. A rank that torchrun stopped
+    after the first failure, before it had refused too, is reported by its signal instead."""
     rc, out, err = stage("--out", tmp_path / "o", "--steps", "0", launcher=(
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"))
     lines = [l for l in (out + err).splitlines() if l.strip()]
     message = "error: --steps must be >= 1, got 0"
     assert rc != 0 and lines[0] == message, lines[:3]
-    assert (out + err).count(message) == 1 + sum("traceback : " in l for l in lines)
+    tracebacks = [l.split("traceback : ", 1)[1] for l in lines if "traceback : " in l]
+    assert tracebacks and all(t == message or t.startswith("Signal 15 (SIGTERM)")
+                              for t in tracebacks), tracebacks
+    assert (out + err).count(message) == 1 + tracebacks.count(message)   # no other copy, no stack trace
     assert lines[-2] == f"  traceback : {message}" and set(lines[-1]) == {"="}, lines[-3:]
 
 
