@@ -244,7 +244,8 @@ def main(argv=None):
         # can the warmed-up policy read the prefixes? (geometry, changed and broken answers; the
         # answers are compared on their first tokens, at most 32 and no more than the eval budget)
         health, health_lines = prefix_health(source, model, [p for p, _ in pairs[:64]], tokenizer,
-                                             max(args.L, 1), max_new_tokens=min(32, args.eval_max_new_tokens))
+                                             max(args.L, 1),
+                                             max_new_tokens=min(32, args.eval_max_new_tokens))
         for line in health_lines:
             print0(line)
         run.log({"prefix_health": health}, name="summary.jsonl")

@@ -452,7 +452,8 @@ def test_torchrun_bad_flag_message_comes_first_and_last(stage, tmp_path):
     tracebacks = [l.split("traceback : ", 1)[1] for l in lines if "traceback : " in l]
     assert tracebacks and all(t == message or t.startswith("Signal 15 (SIGTERM)")
                               for t in tracebacks), tracebacks
-    assert (out + err).count(message) == 1 + tracebacks.count(message)   # no other copy, no stack trace
+    # no other copy of the message, and no stack trace
+    assert (out + err).count(message) == 1 + tracebacks.count(message)
     assert lines[-2] == f"  traceback : {message}" and set(lines[-1]) == {"="}, lines[-3:]
 
 

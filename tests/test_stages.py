@@ -212,12 +212,16 @@ def test_bad_inputs_get_one_clear_message(world, tmp_path):
     import rl
     import sft_warmup
     from test_bad_input import refusal
+
+    def rl_refusal(out, *flags):           # rl.py for one step, with flags overriding rl_args'
+        return refusal(rl, [str(a) for a in rl_args(world, tmp_path / out, "--steps", "1", *flags)])
+
     _fails_with(run_script("rl.py", *rl_args(world, tmp_path, "--L", "-1"), check=False),
                 "--L must be >= 0")
-    assert "missing.jsonl" in refusal(rl, [*map(str, rl_args(world, tmp_path / "m", "--steps", "1")),
-                                           "--data", str(tmp_path / "missing.jsonl")])
-    assert "does not exist" in refusal(sft_warmup, ["--model", str(tmp_path / "nowhere"), "--data", "x.jsonl",
-                                                    "--prefix-source", "none", "--out", str(tmp_path / "s")])
+    assert "missing.jsonl" in rl_refusal("m", "--data", tmp_path / "missing.jsonl")
+    assert "does not exist" in refusal(sft_warmup, ["--model", str(tmp_path / "nowhere"), "--data",
+                                                    "x.jsonl", "--prefix-source", "none",
+                                                    "--out", str(tmp_path / "s")])
     # a VAE trained for another model
     from model import ModelConfig, Transformer
     other = Transformer(ModelConfig(vocab_size=52, hidden_size=64, intermediate_size=64,
@@ -225,13 +229,11 @@ def test_bad_inputs_get_one_clear_message(world, tmp_path):
                                     num_key_value_heads=2, head_dim=16, tie_word_embeddings=True))
     other.init_weights()
     other.save_pretrained(str(tmp_path / "other"), tokenizer_dir=str(world / "tokenizer"))
-    assert "trained for another model" in refusal(rl, [*map(str, rl_args(world, tmp_path / "o", "--steps", "1")),
-                                                       "--model", str(tmp_path / "other")])
+    assert "trained for another model" in rl_refusal("o", "--model", tmp_path / "other")
     # a prompt longer than the context
     long_row = {"problem": "1+1=?" * 60, "answer": "2", "domain": "math", "source": "toy"}
     (tmp_path / "long.jsonl").write_text(json.dumps(long_row) + "\n")
-    assert "exceeds the model's context" in refusal(rl, [*map(str, rl_args(world, tmp_path / "l", "--steps", "1")),
-                                                         "--data", str(tmp_path / "long.jsonl")])
+    assert "exceeds the model's context" in rl_refusal("l", "--data", tmp_path / "long.jsonl")
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(world, tmp_path, monkeypatch):

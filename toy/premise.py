@@ -205,15 +205,16 @@ def run_stage(script, argv, done, log):
     once instead of once per stage) unless its output `done` exists; its output goes to `log`."""
     if os.path.exists(done):
         return
-    print(f"== {script.__name__}.py {' '.join(argv[:2])} ... -> {os.path.dirname(done)}", flush=True)
+    name = f"{script.__name__}.py"
+    print(f"== {name} {' '.join(argv[:2])} ... -> {os.path.dirname(done)}", flush=True)
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), \
             torch.enable_grad():           # the stages train, whatever the caller's grad mode
         try:
             script.main(argv)
         except UserError as e:
-            raise UserError(f"{script.__name__}.py: {e} (its output is in {log})") from None
+            raise UserError(f"{name}: {e} (its output is in {log})") from None
         except SystemExit as e:            # a refused flag: its one line went to the log
-            raise UserError(f"{script.__name__}.py stopped (exit {e.code}); its output is in {log}") from None
+            raise UserError(f"{name} stopped (exit {e.code}); its output is in {log}") from None
 
 
 def prepare_sources(args):
@@ -222,9 +223,9 @@ def prepare_sources(args):
     os.makedirs(args.out, exist_ok=True)
     data, base = os.path.join(args.world, "data"), os.path.join(args.world, "base")
     vae = os.path.join(args.out, "vae")
+    corpus = ",".join(f"{d}={data}/vae_{d}.jsonl" for d in ("math", "code", "qa"))
     run_stage(train_vae, ["--model", base, "--out", vae, "--steps", str(args.vae_steps),
-                          "--seed", str(args.seed),
-                          "--data", ",".join(f"{d}={data}/vae_{d}.jsonl" for d in ("math", "code", "qa"))],
+                          "--seed", str(args.seed), "--data", corpus],
               os.path.join(vae, "vae.json"), os.path.join(args.out, "vae.log"))
     sources = {"noise": ("noise", None), "random_decoder": ("random_decoder", None)}
     for form in args.forms:
@@ -243,7 +244,8 @@ def prepare_sources(args):
                 "--data", f"{data}/math_train.jsonl", "--lr", str(args.warmup_lr),
                 "--steps", str(args.warmup_steps), "--seed", str(args.seed)]
         run_stage(sft_warmup, argv + (["--vae", vae_dir] if vae_dir else []),
-                  os.path.join(out, "model", "config.json"), os.path.join(args.out, f"warmup_{name}.log"))
+                  os.path.join(out, "model", "config.json"),
+                  os.path.join(args.out, f"warmup_{name}.log"))
         warmed[name] = (os.path.join(out, "model"), source, vae_dir)
     return warmed
 
