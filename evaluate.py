@@ -53,7 +53,7 @@ import torch.distributed as dist
 from common import (ArgumentParser, UserError, acquire_lock, at_least, atomic_write_json,
                     atomic_write_text, check_out_dir, check_seed, compute_init, finite, on_master,
                     print0, progress, read_json, recover_leftovers, run_main, set_interrupt_hint)
-from data import (BENCHMARKS, GRADER, TEMPLATES, answer_of, format_prompt, grade, grading_kind_for,
+from data import (BENCHMARKS, GRADER, TEMPLATES, answer_of, format_prompt, grade,
                   load_benchmark, load_rows, resolve_benchmark)
 from model import PREFIX_SOURCES, generate, load_policy, make_prefix_source
 
@@ -269,7 +269,6 @@ def main(argv=None):
         rows = [r for r in rows if r.get("answer") is not None]
         if not rows:
             raise UserError(f"{path or bench}: no problems with an answer to grade against")
-        kind = grading_kind_for(rows[0] if rows[0].get("source") else path or bench)
         keys = problem_keys(rows)
         encoded = [tokenizer(format_prompt(r["problem"], args.template, tokenizer),
                              add_special_tokens=False)["input_ids"] for r in rows]
@@ -295,7 +294,8 @@ def main(argv=None):
             dist.barrier()     # every rank has read the files before any rank appends to them
         todo = [i for i, key in enumerate(keys) if key not in done]
         mine = todo[rank::world_size]
-        print0(f"{bench}: {len(rows)} problems ({kind} grading), {len(rows) - len(todo)} reused, "
+        kinds = "/".join(sorted({r["grading_kind"] for r in rows}))
+        print0(f"{bench}: {len(rows)} problems ({kinds} grading), {len(rows) - len(todo)} reused, "
                f"{len(todo)} to run, config {name!r}")
 
         # -- generate: chunks of problems x candidates, appended and flushed as each chunk ends
@@ -323,7 +323,7 @@ def main(argv=None):
                     finished = stopped[j * args.n:(j + 1) * args.n]
                     # a completion cut off at --max-new-tokens is no answer (as in rl.py): its last
                     # number is wherever the cut fell, so a grader reading it would score luck
-                    verdicts = [grade(t, rows[i]["answer"], kind) if done else 0.0
+                    verdicts = [grade(t, rows[i]["answer"], rows[i]["grading_kind"]) if done else 0.0
                                 for t, done in zip(completions, finished)]
                     part.write(json.dumps({
                         "config": name, "key": keys[i], "index": i, "problem": rows[i]["problem"],
@@ -342,8 +342,9 @@ def main(argv=None):
             counts = [records[k]["correct"] for k in keys]
             # diversity beside accuracy: how many different answers the n candidates of a problem
             # state (a cut-off completion states none), the paper's claim (a) in one number
-            distinct = [len({answer_of(t, kind) for t, done in zip(r["completions"], r["stopped"]) if done}
-                            - {None}) for r in (records[k] for k in keys)]
+            distinct = [len({answer_of(t, rows[i]["grading_kind"])
+                             for t, done in zip(records[k]["completions"], records[k]["stopped"]) if done}
+                            - {None}) for i, k in enumerate(keys)]
             entry["benchmarks"][bench] = {"n_problems": len(keys), **{
                 f"pass@{k}": sum(pass_at_k(args.n, c, k) for c in counts) / len(counts) for k in ks},
                 "distinct_answers": sum(distinct) / len(distinct)}

@@ -260,8 +260,11 @@ class Transformer(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]                           # (B,1,T,D)
         cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
         x = inputs_embeds
+        # recompute layers in backward only on a training forward: a forward that fills a KV cache
+        # (generation, in either mode) must run the blocks with it
+        checkpointed = self.gradient_checkpointing and self.training and kv_cache is None
         for block in self.model.layers:
-            if self.gradient_checkpointing and self.training:
+            if checkpointed:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None,
                                                       use_reentrant=False)
             else:
@@ -1156,16 +1159,17 @@ def prefix_health(source, model=None, prompts=None, tokenizer=None, L=1, n_prefi
                      f" | broken answers (empty or one repeated token) {health['frac_broken']:.1%}")
     fix = (f"train the VAE with `train_vae.py --prefix-form {DEFAULT_PREFIX_FORM}` (or set "
            f"\"prefix_form\": \"{DEFAULT_PREFIX_FORM}\" in its vae.json: the form needs no retraining)")
+    other_form = isinstance(source, VAEPrefix) and source.vae.prefix_form != DEFAULT_PREFIX_FORM
     if health["prefix_pairwise_cos"] > COLLAPSED_COSINE:
         lines.append(f"warning: the prior prefixes collapse to one direction (mean pairwise cosine "
                      f"{health['prefix_pairwise_cos']:.2f} > {COLLAPSED_COSINE}): the policy reads "
                      f"every latent as the same token, so the palette cannot steer it; "
-                     + (fix if isinstance(source, VAEPrefix) else "use another prefix source"))
+                     + (fix if other_form else "retrain the VAE with a smaller --beta, or use "
+                        "another prefix source"))
     if health.get("frac_broken", 0.0) > BROKEN_SHARE:
         lines.append(f"warning: {health['frac_broken']:.0%} of greedy answers under prefixes are "
                      f"broken (> {BROKEN_SHARE:.0%}): the policy cannot read these prefixes; "
-                     + (fix if isinstance(source, VAEPrefix) and source.vae.prefix_form != DEFAULT_PREFIX_FORM
-                        else "try a longer warm-up (sft_warmup.py --steps) or L = 1"))
+                     + (fix if other_form else "try a longer warm-up (sft_warmup.py --steps) or L = 1"))
     return health, lines
 
 
@@ -1206,15 +1210,17 @@ def group_advantages(rewards, estimator="grpo", eps=1e-6):
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "constant")
 
 
-def loss_token_weights(loss_mask, aggregation, n_sequences, n_tokens, max_new_tokens):
-    """Per-token weights w (B, T) such that loss = sum(w * per_token_loss) over a micro-batch,
-    and the micro-batches of one rollout batch add up to the batch's loss exactly.
+def loss_token_weights(loss_mask, aggregation, n_sequences, n_tokens, max_new_tokens,
+                       dtype=torch.float32):
+    """Per-token weights w (B, T) in `dtype` (the log-probs', so a float64 check is exact) such
+    that loss = sum(w * per_token_loss) over a micro-batch, and the micro-batches of one rollout
+    batch add up to the batch's loss exactly.
 
     token-mean  every completion token of the batch weighs 1 / n_tokens (total in the batch)
     seq-mean    each sequence weighs 1 / n_sequences, spread over its own tokens
     constant    1 / (n_sequences * max_new_tokens), Dr. GRPO's length-independent normaliser
     """
-    mask = loss_mask.float()
+    mask = loss_mask.to(dtype)
     if aggregation == "token-mean":
         return mask / n_tokens
     if aggregation == "seq-mean":

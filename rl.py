@@ -85,7 +85,7 @@ a group and its resample stay on one rank.
 
 Schedules, rho(tau) over progress tau = step / steps (the table SCHEDULES): none (baseline);
 two-stage (every rollout prefixed while tau < 0.5, none after); linear (rho = 1 - tau); constant
-(--rho). round(rho * G) rollouts of each group get an L-token prefix.
+(--rho). round(rho * G) rollouts of each group, halves rounded up, get an L-token prefix.
 
 Toy world:
     python rl.py --model runs/toy/sft/model --vae runs/toy/vae --schedule linear --L 8 \
@@ -360,7 +360,8 @@ def prefix_plan(schedule, tau, G, rho, L):
     """(rollouts of each group that carry a prefix, prefix length) at progress tau in [0, 1)."""
     if schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    n_prefixed = round(SCHEDULES[schedule](tau, rho) * G) if L > 0 else 0
+    # halves round up (Python's round() goes to even: 2.5 -> 2)
+    n_prefixed = math.floor(SCHEDULES[schedule](tau, rho) * G + 0.5) if L > 0 else 0
     return n_prefixed, L if n_prefixed else 0
 
 
@@ -542,9 +543,9 @@ def score(rollouts, tokenizer, kind, args):
     r = rollouts
     r.texts = tokenizer.batch_decode(r.completions, skip_special_tokens=True)
     r.correct = torch.tensor([grade(t, row["answer"], kind) for t, row in zip(r.texts, r.problems)])
-    r.rewards = r.correct.clone()                                                       # (B,)
-    if args.truncated == "zero":
-        r.rewards[r.truncated] = 0.0
+    # a cut-off answer is worth 0 under both rules (where the cut fell decides its grade);
+    # --truncated mask also takes it out of the loss
+    r.rewards = r.correct.masked_fill(r.truncated, 0.0)                                 # (B,)
     r.keep = ~r.truncated if args.truncated == "mask" else torch.ones_like(r.truncated)
 
 
@@ -665,7 +666,8 @@ def minibatch_backward(model, rollouts, rows, args):
             old = torch.where(known[:, None].to(device), stored, old)
         ref = None if rollouts.ref_logprobs is None else \
             rollouts.to_training_layout(rollouts.ref_logprobs, loss_mask, idx)
-        weights = loss_token_weights(loss_mask, args.aggregation, n_seq, n_tok, args.max_new_tokens)
+        weights = loss_token_weights(loss_mask, args.aggregation, n_seq, n_tok, args.max_new_tokens,
+                                     logprobs.dtype)
         advantages = rollouts.advantages[idx].to(device)                                 # (b,)
         shaped = torch.tensor([rollouts.credit[i] == "naive-shaped" for i in idx], device=device)
         # shaped rollouts leave the clipped term (A = 0 there) for f(r) A; KL and entropy as usual
@@ -944,8 +946,11 @@ def main(argv=None):
         mine = eval_rows[rank::world_size]
         correct = 0.0
         if mine:
+            was_training = model.training
+            model.eval()
             out = generate(model, [r["prompt_ids"] for r in mine], None, args.max_new_tokens,
                            temperature=0, stop_tokens=[eos])
+            model.train(was_training)
             texts = tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)
             correct = sum(grade(t, r["answer"], eval_kind) for t, r in zip(texts, mine))
         total, n = all_reduce_mean([correct, len(mine)], device)

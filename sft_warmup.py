@@ -31,11 +31,11 @@ import random
 
 import torch
 
-from common import (ArgumentParser, RunDir, UserError, at_least, check_out_dir, check_seed,
+from common import (ArgumentParser, RunDir, UserError, all_reduce_mean, at_least, check_out_dir, check_seed,
                     compute_init, finite, positive, print0, progress, run_main, seed_everything,
                     sync_gradients, check_ranks_in_sync, fsdp_before_backward, fsdp_full_state,
                     fsdp_shard, fsdp_unshard_for_generation, fsdp_whole_model, full_value)
-from data import format_prompt, grade, grading_kind_for, load_mixture
+from data import TEMPLATES, format_prompt, grade, grading_kind_for, load_mixture
 from model import (PREFIX_SOURCES, completion_batch, generate, load_policy, make_prefix_source,
                    prefix_health)
 
@@ -43,7 +43,7 @@ parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescrip
 # Data
 parser.add_argument("--data", required=True, help="domain=path_or_hub_id,... or one path (rows' own domain)")
 parser.add_argument("--per-domain-cap", type=int, default=5000)
-parser.add_argument("--template", default="plain", help="plain | math | chat")
+parser.add_argument("--template", default="plain", choices=TEMPLATES)
 parser.add_argument("--max-tokens", type=int, default=1024, help="drop pairs longer than this")
 parser.add_argument("--eval-data", default=None, help="held-out problems for the before/after check")
 parser.add_argument("--eval-problems", type=int, default=200)
@@ -116,6 +116,11 @@ def check_args(args, world_size=1):
     if args.prefix_source == "vae" and args.vae is None:
         raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py); "
                         "or choose --prefix-source none, noise, random_decoder or lorem")
+    if args.tie and args.prefix_source == "lorem":
+        raise UserError("--tie has no meaning for the lorem source (its prefix is text, not repeated "
+                        "draws); leave --tie out")
+    if args.region is not None and args.prefix_source != "vae":
+        raise UserError("--region needs --prefix-source vae: regions are areas of the VAE's latent space")
     if args.fsdp and args.prefix_source == "lorem":
         raise UserError("--fsdp cannot read lorem text through the sharded embedding; use another "
                         "prefix source, or leave out --fsdp")
@@ -174,9 +179,9 @@ def main(argv=None):
     if len(pairs) < len(rows):
         print0(f"note: left out {len(rows) - len(pairs)} of {len(rows)} pairs longer than {limit} "
                f"tokens with the prefix ({why})")
-    if args.batch_size > len(pairs):
-        print0(f"note: --batch-size {args.batch_size} is more than the {len(pairs)} pairs: "
-               "each step trains on all of them")
+    if args.batch_size > len(pairs):   # ranks would get unequal or empty batches (--fsdp: a hang)
+        raise UserError(f"--batch-size {args.batch_size} is more than the {len(pairs)} (question, "
+                        f"answer) pairs of --data; lower --batch-size or add data")
     print0(f"{len(pairs)} (question, answer) pairs; prefix source {source.name}, L = {args.L}")
 
     eval_rows = None
@@ -204,8 +209,9 @@ def main(argv=None):
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = order.sample(pairs, min(args.batch_size, len(pairs)))[rank * per_rank:(rank + 1) * per_rank]
-        n_tokens = sum(len(a) for _, a in batch)
+        batch = order.sample(pairs, args.batch_size)[rank * per_rank:(rank + 1) * per_rank]
+        # the token mean over the whole batch: the count is a mean over ranks, as the gradient is
+        n_tokens = all_reduce_mean([sum(len(a) for _, a in batch)], device)[0]
         total_loss = 0.0
         for i in range(0, len(batch), args.micro_batch_size):
             micro = batch[i:i + args.micro_batch_size]
@@ -215,9 +221,10 @@ def main(argv=None):
                 model, [p for p, _ in micro], [a for _, a in micro],
                 None if prefixes is None else list(prefixes.to(device)))
             logprobs, _ = model.token_logprobs(embeds, mask, targets, loss_mask)
-            loss = -logprobs.sum() / n_tokens          # token-mean over this rank's batch
+            loss = -logprobs.sum() / n_tokens          # this rank's share of the batch's token mean
             loss.backward()
             total_loss += loss.item()
+        total_loss = all_reduce_mean([total_loss], device)[0]    # the batch's loss, all ranks
         if not math.isfinite(total_loss):
             raise UserError(f"non-finite loss at step {step}; nothing was saved; lower --lr")
         if not args.fsdp:                # FSDP reduce-scatters during backward instead
@@ -225,7 +232,8 @@ def main(argv=None):
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        run.log({"step": step, "loss": total_loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_tokens})
+        run.log({"step": step, "loss": total_loss, "grad_norm": grad_norm, "lr": lr,
+                 "tokens": round(n_tokens * world_size)})
         bar.set_postfix(loss=f"{total_loss:.4f}")
 
     if args.fsdp:

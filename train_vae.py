@@ -28,7 +28,7 @@ import torch
 from common import (ArgumentParser, RunDir, UserError, at_least, check_out_dir, check_seed,
                     compute_init, finite, positive, print0, progress, run_main, seed_everything,
                     sync_gradients, check_ranks_in_sync)
-from data import format_prompt, load_mixture
+from data import TEMPLATES, format_prompt, load_mixture
 from model import (PREFIX_FORMS, DEFAULT_PREFIX_FORM, PaletteVAE, VAEPrefix, embedding_fingerprint,
                    load_embedding_matrix, mean_pooled_embeddings, prefix_health,
                    resolve_checkpoint, save_vae, short_hash)
@@ -37,7 +37,7 @@ parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescrip
 # Data
 parser.add_argument("--data", required=True, help="domain=path_or_hub_id,... (e.g. math=a.jsonl,code=b.jsonl)")
 parser.add_argument("--per-domain-cap", type=int, default=2000, help="at most this many pairs per domain")
-parser.add_argument("--template", default="plain", help="prompt template for q: plain | math | chat")
+parser.add_argument("--template", default="plain", choices=TEMPLATES)
 parser.add_argument("--max-tokens", type=int, default=1024, help="truncate each [q; o] to this many tokens")
 # Model
 parser.add_argument("--model", required=True, help="the policy (hub id or directory) whose embeddings are used")

@@ -298,3 +298,13 @@ def test_infer_refuses_to_write_over_its_prompts(world, tmp_path):
                                                          str(tmp_path / "." / "prompts.txt")]
     message = refusal(infer, argv)
     assert "is the --prompts-file" in message and prompts.read_text() == "12+34=?\n"
+
+
+def test_sft_refuses_fewer_pairs_than_its_batch(world, tmp_path):
+    """Ranks would get unequal or empty batches (a hang under --fsdp, where each micro-batch is
+    a collective): refused at start-up, naming both numbers."""
+    import sft_warmup
+    argv = with_flag(valid_commands(world, str(tmp_path / "run"))["sft_warmup.py"], "--batch-size", "20")
+    message = refusal(sft_warmup, argv)
+    assert "--batch-size 20 is more than the 16 (question, answer) pairs" in message, message
+    assert not (tmp_path / "run" / "model").exists()

@@ -131,3 +131,19 @@ def test_fsdp_refuses_what_it_cannot_shard():
     with pytest.raises(UserError, match="lorem"):
         sft_warmup.check_args(sft_warmup.parser.parse_args(base + ["--prefix-source", "lorem"]), 2)
     rl.check_args(rl.parser.parse_args(base + ["--schedule", "none"]), 2)     # the plain case runs
+
+
+def test_sft_step_is_the_same_on_one_process_and_two_ranks(world, tmp_path):
+    """The warm-up's loss is a token mean over the whole batch, so one step from the same model,
+    data and seed gives the same weights whether the batch is split over ranks or not (no prefix,
+    so no per-rank random draws). Micro-batches of 1 and 3 pairs: the token counts differ."""
+    args = ("--model", world / "base", "--prefix-source", "none", "--data", world / "math_train.jsonl",
+            "--steps", "1", "--batch-size", "6", "--lr", "1e-2", "--warmup-steps", "0")
+    run_script("sft_warmup.py", *args, "--micro-batch-size", "1", "--out", tmp_path / "one")
+    run_script("sft_warmup.py", *args, "--micro-batch-size", "3", "--out", tmp_path / "two", nproc=2)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert any(not torch.equal(one[k], v) for k, v in base_weights(world).items())
+    for k in one:
+        # Adam's first step is lr * g / |g|: float noise in a near-zero g moves it by a fraction of the
+        # lr; a gradient normalised per rank (the bug this catches) moves entries by about the lr
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-3, msg=k)

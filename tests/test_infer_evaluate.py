@@ -294,3 +294,24 @@ def test_a_lorem_prefix_too_long_for_the_context_is_refused_in_one_line(world, t
     message = str(refusal.value)
     assert f"prefix {lorem_rows(world, 70)} (--L 70 + {lorem_rows(world, 70) - 70} boundary tokens)" in message
     assert "\n" not in message
+
+
+def test_evaluate_grades_each_row_by_its_own_grading_kind(world, tmp_path, monkeypatch):
+    """Rows of a local file that say `grading_kind: gsm8k` (and have no `source`) are graded as
+    GSM8K, whatever the file is called: "the answer is 4." states 4."""
+    from transformers import AutoTokenizer
+    from model import Generation
+    rows = [{"problem": "2+2=?", "answer": "4", "domain": "math", "grading_kind": "gsm8k"}]
+    write_jsonl(rows, str(tmp_path / "rows.jsonl"))
+    tokenizer = AutoTokenizer.from_pretrained(world["model"])
+    ids = tokenizer("the answer is 4.", add_special_tokens=False)["input_ids"] + [EOS_ID]
+
+    def answer(model, prompts, *args, **kwargs):
+        return Generation(tokens=torch.tensor([ids] * len(prompts)),
+                          lengths=torch.full((len(prompts),), len(ids)),
+                          stopped=torch.ones(len(prompts), dtype=torch.bool))
+    monkeypatch.setattr(evaluate, "generate", answer)
+    evaluate.main(["--model", world["model"], "--benchmarks", str(tmp_path / "rows.jsonl"),
+                   "--mode", "sample", "-n", "1", "--max-new-tokens", "20", "--out", str(tmp_path / "eval")])
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    assert results["configs"]["sample T=1"]["benchmarks"]["rows"]["pass@1"] == 1.0

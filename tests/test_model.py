@@ -245,3 +245,18 @@ def test_activation_checkpointing_gives_the_same_gradients(hf_checkpoint):
         lp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_generate_gives_the_same_tokens_in_train_and_eval_mode(hf_checkpoint, checkpointing):
+    """A freshly loaded model is in train mode, and rl.py's update leaves it there: generation
+    must not care (activation checkpointing applies to training forwards only, never to a
+    forward that fills a KV cache)."""
+    _, path, _ = hf_checkpoint
+    model = Transformer.from_pretrained(path)
+    model.gradient_checkpointing = checkpointing
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    eval_tokens = generate(model.eval(), prompts, max_new_tokens=6, temperature=0).tokens
+    train_tokens = generate(model.train(), prompts, max_new_tokens=6, temperature=0).tokens
+    assert torch.equal(train_tokens, eval_tokens)
+    assert model.training                                  # generate leaves the mode as it was

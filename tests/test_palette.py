@@ -208,6 +208,20 @@ def test_health_check_warns_on_a_collapsed_vae_and_not_on_a_healthy_one():
     assert prefix_health(PrefixSource(24, 1.0)) == ({}, [])       # source none: nothing to check
 
 
+def test_a_collapsed_centred_vae_is_not_told_to_become_centred():
+    """A centred VAE whose decoder ignores z (every prefix is one vector) collapses too; the
+    warning then points at the VAE's training, not at the form it already has."""
+    vae = _vae_over_a_common_mean("centred")
+    last = vae.decoder[-1]
+    last.weight.zero_()
+    last.bias.copy_(torch.linspace(-1.0, 1.0, last.bias.numel()))
+    health, lines = prefix_health(VAEPrefix(vae, {}))
+    assert health["prefix_pairwise_cos"] > 0.99
+    warning = [line for line in lines if line.startswith("warning")]
+    assert len(warning) == 1 and "collapse to one direction" in warning[0]
+    assert "--prefix-form" not in warning[0] and "--beta" in warning[0], warning[0]
+
+
 def test_is_broken():
     assert is_broken([], "")
     assert is_broken([5, 6, 5], " \n\n ")                         # blank lines

@@ -95,8 +95,7 @@ def test_credit_rule_loss_and_gradient_equal_a_hand_computation(credit):
             terms.append(ratio / (ratio + 0.1) * A[i])
         else:
             terms.append(torch.minimum(ratio * A[i], ratio.clamp(0.8, 1.28) * A[i]))
-    weight = torch.tensor(1.0, dtype=torch.float32) / 7  # token-mean over 4 + 3 tokens, as
-    hand = -(torch.cat(terms) * weight).sum()            # loss_token_weights gives it: float32
+    hand = -(torch.cat(terms) / 7).sum()                 # token-mean over 4 + 3 tokens, float64
     assert metrics["loss"] == pytest.approx(hand.item(), rel=1e-10)
     model.zero_grad()
     hand.backward()

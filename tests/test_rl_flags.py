@@ -1,12 +1,11 @@
-"""rl.py under every flag combination that matters, run in-process for 2 steps on a tiny model
-built here, zero-advantage resampling included (every prefix source and credit rule, alone and
-with a KL or several updates); the flags it refuses (one line, exit code 2); resuming from a
+"""rl.py's flags on a tiny model built here, in-process for 2 steps (every pair of flags runs in
+tests/test_pairwise.py): the flags it refuses (one line, exit code 2); resuming from a
 checkpoint recovered from an interrupted swap, and a corrupt checkpoint stopping in one line; the
 schedule table and the choice of prefixed rollouts; rows without ids; the guards around a step (a
 non-finite gradient stops the run before the optimiser step, non-finite weights are never
 checkpointed) and its warnings.
 
-Run:  python -m pytest tests/test_rl_flags.py -q        (about 1.5 minutes on two cores)
+Run:  python -m pytest tests/test_rl_flags.py -q        (about half a minute on two cores)
 """
 import json
 import os
@@ -77,54 +76,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# -- every combination runs and computes what it says ----------------------------------------------
-
-@pytest.mark.parametrize("truncated", ["zero", "mask"])
-@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
-@pytest.mark.parametrize("epochs,minibatches", [(1, 1), (2, 1), (1, 3)])
-@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean", "constant"])
-@pytest.mark.parametrize("estimator", ["grpo", "rloo", "drgrpo"])
-def test_flag_combination_runs(tiny, tmp_path, parity_reward, one_thread, estimator, aggregation,
-                               epochs, minibatches, kl_coef, truncated):
-    rl.main(tiny_args(tiny, tmp_path, "--estimator", estimator, "--aggregation", aggregation,
-                      "--epochs", epochs, "--minibatches", minibatches, "--kl-coef", kl_coef,
-                      "--truncated", truncated, "--entropy-coef", 0.01))
-    steps = records(tmp_path)
-    assert [r["step"] for r in steps] == [0, 1]
-    for r in steps:
-        assert r["rho"] == 0.4 and r["L"] == 2
-        if truncated == "zero":          # every minibatch holds kept rollouts
-            assert r["updates"] == epochs * minibatches
-        else:                            # a minibatch of masked truncations takes no step
-            assert r["updates"] <= epochs * minibatches
-        if r["updates"]:
-            assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "grad_norm", "entropy"))
-            assert 0 < r["entropy"] < 4.0                      # at most log(V = 52) = 3.95
-        if epochs * minibatches == 1 and r["updates"]:
-            assert r["clip_frac"] == 0.0                       # one update: the ratio is exactly 1
-        assert ("kl" in r) == (kl_coef > 0)                    # no reference model without a KL
-    if kl_coef and steps[0]["updates"]:
-        assert steps[0]["kl"] == 0.0 or epochs * minibatches > 1   # the policy starts at pi_ref
-    weights = load_file(str(tmp_path / "model" / "model.safetensors"))
-    before = load_file(str(tiny / "model" / "model.safetensors"))
-    assert all(torch.isfinite(t).all() for t in weights.values())
-    assert any(not torch.equal(weights[k], before[k]) for k in before)
-
-
-# -- zero-advantage resampling: every source and credit rule, alone and with KL / several updates ---
-
-@pytest.fixture(scope="module")
-def tiny_vae(tiny):
-    """An untrained VAE for the tiny model (the flags need one; what it decodes does not matter)."""
-    from model import PaletteVAE, embedding_fingerprint, load_embedding_matrix, save_vae
-    E = load_embedding_matrix(str(tiny / "model"))
-    vae = PaletteVAE(E.shape[1], latent_dim=4, hidden_dim=16)
-    vae.set_statistics(E[torch.randint(0, E.shape[0], (64, 4), generator=torch.Generator().manual_seed(0))].mean(1), E)
-    save_vae(vae, str(tiny / "vae"), {"beta": 0.1, "model": "tiny", "domains": {},
-                                     "fingerprint": embedding_fingerprint(E)})
-    return tiny / "vae"
-
-
 @pytest.fixture
 def failing_then_parity(monkeypatch):
     """Each step's 10 on-policy rollouts fail, so both groups are resampled (3 more rollouts each,
@@ -136,45 +87,6 @@ def failing_then_parity(monkeypatch):
         calls["n"] += 1
         return 0.0 if i < 10 else float(len(text) % 2)
     monkeypatch.setattr(rl, "grade", grade)
-
-
-RESAMPLE_RUNS = [(source, credit, 0.0, 1, 1, "zero") for source in ("none", "lorem", "noise", "vae")
-                 for credit in rl.CREDIT_RULES] + \
-                [("lorem", credit, kl, epochs, minibatches, truncated) for credit in rl.CREDIT_RULES
-                 for kl, epochs, minibatches, truncated in [(0.05, 1, 1, "zero"), (0.0, 2, 1, "mask"),
-                                                            (0.05, 1, 3, "zero")]] + \
-                [("vae", "naive-shaped", 0.05, 2, 1, "mask")]
-
-
-@pytest.mark.parametrize("source,credit,kl_coef,epochs,minibatches,truncated", RESAMPLE_RUNS)
-def test_resample_flag_combination_runs(tiny, tiny_vae, tmp_path, failing_then_parity, one_thread,
-                                        source, credit, kl_coef, epochs, minibatches, truncated):
-    length = {"none": [], "lorem": ["--resample-L", 4]}.get(source, ["--resample-L", 2])
-    rl.main(tiny_args(tiny, tmp_path, "--resample", 3, "--resample-source", source, *length,
-                      "--resample-credit", credit,
-                      "--vae", tiny_vae, "--kl-coef", kl_coef, "--epochs", epochs,
-                      "--minibatches", minibatches, "--truncated", truncated))
-    steps = records(tmp_path)
-    assert [r["step"] for r in steps] == [0, 1]
-    for r in steps:
-        assert r["rollouts_generated"] == 2 * 5 + 2 * 3 and r["resampled_groups"] == 2
-        assert r["accuracy"] == 0.0 and r["zero_variance_frac"] == 1.0     # the on-policy rollouts
-        assert r["rescued_groups"] <= 2 and 0 <= r["resample_accuracy"] <= 1
-        if r["updates"]:
-            assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "grad_norm"))
-        if r["rescued_groups"] and truncated == "zero":
-            assert r["grad_norm"] > 0                   # the regrouped groups carry signal
-        assert ("kl" in r) == (kl_coef > 0)
-    assert sum(r["rescued_groups"] for r in steps) > 0
-    assert json.load(open(tmp_path / "args.json"))["resample_L"] == {"none": 0, "lorem": 4}.get(source, 2)
-
-
-@pytest.mark.parametrize("extra", [[], ["--resample", 3, "--resample-source", "vae",
-                                        "--resample-credit", "prefixed", "--kl-coef", 0.05,
-                                        "--epochs", 2]])
-def test_lorem_prefixes_under_a_schedule(tiny, tiny_vae, tmp_path, failing_then_parity, one_thread, extra):
-    rl.main(tiny_args(tiny, tmp_path, "--prefix-source", "lorem", "--vae", tiny_vae, *extra))
-    assert [(r["step"], r["rho"], r["L"]) for r in records(tmp_path)] == [(0, 0.4, 2), (1, 0.4, 2)]
 
 
 def test_a_resample_prefix_must_fit_the_context(tiny, tmp_path):
@@ -442,7 +354,16 @@ def test_warnings_for_a_zero_gradient_and_a_collapsing_reward():
 
 
 def test_a_run_with_equal_rewards_warns_of_the_zero_gradient(tiny, tmp_path, monkeypatch, capsys, one_thread):
-    monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 1.0)
-    rl.main(tiny_args(tiny, tmp_path, "--steps", 3, "--truncated", "mask"))   # all rewards 1
+    monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 0.0)
+    rl.main(tiny_args(tiny, tmp_path, "--steps", 3, "--truncated", "mask"))   # all rewards 0
     assert [r["grad_norm"] for r in records(tmp_path)] == [0.0, 0.0, 0.0]
     assert "warning: the gradient norm has been exactly 0 for 3 steps" in capsys.readouterr().out
+
+
+def test_prefixed_counts_round_half_up():
+    """round(rho G) with halves rounded up, not to even: rho 0.5 of 5 rollouts is 3, and the
+    linear schedule at tau 0.75 prefixes 1 of 2 (Python's round would give 2 and 0)."""
+    assert rl.prefix_plan("constant", 0.0, 5, 0.5, 1) == (3, 1)
+    assert rl.prefix_plan("linear", 0.75, 2, 0.0, 4) == (1, 4)
+    assert rl.prefix_plan("constant", 0.0, 8, 0.5, 2) == (4, 2)
+    assert rl.prefix_plan("constant", 0.0, 8, 0.0, 2) == (0, 0)

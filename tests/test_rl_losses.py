@@ -188,7 +188,8 @@ def full_batch_gradient(model, r, args):
         n = len(r.completions[i])
         old[j, T - n - 1:T - 1], ref[j, T - n - 1:T - 1] = r.old_logprobs[i, :n], r.ref_logprobs[i, :n]
     lp, entropy = token_logprobs_and_entropy(model, embeds, mask, targets, loss_mask, args.temperature)
-    w = loss_token_weights(loss_mask, args.aggregation, len(rows), int(loss_mask.sum()), args.max_new_tokens)
+    w = loss_token_weights(loss_mask, args.aggregation, len(rows), int(loss_mask.sum()), args.max_new_tokens,
+                           lp.dtype)
     loss, stats = policy_loss(lp, old, r.advantages[rows], w, args.clip_eps_low, args.clip_eps_high,
                               ref, args.kl_coef, entropy, args.entropy_coef)
     assert 0 < stats["clip_frac"] < 1                  # the clip is active on some tokens, not all
@@ -298,3 +299,22 @@ def test_all_rollouts_truncated_and_masked_gives_no_update():
                                              torch.zeros_like(batch[3]))
     (lp.sum() + entropy.sum()).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("truncated", ["zero", "mask"])
+def test_a_cut_off_answer_is_worth_zero_under_both_truncation_rules(truncated):
+    """Three finished wrong answers and one completion cut at --max-new-tokens just after the right
+    number: its grade is luck, so its reward is 0 under both rules (the group has failed, and
+    would be resampled); --truncated mask only also takes it out of the loss."""
+    rows = [{"problem": "2+3=?", "answer": "5"}] * 4
+    texts = ["answer: 4", "answer: 6", "answer: 7", "answer: 5"]
+    rollouts = rl.Rollouts(rows, [[1]] * 4, [None] * 4, [[2]] * 4,
+                           truncated=torch.tensor([False, False, False, True]))
+    decoder = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: texts)
+    rl.score(rollouts, decoder, "toy", SimpleNamespace(truncated=truncated))
+    assert rollouts.correct.tolist() == [0.0, 0.0, 0.0, 1.0]      # what the grader saw
+    assert rollouts.rewards.tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert rollouts.keep.tolist() == ([True] * 4 if truncated == "zero" else [True, True, True, False])
+    assert rl.failed_groups(rollouts, 4) == [0]
+    rl.set_advantages(rollouts, SimpleNamespace(group_size=4, estimator="grpo"))
+    assert rollouts.advantages.tolist() == [0.0] * 4

@@ -159,15 +159,20 @@ def test_rl_raises_the_reward(world, tmp_path):
 def test_rl_several_updates_per_batch_with_kl(world, tmp_path):
     """The other objective paths: old log-probs from a first forward pass (2 epochs x 2
     minibatches), k3 KL to a reference model, seq-mean aggregation, masked truncations and
-    activation checkpointing. After the first update the ratio leaves 1, so the KL is positive."""
+    activation checkpointing, with a held-out evaluation at every step (it generates with the
+    model fresh from training mode). After the first update the ratio leaves 1, so the KL is
+    positive."""
     run_script("rl.py", *rl_args(world, tmp_path, "--steps", "2", "--prompts-per-step", "4",
                                  "--group-size", "4", "--schedule", "constant", "--rho", "0.5",
                                  "--L", "2", "--epochs", "2", "--minibatches", "2",
                                  "--micro-batch-size", "4", "--kl-coef", "0.05",
                                  "--aggregation", "seq-mean", "--truncated", "mask",
-                                 "--activation-checkpointing"))
+                                 "--activation-checkpointing", "--eval-data",
+                                 world / "math_test.jsonl", "--eval-every", "1", "--eval-problems", "8"))
     records = metrics(tmp_path)
-    assert len(records) == 2 and all(r["rho"] == 0.5 for r in records)
+    assert [r["step"] for r in records] == [0, 1, 2] and all("eval_pass1" in r for r in records)
+    records = records[:2]
+    assert all(r["rho"] == 0.5 for r in records)
     assert any(r["kl"] > 0 for r in records)
     assert all(math.isfinite(r["loss"]) for r in records)
 
