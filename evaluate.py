@@ -50,12 +50,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from common import (ArgumentParser, UserError, acquire_lock, at_least, atomic_write_json,
-                    atomic_write_text, check_out_dir, check_seed, compute_init, finite, on_master,
-                    print0, progress, read_json, recover_leftovers, run_main, set_interrupt_hint)
-from data import (BENCHMARKS, GRADER, TEMPLATES, answer_of, format_prompt, grade,
-                  load_benchmark, load_rows, resolve_benchmark)
-from model import PREFIX_SOURCES, generate, load_policy, make_prefix_source
+from common import atomic_write_json, atomic_write_text, compute_init, on_master, print0, progress, run_main
+from data import (BENCHMARKS, GRADER, TEMPLATES, answer_of, format_prompt, grade, load_benchmark, load_rows,
+                  resolve_benchmark)
+from guard import SEED, ArgumentParser, UserError, check_fits_context, read_json, ranged
+from model import PREFIX_SOURCES, check_prefix_sources, generate, load_policy, make_prefix_source
 
 MODES = ("sample", "greedy-latent", "latent-sample")
 
@@ -63,26 +62,26 @@ parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescrip
 # Benchmarks
 parser.add_argument("--benchmarks", required=True,
                     help=f"comma-separated names ({', '.join(BENCHMARKS)}) or JSON-lines paths")
-parser.add_argument("--limit", type=int, default=None, help="problems per benchmark (seeded subset)")
+parser.add_argument("--limit", type=ranged(int, 1), default=None, help="problems per benchmark (seeded subset)")
 parser.add_argument("--template", default="plain", choices=TEMPLATES)
 # Model
 parser.add_argument("--model", required=True, help="hub id or checkpoint directory")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 # Decoding
 parser.add_argument("--mode", default="sample", choices=MODES)
-parser.add_argument("-n", "--num-samples", dest="n", type=int, default=8,
+parser.add_argument("-n", "--num-samples", dest="n", type=ranged(int, 1, 100_000), default=8,
                     help="candidates per problem (under torchrun spell it -n or --num-samples: torchrun takes --n as its own)")
 parser.add_argument("--k", default=None, help="comma-separated k for pass@k (default: 1 and n)")
-parser.add_argument("--temperature", type=float, default=1.0, help="for sample and latent-sample")
-parser.add_argument("--top-p", type=float, default=1.0)
-parser.add_argument("--max-new-tokens", type=int, default=512)
-parser.add_argument("--batch-size", type=int, default=64, help="rows (problems x candidates) per generate()")
-parser.add_argument("--seed", type=int, default=0, help="seeds the latents and the token sampler")
+parser.add_argument("--temperature", type=ranged(float, 0), default=1.0, help="for sample and latent-sample")
+parser.add_argument("--top-p", type=ranged(float, high=1, above=0), default=1.0)
+parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=512)
+parser.add_argument("--batch-size", type=ranged(int, 1), default=64, help="rows (problems x candidates) per generate()")
+parser.add_argument("--seed", type=SEED, default=0, help="seeds the latents and the token sampler")
 # Palette
-parser.add_argument("--prefix-source", default="none", choices=PREFIX_SOURCES)
+parser.add_argument("--prefix-source", default="none", choices=list(PREFIX_SOURCES))
 parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
 parser.add_argument("--region", default=None, help="sample z from this domain's region, not the prior")
-parser.add_argument("--L", type=int, default=1,
+parser.add_argument("--L", type=ranged(int, 0), default=1,
                     help="prefix tokens per candidate (lorem: text tokens, then the boundary)")
 parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
 # Output
@@ -179,35 +178,22 @@ def read_results(path):
     return results
 
 
-MAX_SAMPLES = 100_000   # candidates per problem: more is a typo, and would not fit in memory
-
-
 def check_args(args):
-    """Every flag's range and the combinations that cannot work, before anything is loaded.
-    Returns the sorted k of pass@k."""
+    """The rules between flags, before anything is loaded. Returns the sorted k of pass@k."""
     try:
         ks = sorted({1, args.n} if args.k is None else {int(k) for k in args.k.split(",") if k.strip()})
     except ValueError:
         raise UserError(f"--k {args.k!r}: expected comma-separated integers such as 1,8,32") from None
-    if not 1 <= args.n <= MAX_SAMPLES:
-        raise UserError(f"-n/--num-samples must be in [1, {MAX_SAMPLES}], got {args.n}")
     if not ks or min(ks) < 1:
         raise UserError(f"every --k must be >= 1, got {args.k}")
     if max(ks) > args.n:
         raise UserError(f"--k {max(ks)} exceeds --n {args.n}: pass@k needs at least k candidates per problem")
-    at_least(0, L=args.L)
-    at_least(1, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
-    finite(temperature=args.temperature, top_p=args.top_p)
-    at_least(0, temperature=args.temperature)
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    check_seed(args.seed)
     if args.mode != "sample" and (args.prefix_source == "none" or args.L == 0):
-        raise UserError(f"--mode {args.mode} gives each candidate its own latent: it needs "
-                        "--prefix-source vae|noise|random_decoder|lorem and --L >= 1")
-    if args.prefix_source == "vae" and args.vae is None:
-        raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py)")
-    check_out_dir(args.out)
+        raise UserError(f"--mode {args.mode} gives each candidate its own latent: it needs a --prefix-source "
+                        "and --L >= 1")
+    check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file, not a directory; choose another --out")
     return ks
 
 
@@ -233,34 +219,32 @@ def main(argv=None):
             specs.append((item, None))
     if not specs:
         raise UserError("--benchmarks is empty")
-    ddp, rank, _, world_size, device = compute_init()
+    ddp, rank, world_size, device = compute_init()
     master = rank == 0
 
     def claim_out():
-        """One evaluation at a time per --out; a corrupt results.json is found now, not at the end."""
+        """One evaluation at a time per --out (the OS frees the lock when the process ends); a
+        corrupt results.json is found now, not at the end."""
+        from filelock import FileLock, Timeout
         os.makedirs(args.out, exist_ok=True)
-        notes = acquire_lock(args.out) + recover_leftovers(args.out)
+        try:
+            claim_out.lock = FileLock(os.path.join(args.out, ".lock"), is_singleton=True)   # held to the end
+            claim_out.lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(f"{args.out} is in use by another evaluation; wait for it or choose another --out") from None
         read_results(os.path.join(args.out, "results.json"))
-        return notes
-    for note in on_master(claim_out):
-        print0(note)
-    set_interrupt_hint(f"the problems finished so far are kept in {args.out}; the same command "
-                       "continues from them")
+    on_master(claim_out)
 
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_policy(args.model, device, dtype)
     model.eval()
     eos = tokenizer.eos_token_id
-    source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, args.vae,
-                                args.region, args.tie, args.seed, tokenizer=tokenizer)
-    prefix_rows = source.rows(args.L)       # embedding rows of one prefix: L, or L + b for lorem
-    prefix_note = f"prefix {prefix_rows}" + (f" (--L {args.L} + {prefix_rows - args.L} boundary tokens)"
-                                             if prefix_rows > args.L else "")
+    source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, tokenizer, args.vae,
+                                args.region, args.tie, args.seed)
     settings = {k: getattr(args, k) for k in ("model", "template", "mode", "n", "top_p", "max_new_tokens",
                                               "seed", "prefix_source", "vae", "region", "L", "tie", "dtype")}
     settings["temperature"] = temperature
     g_sample = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + rank)
-    context = model.config.max_position_embeddings
     entry = {"settings": settings, "k": ks, "benchmarks": {}}
 
     for bench, path in specs:
@@ -270,13 +254,11 @@ def main(argv=None):
         if not rows:
             raise UserError(f"{path or bench}: no problems with an answer to grade against")
         keys = problem_keys(rows)
-        encoded = [tokenizer(format_prompt(r["problem"], args.template, tokenizer),
-                             add_special_tokens=False)["input_ids"] for r in rows]
-        longest = max(range(len(rows)), key=lambda i: len(encoded[i]))
-        if len(encoded[longest]) + prefix_rows + args.max_new_tokens > context:
-            raise UserError(f"{bench} problem {keys[longest]!r}: {len(encoded[longest])} prompt tokens + "
-                            f"{prefix_note} + --max-new-tokens {args.max_new_tokens} exceeds the "
-                            f"model's context of {context}; lower --L or --max-new-tokens")
+        for r in rows:
+            r["prompt_ids"] = tokenizer(format_prompt(r["problem"], args.template, tokenizer),
+                                        add_special_tokens=False)["input_ids"]
+        check_fits_context(rows, source.rows(args.L) + args.max_new_tokens, f"prompt + {source.rows(args.L)}-row "
+                           f"prefix (--L {args.L}) + --max-new-tokens", bench, model.config.max_position_embeddings)
 
         # -- resume: records of this configuration already written (merged or per-rank parts)
         paths = sorted(glob.glob(os.path.join(args.out, f"{bench}.jsonl")) +
@@ -305,12 +287,12 @@ def main(argv=None):
                 chunk = mine[c:c + per_chunk]
                 prompts, prefixes = [], []
                 for i in chunk:
-                    prompts += [encoded[i]] * args.n
+                    prompts += [rows[i]["prompt_ids"]] * args.n
                     # latents of a problem depend on (seed, problem) only: not on batch, rank or resume
                     key_hash = int(hashlib.sha1(keys[i].encode()).hexdigest()[:12], 16)
                     g_latent = torch.Generator().manual_seed(args.seed * 1_000_003 + key_hash)
                     drawn = source.sample(args.n, args.L, generator=g_latent)      # (n, rows, d) or None
-                    prefixes += [None] * args.n if drawn is None else list(drawn.to(device, dtype))
+                    prefixes += [None] * args.n if drawn is None else list(drawn.to(device))
                 texts, stopped = [], []
                 for s in range(0, len(prompts), args.batch_size):
                     out = generate(model, prompts[s:s + args.batch_size], prefixes[s:s + args.batch_size],

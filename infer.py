@@ -30,34 +30,34 @@ import os
 
 import torch
 
-from common import (ArgumentParser, UserError, at_least, at_most, check_seed, compute_init, finite,
-                    run_main, set_interrupt_hint)
+from common import compute_init, run_main
 from data import TEMPLATES, format_prompt
-from model import PREFIX_SOURCES, generate, load_policy, make_prefix_source
+from guard import SEED, ArgumentParser, UserError, check_fits_context, ranged
+from model import PREFIX_SOURCES, check_prefix_sources, generate, load_policy, make_prefix_source
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Prompts
 parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-parser.add_argument("--prompts-file", default=None,
-                    help="one prompt per line, or JSON lines with a 'problem' field")
+parser.add_argument("--prompts-file", default=None, help="one prompt per line, or JSON lines with a 'problem' field")
 parser.add_argument("--template", default="plain", choices=TEMPLATES)
 # Model
 parser.add_argument("--model", required=True, help="hub id or checkpoint directory")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 # Palette
-parser.add_argument("--prefix-source", default="vae", choices=PREFIX_SOURCES)
+parser.add_argument("--prefix-source", default="vae", choices=list(PREFIX_SOURCES))
 parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
 parser.add_argument("--region", default=None, help="sample z from this domain's region, not the prior")
-parser.add_argument("--L", type=int, default=1,
+parser.add_argument("--L", type=ranged(int, 0), default=1,
                     help="prefix tokens per latent (0: no prefix; lorem: text tokens, then the boundary)")
 parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
-parser.add_argument("--num-latents", type=int, default=4, help="latents (blocks) per prompt")
+parser.add_argument("--num-latents", type=ranged(int, 1, 10_000), default=4, help="latents (blocks) per prompt, "
+                    "all drawn up front")
 # Decoding
-parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy per latent")
-parser.add_argument("--top-p", type=float, default=1.0)
-parser.add_argument("--max-new-tokens", type=int, default=256)
-parser.add_argument("--batch-size", type=int, default=64, help="prompts per generate() call")
-parser.add_argument("--seed", type=int, default=0, help="seeds the latents and the token sampler")
+parser.add_argument("--temperature", type=ranged(float, 0), default=0.0, help="0: greedy per latent")
+parser.add_argument("--top-p", type=ranged(float, high=1, above=0), default=1.0)
+parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=256)
+parser.add_argument("--batch-size", type=ranged(int, 1), default=64, help="prompts per generate() call")
+parser.add_argument("--seed", type=SEED, default=0, help="seeds the latents and the token sampler")
 # Output
 parser.add_argument("--out", default=None, help="also write one JSON line per (prompt, latent) here")
 
@@ -86,23 +86,9 @@ def read_prompts(path):
     return prompts
 
 
-MAX_LATENTS = 100_000          # latents per prompt: more is a typo, and would not fit in memory
-MAX_PREFIX_BYTES = 4 * 2**30   # all latents' prefix embeddings are drawn up front
-
-
 def check_args(args):
-    """Every flag's range and the combinations that cannot work, before anything is loaded."""
-    at_least(0, L=args.L)
-    at_least(1, num_latents=args.num_latents, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    at_most(MAX_LATENTS, num_latents=args.num_latents)
-    finite(temperature=args.temperature, top_p=args.top_p)
-    at_least(0, temperature=args.temperature)
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    check_seed(args.seed)
-    if args.prefix_source == "vae" and args.vae is None:
-        raise UserError("--prefix-source vae needs --vae DIR (a directory written by train_vae.py); "
-                        "or choose --prefix-source none, noise, random_decoder or lorem")
+    """The rules between flags, before anything is loaded."""
+    check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie)
     if args.out and os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a directory; give a file name for the JSON lines")
     if args.out and args.prompts_file and os.path.abspath(args.out) == os.path.abspath(args.prompts_file):
@@ -116,30 +102,20 @@ def main(argv=None):
     texts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not texts:
         raise UserError("no prompts: pass --prompt \"...\" (repeatable) or --prompts-file FILE")
-    _, _, _, _, device = compute_init()
+    device = compute_init()[3]
 
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_policy(args.model, device, dtype)
     model.eval()
     eos = tokenizer.eos_token_id
-    source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, args.vae,
-                                args.region, args.tie, args.seed, tokenizer=tokenizer)
-    prefix_rows = source.rows(args.L)       # embedding rows of one prefix: L, or L + b for lorem
-    prefix_note = f"prefix {prefix_rows}" + (f" (--L {args.L} + {prefix_rows - args.L} boundary tokens)"
-                                             if prefix_rows > args.L else "")
-    prompts = [tokenizer(format_prompt(t, args.template, tokenizer), add_special_tokens=False)["input_ids"]
-               for t in texts]
-    context = model.config.max_position_embeddings
-    prefix_bytes = args.num_latents * prefix_rows * model.config.hidden_size * 4
-    if prefix_bytes > MAX_PREFIX_BYTES:
-        raise UserError(f"--num-latents {args.num_latents} prefixes of {prefix_rows} rows (--L {args.L}) "
-                        f"and width {model.config.hidden_size} would take {prefix_bytes / 2**30:.0f} GiB; "
-                        "lower them")
-    for i, p in enumerate(prompts):
-        if len(p) + prefix_rows + args.max_new_tokens > context:
-            raise UserError(f"prompt {i}: {len(p)} tokens + {prefix_note} + "
-                            f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of "
-                            f"{context}; lower --L or --max-new-tokens")
+    source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, tokenizer, args.vae,
+                                args.region, args.tie, args.seed)
+    rows = [{"problem": t, "prompt_ids": tokenizer(format_prompt(t, args.template, tokenizer),
+                                                   add_special_tokens=False)["input_ids"]} for t in texts]
+    check_fits_context(rows, source.rows(args.L) + args.max_new_tokens,
+                       f"prompt + {source.rows(args.L)}-row prefix (--L {args.L}) + --max-new-tokens",
+                       "--prompt", model.config.max_position_embeddings)
+    prompts = [r["prompt_ids"] for r in rows]
 
     # All latents up front from one seeded generator: latent i is the same whatever the prompts.
     g_latent = torch.Generator().manual_seed(args.seed)
@@ -154,10 +130,9 @@ def main(argv=None):
             out_file = open(args.out, "w", encoding="utf-8")
         except OSError as e:
             raise UserError(f"--out {args.out}: cannot be written ({e.strerror})") from None
-        set_interrupt_hint(f"the completions printed so far are also in {args.out}")
     try:
         for i in range(args.num_latents):
-            prefix = None if latents is None else latents[i].to(device, dtype)       # (rows, d)
+            prefix = None if latents is None else latents[i].to(device)      # (rows, d) or text ids
             for s in range(0, len(prompts), args.batch_size):
                 batch = prompts[s:s + args.batch_size]
                 out = generate(model, batch, None if prefix is None else [prefix] * len(batch),

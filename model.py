@@ -24,10 +24,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common import UserError, atomic_save_dir, atomic_save_file, atomic_write_json, one_line, read_json
+from common import atomic_dir, atomic_write_json
+from guard import (UserError, check_config, check_state, check_tokenizer, check_vae_json, check_weights, read_json,
+                   read_safetensors_file)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -61,17 +62,11 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d, source="config.json"):
         """Read a Hugging Face config.json dict (transformers 4.x or 5.x spelling of RoPE)."""
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserError(f"{source}: model_type {model_type!r} is not supported; "
-                            f"nanopalette runs {', '.join(SUPPORTED_MODEL_TYPES)}")
-        if d.get("use_sliding_window") or d.get("mlp_bias"):
-            raise UserError(f"{source}: sliding-window attention and MLP biases are not supported")
+        check_config(d, source, SUPPORTED_MODEL_TYPES)          # families and RoPE types we run
+        model_type = d["model_type"]
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise UserError(f"{source}: rope_type {rope_type!r} is not supported (default, llama3)")
         n_heads = d["num_attention_heads"]
         return cls(
             model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
@@ -216,8 +211,7 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.source_dir = None          # where tokenizer files are copied from on save
         self.gradient_checkpointing = False
@@ -237,6 +231,10 @@ class Transformer(nn.Module):
     @property
     def embed_tokens(self):
         return self.model.embed_tokens
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:         # one matrix for the embedding and lm_head
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden_states(self, inputs_embeds, attention_mask=None, kv_cache=None):
         """inputs_embeds (B, T, d), attention_mask (B, T) bool -> final-norm hidden (B, T, d)."""
@@ -279,32 +277,6 @@ class Transformer(nn.Module):
             inputs_embeds = self.model.embed_tokens(input_ids)
         return self.lm_head(self.hidden_states(inputs_embeds, attention_mask, kv_cache))
 
-    def token_logprobs(self, inputs_embeds, attention_mask, targets, loss_mask,
-                       temperature=1.0, chunk=2048):
-        """The training path: log p(target_t | context) at the positions where loss_mask is True.
-
-        inputs_embeds (B, T, d), targets (B, T) = the token that follows each position,
-        loss_mask (B, T) bool. Returns (logprobs, entropy), each (B, T), zero where masked.
-        Logits are computed only at loss positions and in chunks that are recomputed in the
-        backward pass, so a 150K vocabulary never materialises (B, T, V) at once.
-        """
-        hidden = self.hidden_states(inputs_embeds, attention_mask)
-        picked = hidden[loss_mask]                                            # (N, d)
-        picked_targets = targets[loss_mask]                                   # (N,)
-        out_lp, out_ent = [], []
-        for i in range(0, picked.shape[0], chunk):
-            lp, ent = torch.utils.checkpoint.checkpoint(
-                _chunk_logprobs, picked[i:i + chunk], picked_targets[i:i + chunk],
-                self.lm_head.weight, temperature, use_reentrant=False)
-            out_lp.append(lp)
-            out_ent.append(ent)
-        logprobs = hidden.new_zeros(targets.shape, dtype=torch.float32)
-        entropy = hidden.new_zeros(targets.shape, dtype=torch.float32)
-        if out_lp:
-            logprobs = logprobs.masked_scatter(loss_mask, torch.cat(out_lp))
-            entropy = entropy.masked_scatter(loss_mask, torch.cat(out_ent).detach())
-        return logprobs, entropy
-
     # -- checkpoints ---------------------------------------------------------------------
 
     @classmethod
@@ -319,34 +291,27 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             expected.pop("lm_head.weight")
             tensors.pop("lm_head.weight", None)
-        missing = [k for k in expected if k not in tensors]
-        if missing:
-            raise UserError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[0]!r}; "
-                            f"is it a complete {config.model_type} checkpoint?")
-        for name, param in expected.items():
-            if tuple(tensors[name].shape) != tuple(param.shape):
-                raise UserError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                                f"config.json implies {tuple(param.shape)}")
+        check_weights(expected, tensors, path, config.model_type)
         state = {k: tensors[k].to(device=device, dtype=dtype) for k in expected}
         if config.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_weights()
         model.inv_freq = rope_inv_freq(config).to(device)
         model.source_dir = path
         return model
 
     def save_pretrained(self, out_dir, tokenizer_dir=None):
-        """Write config.json, model.safetensors, generation_config.json and tokenizer files,
-        atomically: a crash leaves the previous directory, never half a new one."""
+        """Write config.json, model.safetensors, generation_config.json and the tokenizer files (of
+        tokenizer_dir, else of the checkpoint it was loaded from) under a temporary name, renamed
+        into place when whole."""
         tokenizer_dir = tokenizer_dir or self.source_dir
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")   # safetensors refuses shared storage; HF re-ties on load
         c = self.config
 
-        def write(tmp):
+        with atomic_dir(out_dir) as tmp:
             save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             hf = c.to_hf()
             hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
@@ -359,8 +324,6 @@ class Transformer(nn.Module):
                 if os.path.exists(src):
                     shutil.copy(src, os.path.join(tmp, name))
 
-        atomic_save_dir(out_dir, write)
-
 
 def load_policy(path_or_id, device="cpu", dtype=torch.float32):
     """The policy and its tokenizer, as every stage loads them. The tokenizer must have an eos
@@ -368,33 +331,45 @@ def load_policy(path_or_id, device="cpu", dtype=torch.float32):
     from transformers import AutoTokenizer
     model = Transformer.from_pretrained(path_or_id, device=device, dtype=dtype)
     path = model.source_dir
-    found = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(path, name))]
-    where = f"{path} (tokenizer files: {', '.join(found) or 'none'})"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # a corrupt file surfaces as a JSON, tokenizers or OS error
-        raise UserError(f"{where}: the tokenizer does not load ({type(e).__name__}: {one_line(e)}); "
-                        "copy the tokenizer files of the base model into the directory") from None
-    # Without usable files transformers can still build a tokenizer, one that encodes every text
-    # to [] (the run would then fail deep in attention): encode a probe to be sure.
-    probe = tokenizer("Question: 12 + 30 = ?\nAnswer:", add_special_tokens=False)["input_ids"]
-    if not probe:
-        raise UserError(f"{where}: the tokenizer encodes text to no tokens; its files are missing "
-                        "or corrupt: copy the tokenizer files of the base model into the directory")
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{path_or_id}: the tokenizer has no eos token to end completions with")
-    largest = max(probe + [tokenizer.eos_token_id])
-    if largest >= model.config.vocab_size:
-        raise UserError(f"{where}: the tokenizer gives token id {largest}, but the model has only "
-                        f"{model.config.vocab_size} embeddings; the tokenizer belongs to another model")
+        tokenizer = e
+    check_tokenizer(tokenizer, path, TOKENIZER_FILES, model.config.vocab_size)
     return model, tokenizer
 
 
 def _chunk_logprobs(hidden, targets, weight, temperature):
-    logits = (hidden @ weight.t()).float() / temperature                     # (n, V)
-    logp = logits.log_softmax(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    # float32 at least (a bf16 model's loss is taken in float32), float64 for a float64 model
+    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))  # (n, V)
+    logp = (logits / temperature).log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)                                                # (n,)
     return logp.gather(-1, targets[:, None]).squeeze(-1), entropy
+
+
+def token_logprobs(model, inputs_embeds, attention_mask, targets, loss_mask, temperature=1.0, chunk=2048):
+    """The training path, for the warm-up's loss and the policy update: log p(target_t | context) at
+    temperature, and the entropy of the next-token distribution (its graph kept, so an entropy
+    bonus has a gradient), at the positions where loss_mask is True; each (B, T), zero elsewhere.
+
+    inputs_embeds (B, T, d), targets (B, T) = the token that follows each position, loss_mask (B, T)
+    bool. Logits are taken only at loss positions, in chunks recomputed in the backward pass, so a
+    150K vocabulary never materialises (B, T, V). A batch without a loss position still returns
+    tensors on the graph (backward() then gives zero gradients instead of failing)."""
+    hidden = model.hidden_states(inputs_embeds, attention_mask)                  # (B, T, d)
+    picked, picked_targets = hidden[loss_mask], targets[loss_mask]                # (N, d), (N,)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logprobs, entropy = [], []
+    for i in range(0, picked.shape[0], chunk):   # recomputed in backward: no (N, V) kept
+        lp, ent = torch.utils.checkpoint.checkpoint(
+            _chunk_logprobs, picked[i:i + chunk], picked_targets[i:i + chunk],
+            model.lm_head.weight, temperature, use_reentrant=False)
+        logprobs.append(lp)
+        entropy.append(ent)
+    empty = picked.sum(-1).to(dtype)                        # (0,), on the graph when N == 0
+    zeros = hidden.new_zeros(targets.shape, dtype=dtype)                         # (B, T)
+    return (zeros.masked_scatter(loss_mask, torch.cat(logprobs) if logprobs else empty),
+            zeros.masked_scatter(loss_mask, torch.cat(entropy) if entropy else empty))
 
 
 # -----------------------------------------------------------------------------
@@ -418,43 +393,15 @@ def resolve_checkpoint(path_or_id):
                         "without network access pass a local checkpoint directory") from None
 
 
-def _is_positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def read_safetensors_file(file, names=None):
-    """The tensors of one safetensors file (all of them, or those in `names`), on the CPU.
-    A file that is missing, truncated or corrupt stops with one line that names it (UserError)."""
-    try:
-        with safe_open(file, framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys() if names is None or key in names}
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{file}: not a readable safetensors file ({type(e).__name__}: {one_line(e)}); "
-                        "it is truncated or corrupt: restore or re-create it") from None
-
-
-# config.json sizes that must be positive integers (a string "64" would fail deep in torch)
-CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
-
-
 def load_config(path):
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
-        raise UserError(f"{path}: no config.json; a checkpoint directory needs config.json "
-                        "and *.safetensors")
+        raise UserError(f"{path}: no config.json; a checkpoint directory needs config.json and *.safetensors")
     d = read_json(config_path, "config")
-    for key in CONFIG_SIZES:  # None means "derive it" for num_key_value_heads and head_dim
-        if d.get(key) is not None and not _is_positive_int(d[key]):
-            raise UserError(f"{config_path}: {key} is {d[key]!r}; sizes must be positive integers")
     try:
         config = ModelConfig.from_hf(d, source=config_path)
     except KeyError as e:
         raise UserError(f"{config_path}: malformed config (no {e} field)") from None
-    for key in ("rms_norm_eps", "rope_theta"):
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise UserError(f"{config_path}: {key} is {value!r}; expected a positive number")
     if config.num_attention_heads % config.num_key_value_heads:
         raise UserError(f"{config_path}: num_attention_heads {config.num_attention_heads} is not a "
                         f"multiple of num_key_value_heads {config.num_key_value_heads}")
@@ -504,55 +451,6 @@ def load_embedding_matrix(path_or_id):
     return tensors[name].float()
 
 
-def load_state_file(module, file):
-    """Load a module's whole state from one safetensors file; a file whose tensor names or shapes
-    do not match the module stops with one line naming the first difference (UserError)."""
-    state = read_safetensors_file(file)
-    for name, tensor in module.state_dict().items():
-        if name not in state:
-            raise UserError(f"{file}: has no tensor {name!r}; it belongs to another model or version")
-        if state[name].shape != tensor.shape:
-            raise UserError(f"{file}: tensor {name!r} has shape {tuple(state[name].shape)}, the "
-                            f"sizes in its config imply {tuple(tensor.shape)}; the files do not "
-                            "belong together")
-    extra = sorted(set(state) - set(module.state_dict()))
-    if extra:
-        raise UserError(f"{file}: unexpected tensor {extra[0]!r}; it belongs to another model or "
-                        "version")
-    module.load_state_dict(state)
-
-
-def _is_number_list(value, length=None):
-    return isinstance(value, list) and (length is None or len(value) == length) and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
-
-
-def read_vae_json(path):
-    """vae.json, checked before anything is built from it: integer sizes, the embedding
-    fingerprint (a list of numbers) and each domain's latent mean (k) and covariance (k x k)."""
-    meta = read_json(path, "VAE settings")
-    missing = [k for k in ("dim", "latent_dim", "hidden_dim", "depth", "fingerprint") if k not in meta]
-    if missing:
-        raise UserError(f"{path}: no {', '.join(missing)} field; re-create the VAE with train_vae.py")
-    for key in ("dim", "latent_dim", "hidden_dim", "depth"):
-        least = 0 if key == "depth" else 1  # depth 0: encoder and decoder are single linear maps
-        if type(meta[key]) is not int or meta[key] < least:
-            raise UserError(f"{path}: {key} is {meta[key]!r}; expected an integer >= {least}")
-    if not _is_number_list(meta["fingerprint"]):
-        raise UserError(f"{path}: 'fingerprint' is not a list of numbers; re-create the VAE with "
-                        "train_vae.py")
-    k, domains = meta["latent_dim"], meta.get("domains", {})
-    if not isinstance(domains, dict):
-        raise UserError(f"{path}: 'domains' must map domain names to latent statistics")
-    for name, stats in domains.items():
-        if not (isinstance(stats, dict) and _is_number_list(stats.get("mean"), k)
-                and isinstance(stats.get("cov"), list) and len(stats["cov"]) == k
-                and all(_is_number_list(row, k) for row in stats["cov"])):
-            raise UserError(f"{path}: domain {name!r} needs 'mean' ({k} numbers) and 'cov' "
-                            f"({k} x {k} numbers)")
-    return meta
-
-
 def embedding_fingerprint(E, n_rows=64, n_cols=16):
     """A small signature of an embedding matrix: n_rows evenly spaced rows, first n_cols values.
     Compared by cosine similarity so that fine-tuned descendants (after SFT or RL, whose
@@ -574,11 +472,12 @@ def short_hash(values):
 # 2. Prefixed, left-padded inputs
 
 def embed_rows(model, token_rows, prefixes=None):
-    """Build the batch [prefix_i (L_i x d); E(tokens_i)], left padded to a common length.
+    """Build the batch [prefix_i; E(tokens_i)], left padded to a common length.
 
-    token_rows: list of B lists of token ids; prefixes: None or a list of B tensors (L_i, d) or
-    None. Returns inputs_embeds (B, T, d) and attention_mask (B, T) bool. Gradients reach the
-    prefixes only if the caller passed prefixes that require grad.
+    token_rows: B lists of token ids; prefixes: None or B entries, each None, embeddings (L_i, d),
+    or token ids (L_i,) of a text prefix (embedded by `model` like the prompt). Returns
+    inputs_embeds (B, T, d) and attention_mask (B, T) bool. Gradients reach embedding prefixes only
+    if the caller passed ones that require grad; a text prefix's rows are the model's embeddings.
     """
     B = len(token_rows)
     prefixes = prefixes if prefixes is not None else [None] * B
@@ -589,20 +488,23 @@ def embed_rows(model, token_rows, prefixes=None):
     device = E.weight.device
     ids = torch.zeros(B, T, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.bool)
-    for i, (tokens, n) in enumerate(zip(token_rows, lengths)):
+    vectors = []                                    # (row, first slot, (L, d)) of embedding prefixes
+    for i, (tokens, p, n) in enumerate(zip(token_rows, prefixes, lengths)):
         ids[i, T - len(tokens):] = torch.as_tensor(tokens, dtype=torch.long)
         mask[i, T - n:] = True
-    ids, mask = ids.to(device), mask.to(device)
-    embeds = E(ids)                                                            # (B, T, d)
-    if any(prefix_lens):
+        if p is not None and not p.is_floating_point():
+            ids[i, T - n:T - n + len(p)] = p.cpu()                      # text: tokens like the prompt's
+        elif p is not None:
+            vectors.append((i, T - n, p))
+    embeds = E(ids.to(device))                                                  # (B, T, d)
+    if vectors:
         block = torch.zeros_like(embeds)
         is_prefix = torch.zeros(B, T, 1, dtype=torch.bool, device=device)
-        for i, (p, pl, n) in enumerate(zip(prefixes, prefix_lens, lengths)):
-            if pl:
-                block[i, T - n:T - n + pl] = p.to(embeds.dtype)
-                is_prefix[i, T - n:T - n + pl] = True
+        for i, start, p in vectors:
+            block[i, start:start + len(p)] = p.to(embeds)
+            is_prefix[i, start:start + len(p)] = True
         embeds = torch.where(is_prefix, block, embeds)
-    return embeds, mask
+    return embeds, mask.to(device)
 
 
 def completion_batch(model, prompts, completions, prefixes=None):
@@ -694,15 +596,12 @@ class KVCache(nn.Module):
         self.seen = self.seen.index_select(0, rows)
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
     """logits (B, V) -> next tokens (B,). temperature 0 is greedy. No host synchronisation:
     the exponential-race trick, argmax(p / q) with q ~ Exp(1), draws from p on the device."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]                        # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         sorted_probs = sorted_logits.softmax(-1)
@@ -736,12 +635,12 @@ _compiled_decode_step = None
 
 
 @torch.inference_mode()
-def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0, top_k=0,
-             top_p=1.0, stop_tokens=(), generator=None, pad_id=0, static=False):
+def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0, top_p=1.0, stop_tokens=(),
+             generator=None, pad_id=0, static=False):
     """Batched sampling with a KV cache.
 
-    prompts: B lists of token ids; prefixes: None or B tensors (L_i, d) or None, placed before the
-    prompt's embeddings. temperature 0 = greedy. A row stops at its first token in stop_tokens or
+    prompts: B lists of token ids; prefixes: None or B prefixes (embed_rows), each placed before its
+    prompt. temperature 0 = greedy. A row stops at its first token in stop_tokens or
     after max_new_tokens. generator: a torch.Generator on the model's device, for reproducible
     sampling. static=True decodes with fixed shapes and torch.compile(mode="reduce-overhead")
     (CUDA graphs) on a GPU; finished rows are then masked instead of dropped.
@@ -771,7 +670,7 @@ def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0,
                                                       fullgraph=True)
             step_fn = _compiled_decode_step
     for t in range(max_new_tokens):
-        tokens = sample_next(logits, temperature, top_k, top_p, generator)       # (b,)
+        tokens = sample_next(logits, temperature, top_p, generator)              # (b,)
         live = ~finished[active]
         out[active, t] = torch.where(live, tokens, pad_id)
         lengths[active] += live.long()
@@ -887,9 +786,11 @@ class PaletteVAE(nn.Module):
 def save_vae(vae, out_dir, meta):
     """vae.safetensors (weights and statistics) + vae.json (dimensions, the prefix form, beta,
     the model it belongs to with its embedding fingerprint, per-domain latent statistics), each
-    written atomically into out_dir (which may also hold the run's logs)."""
+    written under a temporary name and renamed into out_dir (which also holds the run's logs)."""
     state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    atomic_save_file(os.path.join(out_dir, "vae.safetensors"), lambda tmp: save_file(state, tmp))
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(state, os.path.join(out_dir, ".tmp-vae.safetensors"))       # renamed in when whole
+    os.replace(os.path.join(out_dir, ".tmp-vae.safetensors"), os.path.join(out_dir, "vae.safetensors"))
     atomic_write_json(os.path.join(out_dir, "vae.json"), {
         "dim": vae.dim, "latent_dim": vae.latent_dim, "hidden_dim": vae.hidden_dim,
         "depth": vae.depth, "prefix_form": vae.prefix_form, **meta})
@@ -897,56 +798,89 @@ def save_vae(vae, out_dir, meta):
 
 def load_vae(vae_dir, E=None):
     """Load a VAE; if the policy's embedding matrix E is given, refuse one trained for another
-    model (different embedding size, or a fingerprint that does not match)."""
-    json_path = os.path.join(vae_dir, "vae.json")
-    if not os.path.exists(json_path) or not os.path.exists(os.path.join(vae_dir, "vae.safetensors")):
-        raise UserError(f"{vae_dir}: no vae.json / vae.safetensors; train one with train_vae.py")
-    meta = read_vae_json(json_path)
-    if E is not None:
-        if E.shape[1] != meta["dim"]:
-            raise UserError(f"{vae_dir}: the VAE was trained for embeddings of size {meta['dim']} "
-                            f"({meta.get('model')}), this model's are {E.shape[1]}; "
-                            "train a VAE for this model with train_vae.py")
-        if not fingerprints_match(embedding_fingerprint(E), meta["fingerprint"]):
-            raise UserError(f"{vae_dir}: the VAE was trained for another model ({meta.get('model')}, "
-                            f"fingerprint {short_hash(meta['fingerprint'])}); its embedding matrix "
-                            "differs from this model's; train a VAE for this model with train_vae.py")
+    model (another embedding size, or a fingerprint that does not match)."""
+    json_path = os.path.join(str(vae_dir), "vae.json")
+    if vae_dir is None or not os.path.exists(json_path) or not os.path.exists(os.path.join(vae_dir, "vae.safetensors")):
+        raise UserError(f"--vae {vae_dir}: no vae.json / vae.safetensors; train one with train_vae.py")
+    meta = read_json(json_path, "VAE settings")
+    check_vae_json(meta, json_path)
+    if E is not None and (E.shape[1] != meta["dim"] or not fingerprints_match(embedding_fingerprint(E),
+                                                                                  meta["fingerprint"])):
+        raise UserError(f"{vae_dir}: the VAE was trained for another model ({meta.get('model')}, embeddings of "
+                        f"size {meta['dim']}, fingerprint {short_hash(meta['fingerprint'])}); this model's "
+                        f"are of size {E.shape[1]} and differ; train a VAE for this model with train_vae.py")
     vae = PaletteVAE(meta["dim"], meta["latent_dim"], meta["hidden_dim"], meta["depth"],
                      meta.get("prefix_form", "rescaled"))   # older vae.json: the form it had then
-    load_state_file(vae, os.path.join(vae_dir, "vae.safetensors"))
+    state = read_safetensors_file(os.path.join(vae_dir, "vae.safetensors"))
+    check_state(vae, state, os.path.join(vae_dir, "vae.safetensors"))
+    vae.load_state_dict(state)
     return vae.eval().requires_grad_(False), meta
 
 
 class PrefixSource:
-    """One interface for every source: sample(n, L) -> prefixes (n, L, d), or None when L == 0.
-
-    Each of the L prefix tokens is an independent draw unless tie=True, in which case one draw
-    is repeated L times. All sources output vectors at the mean token-embedding norm, except a
-    VAE whose prefix form is "paper".
-    """
+    """The interface of every prefix source: sample(n, L, generator) -> n prefixes, as embeddings
+    (n, L, d) at the mean token-embedding norm or, for a text source, token ids (n, rows); None when
+    L == 0. Each source class says what it needs and allows (the class attributes below), so that
+    check_prefix_sources refuses a misuse before anything is loaded and no other file tests names.
+    A new source is one class here and one entry in PREFIX_SOURCES (argparse's choices come from it).
+    Each of the L prefix vectors is an independent draw unless tie=True repeats one draw L times."""
     name = "none"
+    needs_vae = False       # built from --vae (and --region: the VAE's latent regions)
+    tieable = True          # --tie has a meaning
 
-    def __init__(self, dim, token_norm, tie=False):
-        self.dim, self.token_norm, self.tie = dim, float(token_norm), tie
-
-    def _noise(self, n, L, width, generator):
-        shape = (n, 1 if self.tie else L, width)
-        return torch.randn(shape, generator=generator).expand(n, L, width)
-
-    def _draw(self, n, L, generator):
-        raise NotImplementedError
+    def __init__(self, E, tie=False, **context):
+        self.dim, self.token_norm, self.tie = E.shape[1], E.float().norm(dim=-1).mean().item(), tie
 
     def rows(self, L):
-        """Embedding rows of one prefix of length L (L itself, except for the lorem source)."""
-        return 0 if self.name == "none" else L
+        """Rows one prefix of length L takes in the context."""
+        return L
+
+    def _noise(self, n, L, width, generator):
+        return torch.randn((n, 1 if self.tie else L, width), generator=generator).expand(n, L, width)
+
+    def _to_token_norm(self, x):
+        return x / x.norm(dim=-1, keepdim=True) * self.token_norm
 
     @torch.no_grad()
     def sample(self, n, L, generator=None):
-        if L < 0:
-            raise UserError(f"prefix length L must be >= 0, got {L}")
-        if L == 0 or self.name == "none":
+        if L == 0:
             return None
-        return self._draw(n, L, generator).float()
+        x = self._draw(n, L, generator)
+        return x.float() if x.is_floating_point() else x
+
+
+class NoPrefix(PrefixSource):
+    """No prefix at all (the baselines)."""
+
+    def rows(self, L):
+        return 0
+
+    def sample(self, n, L, generator=None):
+        return None
+
+
+class VAEPrefix(PrefixSource):
+    """The method: z ~ N(0, I) (the prior) or z ~ N(mean_d, cov_d) (domain d's region), decoded by
+    the VAE into a prefix embedding (PaletteVAE.prefix)."""
+    name, needs_vae = "vae", True
+
+    def __init__(self, E, vae=None, region=None, tie=False, **context):
+        super().__init__(E, tie)
+        self.vae, meta = (vae, {}) if isinstance(vae, PaletteVAE) else load_vae(vae, E)
+        self.region = region
+        if region is not None:
+            stats = meta.get("domains", {})
+            if region not in stats:
+                raise UserError(f"the VAE has no latent region {region!r}; it knows {sorted(stats)}")
+            self.region_mean = torch.tensor(stats[region]["mean"])
+            cov = torch.tensor(stats[region]["cov"])
+            self.region_chol = torch.linalg.cholesky(cov + 1e-5 * torch.eye(len(cov)))
+
+    def _draw(self, n, L, generator):
+        z = self._noise(n, L, self.vae.latent_dim, generator)                  # (n, L, k)
+        if self.region is not None:
+            z = self.region_mean + z @ self.region_chol.T
+        return self.vae.prefix(z)                                              # (n, L, d)
 
 
 class NoisePrefix(PrefixSource):
@@ -954,55 +888,29 @@ class NoisePrefix(PrefixSource):
     name = "noise"
 
     def _draw(self, n, L, generator):
-        x = self._noise(n, L, self.dim, generator)
-        return x / x.norm(dim=-1, keepdim=True) * self.token_norm
+        return self._to_token_norm(self._noise(n, L, self.dim, generator))
 
 
 class RandomDecoderPrefix(PrefixSource):
     """An untrained, randomly initialised small GPT-style decoder that maps L noise vectors to L
-    embeddings (the paper's VLM variant). Its weights come from a fixed seed, so every rank and
-    every later stage that names the same seed gets the same decoder."""
+    embeddings (the paper's VLM variant). Its weights come from the seed, so every rank and every
+    later stage that names the same seed gets the same decoder."""
     name = "random_decoder"
 
-    def __init__(self, dim, token_norm, tie=False, width=64, layers=2, seed=0):
-        super().__init__(dim, token_norm, tie)
-        g = torch.Generator().manual_seed(seed)
+    def __init__(self, E, tie=False, seed=0, width=64, layers=2, **context):
+        super().__init__(E, tie)
         with torch.random.fork_rng():
-            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
-            block = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=4 * width,
-                                               dropout=0.0, batch_first=True, norm_first=True)
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=torch.Generator().manual_seed(seed))))
+            block = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=4 * width, dropout=0.0,
+                                               batch_first=True, norm_first=True)
             self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False).eval()
-            self.out = nn.Linear(width, dim)
+            self.out = nn.Linear(width, self.dim)
         self.width = width
 
     def _draw(self, n, L, generator):
         causal = nn.Transformer.generate_square_subsequent_mask(L)
-        x = self.out(self.blocks(self._noise(n, L, self.width, generator), mask=causal,
-                                 is_causal=True))
-        return x / x.norm(dim=-1, keepdim=True) * self.token_norm
-
-
-class VAEPrefix(PrefixSource):
-    """z ~ N(0, I) (the prior) or z ~ N(mean_d, cov_d) (domain d's region), decoded by the VAE."""
-    name = "vae"
-
-    def __init__(self, vae, meta, region=None, tie=False):
-        super().__init__(vae.dim, vae.token_norm, tie)
-        self.vae, self.region = vae, region
-        if region is not None:
-            stats = meta.get("domains", {})
-            if region not in stats:
-                raise UserError(f"the VAE has no latent region {region!r}; it knows {sorted(stats)}")
-            mean = torch.tensor(stats[region]["mean"])
-            cov = torch.tensor(stats[region]["cov"])
-            self.region_mean = mean
-            self.region_chol = torch.linalg.cholesky(cov + 1e-5 * torch.eye(len(mean)))
-
-    def _draw(self, n, L, generator):
-        z = self._noise(n, L, self.vae.latent_dim, generator)                   # (n, L, k)
-        if self.region is not None:
-            z = self.region_mean + z @ self.region_chol.T
-        return self.vae.prefix(z)
+        return self._to_token_norm(self.out(self.blocks(self._noise(n, L, self.width, generator),
+                                                        mask=causal, is_causal=True)))
 
 
 # Pseudo-Latin for the lorem source: lower case only, so that every character is also a token
@@ -1020,157 +928,59 @@ LOREM_BOUNDARY = "\n\nignore the text above. solve the problem below.\n\n"
 
 
 class LoremPrefix(PrefixSource):
-    """Real text as a prefix: L tokens of pseudo-Latin, drawn fresh for every prefix, then the
-    boundary instruction LOREM_BOUNDARY, as the policy's own token embeddings (L + b rows, b the
-    boundary's tokens): the text perturbation of LoPE (arXiv 2605.05566) in the palette's slot.
+    """Real text as a prefix: L tokens of pseudo-Latin, fresh for every prefix, then the boundary
+    instruction LOREM_BOUNDARY (L + b token ids, b the boundary's tokens): the text perturbation of
+    LoPE (arXiv 2605.05566) in the palette's slot, before the whole prompt (with --template chat,
+    ahead of the turn markers), so the sources differ in what the prefix holds and nothing else.
+    The policy embeds the ids as it embeds the prompt; the prompt's own ids are the same with or
+    without it, so pi(o | q) of the unprefixed prompt is a forward pass over the very tokens that
+    followed the text. Words are drawn with the caller's torch generator (the python-lorem package
+    draws from Python's global random, which a resumed run would not continue exactly), a period
+    after about one word in eight and a comma after one in twelve, and cut to exactly L tokens."""
+    name, tieable = "lorem", False
 
-    Where it sits: before the whole prompt, so before the chat template's first token (with
-    --template chat, ahead of the system/user turn markers), exactly where the latent prefixes go.
-    That way the sources differ in what the prefix holds and nothing else, and the prompt's tokens
-    are the same ids with or without it, so pi(o | q) of the unprefixed prompt (the naive credit
-    rule in rl.py) is a forward pass over the very tokens that followed the text.
-
-    Text: words drawn uniformly from LOREM_WORDS with the caller's torch generator, a period after
-    about one word in eight and a comma after one in twelve, tokenised, and cut to exactly L tokens
-    (the cut may fall inside a word). The word list lives here rather than in the python-lorem
-    package: that package draws from Python's global `random`, so its text would not follow the
-    seeded generator that a resumed run restores, and its capitalised sentences would be unknown
-    tokens to the toy tokenizer.
-
-    E is the embedding matrix read at each draw (a live parameter gives the current policy's
-    embeddings, as a text prompt would); the rows are a copy, so a prefix stored with a rollout
-    never changes. tie has no meaning for text.
-    """
-    name = "lorem"
-
-    def __init__(self, E, tokenizer):
-        self.E = E.detach()                                        # (V, d), shares E's storage
-        super().__init__(E.shape[1], self.E.float().norm(dim=-1).mean())
-        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
-        self.encode = encode
-        self.boundary_ids = encode(LOREM_BOUNDARY)
+    def __init__(self, E, tokenizer=None, **context):
+        super().__init__(E)
+        if tokenizer is None:
+            raise UserError("prefix source 'lorem' needs the policy's tokenizer (its prefixes are text)")
+        self.encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.boundary_ids = self.encode(LOREM_BOUNDARY)
 
     def rows(self, L):
         return L + len(self.boundary_ids) if L else 0
 
     def text(self, n, L, generator=None):
-        """n strings of L words (each word is one token or more, so at least L tokens)."""
-        words = torch.randint(len(LOREM_WORDS), (n, L), generator=generator)      # (n, L)
-        marks = torch.rand(n, L, generator=generator)                              # (n, L)
-        ends = [". " if m < 1 / 8 else ", " if m < 1 / 8 + 1 / 12 else " " for m in marks.flatten().tolist()]
-        ends = [ends[i * L:(i + 1) * L] for i in range(n)]
-        return ["".join(LOREM_WORDS[w] + e for w, e in zip(row, end)).rstrip()
-                for row, end in zip(words.tolist(), ends)]
-
-    def token_ids(self, n, L, generator=None):
-        """(n, L + b) token ids: L tokens of fresh text, then the boundary instruction."""
-        ids = [self.encode(t)[:L] + self.boundary_ids for t in self.text(n, L, generator)]
-        return torch.tensor(ids, dtype=torch.long)
+        """n strings of L words (each word one token or more, so at least L tokens)."""
+        words = torch.randint(len(LOREM_WORDS), (n, L), generator=generator).tolist()     # (n, L)
+        marks = torch.rand(n, L, generator=generator).tolist()                              # (n, L)
+        end = lambda m: ". " if m < 1 / 8 else ", " if m < 1 / 8 + 1 / 12 else " "
+        return ["".join(LOREM_WORDS[w] + end(m) for w, m in zip(ws, ms)).rstrip() for ws, ms in zip(words, marks)]
 
     def _draw(self, n, L, generator):
-        return self.E[self.token_ids(n, L, generator).to(self.E.device)].clone()   # (n, L + b, d)
+        return torch.tensor([self.encode(t)[:L] + self.boundary_ids for t in self.text(n, L, generator)])
 
 
-PREFIX_SOURCES = ("none", "vae", "noise", "random_decoder", "lorem")
+PREFIX_SOURCES = {cls.name: cls for cls in (NoPrefix, VAEPrefix, NoisePrefix, RandomDecoderPrefix, LoremPrefix)}
 
 
-def make_prefix_source(name, E, vae_dir=None, region=None, tie=False, seed=0, tokenizer=None):
-    """Build a prefix source for the policy whose embedding matrix is E (V, d). A source keeps
-    only E's mean row norm (and the VAE checks E's fingerprint), so E may be a live parameter;
-    the lorem source reads E's rows at each draw and needs the policy's tokenizer."""
-    if name == "lorem":
-        if tokenizer is None:
-            raise UserError("prefix source 'lorem' needs the policy's tokenizer (its prefixes are text)")
-        if tie:
-            raise UserError("--tie has no meaning for prefix source 'lorem' (its prefix is text, "
-                            "not repeated draws); leave --tie out")
-        return LoremPrefix(E, tokenizer)
-    E = E.detach().float().cpu()
-    token_norm = E.norm(dim=-1).mean()
-    if name == "none":
-        return PrefixSource(E.shape[1], token_norm)
-    if name == "noise":
-        return NoisePrefix(E.shape[1], token_norm, tie)
-    if name == "random_decoder":
-        return RandomDecoderPrefix(E.shape[1], token_norm, tie, seed=seed)
-    if name == "vae":
-        if vae_dir is None:
-            raise UserError("prefix source 'vae' needs --vae DIR (a directory from train_vae.py)")
-        vae, meta = load_vae(vae_dir, E)
-        return VAEPrefix(vae, meta, region, tie)
-    raise UserError(f"unknown prefix source {name!r}; choose one of {', '.join(PREFIX_SOURCES)}")
+def make_prefix_source(name, E, tokenizer=None, vae=None, region=None, tie=False, seed=0):
+    """The source `name` for the policy whose embedding matrix is E (V, d) (a source keeps only
+    statistics of E; the VAE checks E's fingerprint); vae: a train_vae.py directory."""
+    return PREFIX_SOURCES[name](E=E.detach().float().cpu(), tokenizer=tokenizer, vae=vae, region=region,
+                                tie=tie, seed=seed)
 
 
-COLLAPSED_COSINE = 0.8     # prior prefixes this alike (noise: about 0) read as one token
-BROKEN_SHARE = 0.2         # more broken greedy answers than this: the policy cannot read them
-
-
-def is_broken(token_ids, text):
-    """A completion that carries nothing: no visible text, or a loop of a few tokens (at least 8
-    tokens, at most one distinct token in 8, and never more than 2 in a short one: "Zar\\nZar\\n...",
-    "2\\n2\\n2\\n..."). Real answers, even short ones, use far more distinct tokens."""
-    return not text.strip() or (len(token_ids) >= 8 and len(set(token_ids)) <= max(2, len(token_ids) // 8))
-
-
-@torch.no_grad()
-def prefix_health(source, model=None, prompts=None, tokenizer=None, L=1, n_prefixes=256,
-                  max_new_tokens=32, seed=0):
-    """Does the policy get prefixes it can read? Returns (metrics, lines to print).
-
-    Always (no model needed): the mean pairwise cosine of n_prefixes prior prefixes, and for a
-    VAE their mean cosine to the corpus-mean direction h_mean. With a model and prompts (token id
-    lists): two greedy answers per prompt under two prior prefix draws of L tokens, the share
-    of prompts whose answer changes between them, and the share of answers that are broken
-    (is_broken). The lines end with a warning when the prefixes collapse to one direction or
-    break the policy's answers, saying what to do.
-    """
-    if source.name == "none":
-        return {}, []
-    g = torch.Generator().manual_seed(seed)
-    unit = F.normalize(source.sample(n_prefixes, 1, generator=g)[:, 0], dim=-1)   # (n, d)
-    cos = unit @ unit.T                                                           # (n, n)
-    pairwise = cos[~torch.eye(n_prefixes, dtype=torch.bool)]
-    health = {"prefix_pairwise_cos": pairwise.mean().item()}
-    line = (f"prefix health ({source.name}): mean pairwise cosine of prior prefixes "
-            f"{health['prefix_pairwise_cos']:.3f} (noise: about 0)")
-    if isinstance(source, VAEPrefix):
-        to_mean = unit @ F.normalize(source.vae.h_mean.float(), dim=0)           # (n,)
-        health["prefix_cos_to_corpus_mean"] = to_mean.mean().item()
-        line += (f" | cosine to the corpus mean {to_mean.mean().item():.3f} "
-                 f"({to_mean.min().item():.3f} to {to_mean.max().item():.3f}), "
-                 f"form {source.vae.prefix_form}")
-    lines = [line]
-    if model is not None and prompts:
-        was_training, device = model.training, model.embed_tokens.weight.device
-        model.eval()
-        answers = []
-        for _ in range(2):
-            prefixes = source.sample(len(prompts), L, generator=g).to(device)   # (n, L, d)
-            out = generate(model, prompts, list(prefixes), max_new_tokens, temperature=0,
-                           stop_tokens=[tokenizer.eos_token_id]).token_lists()
-            answers.append([[t for t in ids if t != tokenizer.eos_token_id] for ids in out])
-        model.train(was_training)
-        broken = [is_broken(ids, tokenizer.decode(ids, skip_special_tokens=True))
-                  for draw in answers for ids in draw]
-        health["frac_answers_change"] = sum(a != b for a, b in zip(*answers)) / len(prompts)
-        health["frac_broken"] = sum(broken) / len(broken)
-        lines.append(f"prefix health ({source.name}, L = {L}, {len(prompts)} prompts, greedy): "
-                     f"answers that change between two prefixes {health['frac_answers_change']:.1%}"
-                     f" | broken answers (empty or one repeated token) {health['frac_broken']:.1%}")
-    fix = (f"train the VAE with `train_vae.py --prefix-form {DEFAULT_PREFIX_FORM}` (or set "
-           f"\"prefix_form\": \"{DEFAULT_PREFIX_FORM}\" in its vae.json: the form needs no retraining)")
-    other_form = isinstance(source, VAEPrefix) and source.vae.prefix_form != DEFAULT_PREFIX_FORM
-    if health["prefix_pairwise_cos"] > COLLAPSED_COSINE:
-        lines.append(f"warning: the prior prefixes collapse to one direction (mean pairwise cosine "
-                     f"{health['prefix_pairwise_cos']:.2f} > {COLLAPSED_COSINE}): the policy reads "
-                     f"every latent as the same token, so the palette cannot steer it; "
-                     + (fix if other_form else "retrain the VAE with a smaller --beta, or use "
-                        "another prefix source"))
-    if health.get("frac_broken", 0.0) > BROKEN_SHARE:
-        lines.append(f"warning: {health['frac_broken']:.0%} of greedy answers under prefixes are "
-                     f"broken (> {BROKEN_SHARE:.0%}): the policy cannot read these prefixes; "
-                     + (fix if other_form else "try a longer warm-up (sft_warmup.py --steps) or L = 1"))
-    return health, lines
+def check_prefix_sources(used, vae, region, tie):
+    """used: (flag, source name) of every source a run draws from. Refuses, before anything is
+    loaded, what a source needs and does not get, or gets and cannot use."""
+    for flag, name in used:
+        if PREFIX_SOURCES[name].needs_vae and vae is None:
+            raise UserError(f"{flag} {name} needs --vae DIR (a directory written by train_vae.py)")
+        if tie and not PREFIX_SOURCES[name].tieable:
+            raise UserError(f"--tie has no meaning for {flag} {name} (it draws no vectors to repeat); leave --tie out")
+    if region is not None and not any(PREFIX_SOURCES[name].needs_vae for _, name in used):
+        raise UserError("--region needs a VAE source (--prefix-source vae or --resample-source vae): "
+                        "regions are areas of the VAE's latent space")
 
 
 # -----------------------------------------------------------------------------
@@ -1181,58 +991,37 @@ ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "drgrpo")
 
 def group_advantages(rewards, estimator="grpo", eps=1e-6):
     """rewards (P, G): G rollouts of each of P prompts -> advantages (P, G).
-
-    grpo    (r - mean) / (std + eps), std with Bessel's correction (torch's default, as in
-            DeepSeekMath's GRPO implementations), eps = 1e-6.
-    rloo    r_i - mean of the other G - 1 rewards = G / (G - 1) * (r_i - mean).
-    drgrpo  r - mean, no std scaling (Dr. GRPO).
-    A group whose rewards are all equal (including a group of one) carries no signal: its
-    advantages are exactly zero.
-    """
-    P, G = rewards.shape
-    rewards = rewards.float()
-    centred = rewards - rewards.mean(1, keepdim=True)
+    grpo    (r - mean) / (std + eps), std with Bessel's correction (as in DeepSeekMath's GRPO)
+    rloo    r_i - mean of the other G - 1 rewards = G / (G - 1) * (r_i - mean)
+    drgrpo  r - mean, no std scaling (Dr. GRPO)
+    A group whose rewards are all equal carries no signal: its advantages are exactly zero."""
+    rewards, G = rewards.float(), rewards.shape[1]
     if G == 1:
         return torch.zeros_like(rewards)
-    if estimator == "grpo":
-        adv = centred / (rewards.std(1, keepdim=True) + eps)
-    elif estimator == "rloo":
-        adv = centred * G / (G - 1)
-    elif estimator == "drgrpo":
-        adv = centred
-    else:
-        raise UserError(f"unknown advantage estimator {estimator!r}; "
-                        f"choose one of {', '.join(ADVANTAGE_ESTIMATORS)}")
-    zero_variance = (rewards == rewards[:, :1]).all(1, keepdim=True)
-    return adv.masked_fill(zero_variance, 0.0)
+    centred = rewards - rewards.mean(1, keepdim=True)
+    adv = {"grpo": lambda: centred / (rewards.std(1, keepdim=True) + eps),
+           "rloo": lambda: centred * G / (G - 1), "drgrpo": lambda: centred}[estimator]()
+    return adv.masked_fill((rewards == rewards[:, :1]).all(1, keepdim=True), 0.0)
 
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "constant")
 
 
-def loss_token_weights(loss_mask, aggregation, n_sequences, n_tokens, max_new_tokens,
-                       dtype=torch.float32):
+def loss_token_weights(loss_mask, aggregation, n_sequences, n_tokens, max_new_tokens, dtype=torch.float32):
     """Per-token weights w (B, T) in `dtype` (the log-probs', so a float64 check is exact) such
     that loss = sum(w * per_token_loss) over a micro-batch, and the micro-batches of one rollout
     batch add up to the batch's loss exactly.
-
     token-mean  every completion token of the batch weighs 1 / n_tokens (total in the batch)
     seq-mean    each sequence weighs 1 / n_sequences, spread over its own tokens
-    constant    1 / (n_sequences * max_new_tokens), Dr. GRPO's length-independent normaliser
-    """
+    constant    1 / (n_sequences * max_new_tokens), Dr. GRPO's length-independent normaliser"""
     mask = loss_mask.to(dtype)
-    if aggregation == "token-mean":
-        return mask / n_tokens
-    if aggregation == "seq-mean":
-        return mask / mask.sum(1, keepdim=True).clamp(min=1) / n_sequences
-    if aggregation == "constant":
-        return mask / (n_sequences * max_new_tokens)
-    raise UserError(f"unknown loss aggregation {aggregation!r}; "
-                    f"choose one of {', '.join(LOSS_AGGREGATIONS)}")
+    per_sequence = {"token-mean": n_tokens / n_sequences, "constant": max_new_tokens,
+                    "seq-mean": mask.sum(1, keepdim=True).clamp(min=1)}[aggregation]
+    return mask / per_sequence / n_sequences
 
 
 def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_high=0.2,
-                ref_logprobs=None, kl_coef=0.0, entropy=None, entropy_coef=0.0):
+                ref_logprobs=None, kl_coef=0.0, entropy=None, entropy_coef=0.0, shaped=None):
     """Clipped surrogate (PPO/GRPO) with an optional k3 KL penalty to a reference policy and an
     optional token-entropy bonus.
 
@@ -1241,8 +1030,9 @@ def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_
                - entropy_coef * H,
     ratio = exp(logprobs - old_logprobs), k3 = exp(ref - logprobs) - (ref - logprobs) - 1,
     H = -sum_v pi(v) log pi(v), the entropy of the policy's next-token distribution at that
-    position (it must keep its graph for the bonus to have a gradient: token_logprobs_and_entropy).
-    Returns (loss, stats) with loss = sum(weights * per_token); padding has weight 0. stats: the
+    position (it must keep its graph for the bonus to have a gradient: token_logprobs). Rows where
+    shaped (B,) is True take LoPE's shaped term -f(ratio) * A, f(r) = r / (r + 0.1), unclipped (f < 1
+    bounds it), in place of the clipped one (resample.py's naive-shaped credit). Returns (loss, stats) with loss = sum(weights * per_token); padding has weight 0. stats: the
     number of weighted tokens and, over those tokens, the clipped fraction, the mean k3 (when a
     reference is given) and the mean entropy (when given), so that callers can combine
     micro-batches by their token counts.
@@ -1252,10 +1042,14 @@ def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_
     unclipped = ratio * A
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * A
     per_token = -torch.minimum(unclipped, clipped)
+    is_clipped = clipped < unclipped
+    if shaped is not None and shaped.any():
+        per_token = torch.where(shaped[:, None], -ratio / (ratio + 0.1) * A, per_token)
+        is_clipped &= ~shaped[:, None]
     mask = weights > 0
     n = int(mask.sum())
     mean = lambda x: (x.detach() * mask).sum().item() / max(n, 1)
-    stats = {"tokens": n, "clip_frac": mean((clipped < unclipped).float())}
+    stats = {"tokens": n, "clip_frac": mean(is_clipped.float())}
     if ref_logprobs is not None and kl_coef > 0:
         log_ratio = ref_logprobs - logprobs
         k3 = log_ratio.exp() - log_ratio - 1
@@ -1267,33 +1061,3 @@ def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_
         stats["entropy"] = mean(entropy)
     loss = (weights * per_token).sum()
     return loss, stats
-
-
-def _chunk_logprobs_and_entropy(hidden, targets, weight, temperature):
-    # float32 at least (a bf16 model's loss is taken in float32), float64 for a float64 model
-    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))  # (n, V)
-    logp = (logits / temperature).log_softmax(-1)
-    entropy = -(logp.exp() * logp).sum(-1)                                                # (n,)
-    return logp.gather(-1, targets[:, None]).squeeze(-1), entropy
-
-
-def token_logprobs_and_entropy(model, inputs_embeds, attention_mask, targets, loss_mask,
-                               temperature=1.0, chunk=2048):
-    """Transformer.token_logprobs for the policy update: the same log-probs (B, T), and the
-    entropy (B, T) with its graph kept, so that an entropy bonus has a gradient. A batch without
-    a single loss position still returns tensors attached to the graph (backward() gives zero
-    gradients instead of failing)."""
-    hidden = model.hidden_states(inputs_embeds, attention_mask)                  # (B, T, d)
-    picked, picked_targets = hidden[loss_mask], targets[loss_mask]                # (N, d), (N,)
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    logprobs, entropy = [], []
-    for i in range(0, picked.shape[0], chunk):   # recomputed in backward: no (N, V) kept
-        lp, ent = torch.utils.checkpoint.checkpoint(
-            _chunk_logprobs_and_entropy, picked[i:i + chunk], picked_targets[i:i + chunk],
-            model.lm_head.weight, temperature, use_reentrant=False)
-        logprobs.append(lp)
-        entropy.append(ent)
-    empty = picked.sum(-1).to(dtype)                        # (0,), on the graph when N == 0
-    zeros = hidden.new_zeros(targets.shape, dtype=dtype)                         # (B, T)
-    return (zeros.masked_scatter(loss_mask, torch.cat(logprobs) if logprobs else empty),
-            zeros.masked_scatter(loss_mask, torch.cat(entropy) if entropy else empty))

@@ -25,35 +25,34 @@ import argparse
 import numpy as np
 import torch
 
-from common import (ArgumentParser, RunDir, UserError, at_least, check_out_dir, check_seed,
-                    compute_init, finite, positive, print0, progress, run_main, seed_everything,
-                    sync_gradients, check_ranks_in_sync)
+from common import RunDir, check_ranks_in_sync, compute_init, print0, progress, run_main, seed_everything, sync_gradients
 from data import TEMPLATES, format_prompt, load_mixture
-from model import (PREFIX_FORMS, DEFAULT_PREFIX_FORM, PaletteVAE, VAEPrefix, embedding_fingerprint,
-                   load_embedding_matrix, mean_pooled_embeddings, prefix_health,
-                   resolve_checkpoint, save_vae, short_hash)
+from diagnostics import prefix_health
+from guard import SEED, ArgumentParser, UserError, ranged
+from model import (DEFAULT_PREFIX_FORM, PREFIX_FORMS, PaletteVAE, VAEPrefix, embedding_fingerprint,
+                   load_embedding_matrix, mean_pooled_embeddings, resolve_checkpoint, save_vae, short_hash)
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Data
 parser.add_argument("--data", required=True, help="domain=path_or_hub_id,... (e.g. math=a.jsonl,code=b.jsonl)")
-parser.add_argument("--per-domain-cap", type=int, default=2000, help="at most this many pairs per domain")
+parser.add_argument("--per-domain-cap", type=ranged(int, 1), default=2000, help="at most this many pairs per domain")
 parser.add_argument("--template", default="plain", choices=TEMPLATES)
-parser.add_argument("--max-tokens", type=int, default=1024, help="truncate each [q; o] to this many tokens")
+parser.add_argument("--max-tokens", type=ranged(int, 1), default=1024, help="truncate each [q; o] to this many tokens")
 # Model
 parser.add_argument("--model", required=True, help="the policy (hub id or directory) whose embeddings are used")
 # VAE
-parser.add_argument("--latent-dim", type=int, default=16)
-parser.add_argument("--hidden-dim", type=int, default=256)
+parser.add_argument("--latent-dim", type=ranged(int, 1), default=16)
+parser.add_argument("--hidden-dim", type=ranged(int, 1), default=256)
 parser.add_argument("--prefix-form", default=DEFAULT_PREFIX_FORM, choices=PREFIX_FORMS,
                     help="how a decoded h becomes a prefix embedding (model.PREFIX_FORMS); kept in vae.json")
-parser.add_argument("--depth", type=int, default=2, help="hidden layers in encoder and decoder")
-parser.add_argument("--beta", type=float, default=0.1, help="KL weight: higher = smoother, blurrier latents")
-parser.add_argument("--kl-warmup-steps", type=int, default=200, help="ramp beta from 0 over this many steps")
+parser.add_argument("--depth", type=ranged(int, 0), default=2, help="hidden layers in encoder and decoder")
+parser.add_argument("--beta", type=ranged(float, 0), default=0.1, help="KL weight: higher = smoother, blurrier latents")
+parser.add_argument("--kl-warmup-steps", type=ranged(int, 0), default=200, help="ramp beta from 0 over this many steps")
 # Optimisation
-parser.add_argument("--steps", type=int, default=2000)
-parser.add_argument("--batch-size", type=int, default=128)
-parser.add_argument("--lr", type=float, default=1e-3)
-parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--steps", type=ranged(int, 1), default=2000)
+parser.add_argument("--batch-size", type=ranged(int, 1), default=128)
+parser.add_argument("--lr", type=ranged(float, above=0), default=1e-3)
+parser.add_argument("--seed", type=SEED, default=0)
 # Output
 parser.add_argument("--out", required=True, help="output directory")
 
@@ -97,19 +96,6 @@ def plot_latents(mu, domains, names, path, title):
 MAX_VAE_PARAMETERS = 10**9   # the VAE is a small MLP; more than this is a typo, not a design
 
 
-def check_args(args):
-    """Every flag's range, before anything is loaded (the data-dependent checks come later)."""
-    at_least(1, per_domain_cap=args.per_domain_cap, max_tokens=args.max_tokens,
-             latent_dim=args.latent_dim, hidden_dim=args.hidden_dim, steps=args.steps,
-             batch_size=args.batch_size)
-    at_least(0, depth=args.depth, kl_warmup_steps=args.kl_warmup_steps)
-    finite(beta=args.beta, lr=args.lr)
-    at_least(0, beta=args.beta)
-    positive(lr=args.lr)
-    check_seed(args.seed)
-    check_out_dir(args.out)
-
-
 def check_vae_size(args, dim, n_pairs):
     """What can only be checked once the embedding width d and the number of pairs are known."""
     if n_pairs < 2:
@@ -134,11 +120,9 @@ def check_vae_size(args, dim, n_pairs):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    check_args(args)
-    ddp, rank, _, world_size, device = compute_init()
-    master = rank == 0
+    ddp, rank, world_size, device = compute_init()
     seed_everything(args.seed)
-    run = RunDir(args.out, args, master)
+    run = RunDir(args.out, args)
 
     # -- h = mean over tokens of E([q; o]) for every pair ----------------------------------
     from transformers import AutoTokenizer
@@ -186,7 +170,7 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss.item():.4f}")
 
     check_ranks_in_sync(vae)
-    if not master:
+    if not run.master:
         return
     # -- latent statistics, pictures and norms -----------------------------------------------
     vae.eval().cpu()
@@ -213,7 +197,7 @@ def main(argv=None):
         "beta": args.beta, "model": args.model, "fingerprint": fingerprint,
         "fingerprint_hash": short_hash(fingerprint), "template": args.template,
         "domains": stats, "silhouette": silhouette, "norms": norms, "n_pairs": len(rows)})
-    health, health_lines = prefix_health(VAEPrefix(vae, {}))    # do prior prefixes differ?
+    health, health_lines = prefix_health(VAEPrefix(E, vae=vae))    # do prior prefixes differ?
     for line in health_lines:
         print0(line)
     run.log({"silhouette": silhouette, "recon_at_mu": recon, **{f"norm_{k}": v for k, v in norms.items()},

@@ -101,7 +101,7 @@ def time_hf(model, prompts):
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                             temperature=1.0, top_p=0.95, top_k=0,
+                             temperature=1.0, top_p=0.95,
                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     sync()
     assert out.shape[1] == prompts.shape[1] + args.new_tokens

@@ -41,9 +41,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import atomic_write_json, atomic_write_text  # noqa: E402
+from diagnostics import is_broken, prefix_health  # noqa: E402
 from data import answer_of, format_prompt, grade, grading_kind_for, load_rows  # noqa: E402
-from model import (PREFIX_FORMS, NoisePrefix, VAEPrefix, generate, is_broken, load_policy,  # noqa: E402
-                   load_vae, make_prefix_source, prefix_health)
+from model import PREFIX_FORMS, generate, load_policy, make_prefix_source  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,16 +222,14 @@ def main():
         model, tokenizer = load_policy(model_dir)
         model.eval()
         E = model.embed_tokens.weight.detach()
-        vae, meta = load_vae(args.vae, E)
         run_row(model, tokenizer, model_label, "none", None)
         for form in model_forms:
-            vae.prefix_form = form
-            run_row(model, tokenizer, model_label, f"vae {form}, prior", VAEPrefix(vae, meta))
-            if form in args.region_forms.split(","):
-                run_row(model, tokenizer, model_label, f"vae {form}, {args.region}",
-                        VAEPrefix(vae, meta, args.region))
+            for region in [None] + ([args.region] if form in args.region_forms.split(",") else []):
+                source = make_prefix_source("vae", E, vae=args.vae, region=region)
+                source.vae.prefix_form = form
+                run_row(model, tokenizer, model_label, f"vae {form}, {region or 'prior'}", source)
         if "noise" in args.references.split(","):
-            run_row(model, tokenizer, model_label, "noise", NoisePrefix(E.shape[1], E.norm(dim=-1).mean()))
+            run_row(model, tokenizer, model_label, "noise", make_prefix_source("noise", E))
         if "lorem" in args.references.split(","):
             run_row(model, tokenizer, model_label, f"lorem {args.lorem_L}",
                     make_prefix_source("lorem", E, tokenizer=tokenizer))

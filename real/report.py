@@ -16,7 +16,7 @@ with the same settings): same problems, same seeded latents, cut-off answers sco
 runs/smollm2.sh makes the model, the task files, the VAE, the warm-up, those measurements and the
 GRPO run, then calls this:
     python -m real.report --dir runs/smollm2                    # writes runs/smollm2/report/
-    python -m real.report --dir runs/smollm2 --readme           # maintainers: also README.md
+    python -m real.report --dir runs/smollm2 --publish          # maintainers: docs/results/, README
 """
 
 import argparse
@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 
-from common import replace_readme_section, run_main
+from common import publish_results, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,8 @@ parser.add_argument("--measurements", default=None,
                     help="comma-separated results.json files of bench/prefix_forms.py "
                          "(default: DIR/prefix_forms/results.json)")
 parser.add_argument("--rl", default=None, help="the GRPO run's directory (default: DIR/rl)")
-parser.add_argument("--readme", action="store_true", help="also rewrite README.md's SmolLM2 results")
+parser.add_argument("--publish", action="store_true",
+                    help="also write docs/results/smollm2.md and the README's headline (a maintainer's step)")
 
 BEFORE, AFTER = "base", "warm-up centred, 10 steps"
 # (label in the table, the bench's row name) of claim (a)
@@ -160,18 +161,18 @@ embedding {vae['norms']['token_embedding']:.3f}, mean-pooled h {vae['norms']['me
 P = {a['prompts_per_step']}, G = {a['group_size']}, lr {a['lr']:g}, {a['max_new_tokens']} new tokens, on the task's train split):
 mean reward per step (%) {rewards}; {grpo['seconds_per_step']:.0f} s per step, {100 * grpo['generate_share']:.0f}% of it generation.
 
-![SmolLM2 latent space](docs/smollm2_latents.png)
+![SmolLM2 latent space](smollm2_latents.png)
 """
     os.makedirs(f"{world}/report", exist_ok=True)
     with open(f"{world}/report/report.md", "w") as f:
         f.write(section)
     print(section)
-    if args.readme:
-        shutil.copy(f"{world}/vae/latents.png", os.path.join(REPO, "docs", "smollm2_latents.png"))
-        replace_readme_section(os.path.join(REPO, "README.md"), "smollm2-report", section)
-        print("README.md updated")
+    if args.publish:
+        shutil.copy(f"{world}/vae/latents.png", os.path.join(REPO, "docs", "results", "smollm2_latents.png"))
+        publish_results("smollm2", section, section.split("\n\n")[1], f"python -m real.report --dir {world} --publish")
+        print("wrote docs/results/smollm2.md and the README's headline")
     else:
-        print(f"wrote {world}/report/report.md (README.md untouched; --readme refreshes it)")
+        print(f"wrote {world}/report/report.md (docs/ and README.md untouched; --publish writes them)")
 
 
 if __name__ == "__main__":

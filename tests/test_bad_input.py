@@ -23,6 +23,10 @@ import traceback
 import pytest
 import torch
 
+import diagnostics
+
+REAL_PREFIX_HEALTH = diagnostics.prefix_health       # the probe patches a smaller one in
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # rl.py's own flag checks are being written by its owner: cases of rl.py that still end in a
@@ -96,7 +100,7 @@ def with_flag(argv, option, value):
 
 def probe_values(action):
     """A zero, a negative and an absurd value for a flag (and NaN for a float flag)."""
-    if action.type is float:
+    if getattr(action.type, "__name__", None) == "float":
         return ["0", "-1", "1e30", "nan"]
     return ["0", "-1", "1000000000000"]
 
@@ -116,8 +120,7 @@ class TwoSteps:
 
 
 def smaller_prefix_health(source, model=None, prompts=None, *args, **kwargs):
-    from model import prefix_health
-    return prefix_health(source, model, prompts[:2] if prompts else prompts, *args,
+    return REAL_PREFIX_HEALTH(source, model, prompts[:2] if prompts else prompts, *args,
                          **{**kwargs, "n_prefixes": 8, "max_new_tokens": 4})
 
 
@@ -147,7 +150,7 @@ def run_in_process(module, argv, seconds=60):
         text = err.getvalue().strip()
         return ("refused" if e.code == 2 else "trace"), text
     except Exception as e:
-        from common import UserError
+        from guard import UserError
         if isinstance(e, UserError):
             return "refused", str(e)
         return "trace", traceback.format_exc()
@@ -162,7 +165,7 @@ SCRIPTS = ("train_vae.py", "sft_warmup.py", "infer.py", "evaluate.py", "rl.py")
 def test_every_flag_of_every_stage(world, tmp_path, monkeypatch):
     import importlib
     import common
-    from common import release_locks
+    import diagnostics
     monkeypatch.chdir(tmp_path)                  # a probed --out such as "0" lands here
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     counts = {"flags": 0, "cases": 0, "ran": 0, "refused": 0, "trace": 0, "hang": 0, "pending": 0}
@@ -177,7 +180,9 @@ def test_every_flag_of_every_stage(world, tmp_path, monkeypatch):
         for name in ("progress", "tqdm"):          # cut every step loop to two steps
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, TwoSteps)
-        if hasattr(module, "prefix_health"):       # the closing diagnostic, on fewer prompts and draws
+        # the closing diagnostic, on fewer prompts and draws
+        monkeypatch.setattr(diagnostics, "prefix_health", smaller_prefix_health)
+        if hasattr(module, "prefix_health"):
             monkeypatch.setattr(module, "prefix_health", smaller_prefix_health)
         monkeypatch.setattr(common, "progress", TwoSteps)
         actions = [a for a in module.parser._actions if a.option_strings and a.nargs != 0
@@ -195,7 +200,6 @@ def test_every_flag_of_every_stage(world, tmp_path, monkeypatch):
                 out = str(tmp_path / f"{script}-{action.dest}-{counts['cases']}")
                 argv = with_flag(valid_commands(world, out)[script], option, value)
                 outcome, message = run_in_process(module, argv)
-                release_locks()
                 counts[outcome] += 1
                 if outcome == "refused" and "\n" in message.strip():
                     outcome = "several lines"
@@ -221,11 +225,12 @@ def run_script(script, *args):
 
 
 @pytest.mark.parametrize("script, flag, value, message", [
-    ("train_vae.py", "--batch-size", "0", "error: --batch-size must be >= 1, got 0"),
-    ("sft_warmup.py", "--micro-batch-size", "0", "error: --micro-batch-size must be >= 1, got 0"),
-    ("infer.py", "--temperature", "-1", "error: --temperature must be >= 0, got -1.0"),
-    ("evaluate.py", "--top-p", "nan", "error: --top-p must be a finite number, got nan"),
-    ("rl.py", "--L", "-1", "error: --L must be >= 0, got -1"),
+    ("train_vae.py", "--batch-size", "0", "error: --batch-size must be >= 1, got 0 (see python train_vae.py --help)"),
+    ("sft_warmup.py", "--micro-batch-size", "0",
+     "error: --micro-batch-size must be >= 1, got 0 (see python sft_warmup.py --help)"),
+    ("infer.py", "--temperature", "-1", "error: --temperature must be >= 0, got -1 (see python infer.py --help)"),
+    ("evaluate.py", "--top-p", "nan", "error: --top-p must be a finite number, got nan (see python evaluate.py --help)"),
+    ("rl.py", "--L", "-1", "error: --L must be >= 0, got -1 (see python rl.py --help)"),
 ])
 def test_refusals_from_the_command_line_are_one_line(world, tmp_path, script, flag, value, message):
     argv = with_flag(valid_commands(world, str(tmp_path / "out"))[script], flag, value)
@@ -237,8 +242,6 @@ def test_refusals_from_the_command_line_are_one_line(world, tmp_path, script, fl
 
 def refusal(module, argv):
     outcome, message = run_in_process(module, argv)
-    from common import release_locks
-    release_locks()
     assert outcome == "refused", (outcome, message)
     return message
 
@@ -246,7 +249,7 @@ def refusal(module, argv):
 def test_vae_batch_size_zero_and_a_one_row_dataset_are_named(world, tmp_path):
     import train_vae
     argv = valid_commands(world, str(tmp_path / "a"))["train_vae.py"]
-    assert refusal(train_vae, with_flag(argv, "--batch-size", "0")) == "--batch-size must be >= 1, got 0"
+    assert refusal(train_vae, with_flag(argv, "--batch-size", "0")).startswith("error: --batch-size must be >= 1, got 0")
     (tmp_path / "one.jsonl").write_text(open(world / "vae_math.jsonl").readline())
     argv = with_flag(valid_commands(world, str(tmp_path / "b"))["train_vae.py"], "--data",
                      f"math={tmp_path}/one.jsonl")
@@ -273,7 +276,7 @@ def test_sft_leaves_out_pairs_longer_than_the_context_and_checks_eval_prompts(wo
     assert "no pairs with a solution within 128 tokens (the model's context)" in message, message
     message = refusal(sft_warmup, valid_commands(world, str(tmp_path / "c"))["sft_warmup.py"] + [
         "--eval-data", str(world / "test.jsonl"), "--eval-max-new-tokens", "120"])
-    assert "--eval-max-new-tokens 120 exceeds the model's context of 128" in message, message
+    assert "prompt + 1-row prefix (--L 1) + --eval-max-new-tokens = 129 tokens exceeds the model's context of 128" in message, message
     rerun = refusal(sft_warmup, valid_commands(world, str(tmp_path / "a"))["sft_warmup.py"])
     assert "already holds a run" in rerun and "choose a new --out" in rerun, rerun
 

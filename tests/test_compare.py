@@ -11,7 +11,8 @@ import math
 import pytest
 
 import rl
-from common import UserError, replace_readme_section
+from common import publish_results
+from guard import UserError
 from toy import compare
 
 
@@ -83,13 +84,16 @@ def test_summary_cells_are_mean_and_interval_over_seeds():
     assert rows[1].startswith("| palette linear | 1 | 50.0 (–) | 90.0 ± 0.0 |")
 
 
-def test_readme_section_is_replaced_and_nothing_else(tmp_path):
+def test_results_go_to_docs_and_the_headline_replaces_only_its_readme_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("top\n<!-- x:start -->\nold\n<!-- x:end -->\nbottom\n")
-    replace_readme_section(str(readme), "x", "new\ntable\n")
-    assert readme.read_text() == "top\n<!-- x:start -->\nnew\ntable\n<!-- x:end -->\nbottom\n"
-    with pytest.raises(UserError, match="no <!-- y:start -->"):
-        replace_readme_section(str(readme), "y", "z")
+    publish_results("x", "full\ntables\n", "new\ntable\n", "python -m toy.report --publish", repo=str(tmp_path))
+    assert readme.read_text() == ("top\n<!-- x:start -->\nnew\ntable\n\nFull tables: [docs/results/x.md](docs/results/x.md), "
+                                  "from `python -m toy.report --publish` at commit unknown.\n<!-- x:end -->\nbottom\n")
+    assert (tmp_path / "docs" / "results" / "x.md").read_text() == \
+        "<!-- written by `python -m toy.report --publish` at commit unknown -->\nfull\ntables\n"
+    with pytest.raises(UserError, match="no <!-- y:start --> ... <!-- y:end --> markers"):
+        publish_results("y", "z", "z", "cmd", repo=str(tmp_path))
 
 
 def test_a_failed_run_keeps_its_output_and_says_where(tmp_path):

@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from common import UserError
+from guard import UserError
 from model import (PaletteVAE, embedding_fingerprint, load_embedding_matrix, load_policy, load_vae,
                    read_safetensors_file, save_vae)
 

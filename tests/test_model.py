@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import UserError
-from model import Transformer, embed_rows, generate, load_embedding_matrix, sample_next
+from guard import UserError
+from model import Transformer, embed_rows, generate, load_embedding_matrix, sample_next, token_logprobs
 
 
 def test_logits_match_transformers(hf_checkpoint):
@@ -99,7 +99,7 @@ def test_batched_cached_generation_equals_recomputation(hf_checkpoint, static):
     assert out.lengths.tolist() == [len(e) for e in expected]
 
 
-def test_sampling_reproducible_and_respects_top_k_top_p():
+def test_sampling_reproducible_and_respects_top_p():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 50, generator=g) * 3
     draw = lambda seed, **kw: sample_next(logits, generator=torch.Generator().manual_seed(seed), **kw)
@@ -107,9 +107,6 @@ def test_sampling_reproducible_and_respects_top_k_top_p():
     assert not torch.equal(draw(7), draw(8))
     for _ in range(20):
         seed = int(torch.randint(0, 10**6, (1,), generator=g))
-        top_k = draw(seed, top_k=5)
-        allowed = logits.topk(5, dim=-1).indices
-        assert (allowed == top_k[:, None]).any(-1).all()
         top_p = draw(seed, top_p=0.6, temperature=0.7)
         probs = (logits / 0.7).softmax(-1)
         sorted_p, order = probs.sort(-1, descending=True)
@@ -162,7 +159,7 @@ def test_token_logprobs_equal_log_softmax_of_logits(hf_checkpoint):
     targets = torch.randint(0, 97, mask.shape)
     loss_mask = mask.clone()
     loss_mask[:, :2] = False
-    lp, ent = model.token_logprobs(embeds, mask, targets, loss_mask, temperature=0.8, chunk=3)
+    lp, ent = token_logprobs(model, embeds, mask, targets, loss_mask, temperature=0.8, chunk=3)
     ref = (model(inputs_embeds=embeds, attention_mask=mask) / 0.8).log_softmax(-1)
     ref_lp = ref.gather(-1, targets[..., None]).squeeze(-1) * loss_mask
     torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
@@ -241,7 +238,7 @@ def test_activation_checkpointing_gives_the_same_gradients(hf_checkpoint):
         model.gradient_checkpointing = checkpointing
         embeds, mask = embed_rows(model, [[4, 5, 6, 7], [8, 9]])
         targets = torch.randint(0, 97, mask.shape, generator=torch.Generator().manual_seed(0))
-        lp, _ = model.token_logprobs(embeds, mask, targets, mask)
+        lp, _ = token_logprobs(model, embeds, mask, targets, mask)
         lp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)

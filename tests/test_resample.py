@@ -1,4 +1,4 @@
-"""Zero-advantage resampling in rl.py and the lorem prefix source: the naive-credit ratio (and its
+"""Zero-advantage resampling (resample.py) and the lorem prefix source: the naive-credit ratio (and its
 shaping) against a hand computation on a tiny float64 model; the regrouping rule (size G, at least
 one failure, successes only from the resample, only kept ones); a resample without a success;
 `prefixed` credit with no prefix is plain GRPO; the lorem source's text, length and embeddings.
@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import resample
 import rl
-from model import LOREM_BOUNDARY, LOREM_WORDS, make_prefix_source
+from guard import UserError
+from model import LOREM_BOUNDARY, LOREM_WORDS, check_prefix_sources, make_prefix_source
 from conftest import tiny_float64_model
 from test_rl_flags import one_thread, records, tiny, tiny_args   # noqa: F401 (fixtures)
 
@@ -32,19 +34,24 @@ def update_args(**overrides):
 
 def rollouts_of(prompts, completions, prefixes, rewards, resampled=False, credit="prefixed",
                 keep=None):
-    """A scored record made by hand (no sampling)."""
+    """A scored record made by hand (no sampling); resampled rollouts carry their credit rule."""
     B = len(prompts)
-    r = rl.Rollouts(problems=[{"problem": str(p)} for p in prompts], prompts=prompts,
-                    prefixes=prefixes, completions=completions,
-                    truncated=torch.zeros(B, dtype=torch.bool),
-                    resampled=torch.full((B,), resampled),
-                    prefix_sources=["none" if p is None else "noise" for p in prefixes],
-                    credit=[credit] * B)
+    r = rl.Rollouts(problems=[{"problem": str(p), "prompt_ids": p} for p in prompts], prefixes=prefixes,
+                    completions=completions, truncated=torch.zeros(B, dtype=torch.bool),
+                    sources=["none" if p is None else "noise" for p in prefixes])
+    if resampled:
+        with_prefix, shaped = resample.CREDIT_RULES[credit]
+        r.train_prefixes = prefixes if with_prefix else [None] * B
+        r.shaped, r.resampled = torch.full((B,), shaped), torch.ones(B, dtype=torch.bool)
     r.texts = [""] * B
     r.rewards = torch.tensor(rewards, dtype=torch.float64)
     r.correct = r.rewards.clone()
     r.keep = torch.ones(B, dtype=torch.bool) if keep is None else torch.tensor(keep)
     return r
+
+
+def failed_groups(r, G):
+    return (r.rewards.view(-1, G) == 0).all(1).nonzero()[:, 0].tolist()
 
 
 def hand_logprobs(model, prompt, completion, prefix=None, temperature=0.8, grad=False):
@@ -70,7 +77,7 @@ def test_credit_rule_loss_and_gradient_equal_a_hand_computation(credit):
     g = torch.Generator().manual_seed(3)
     prefix = torch.randn(3, 16, generator=g, dtype=torch.float64)
     prompts, completions = [[3, 4, 5], [3, 4, 5]], [[6, 7, 8, 9], [10, 11, 12]]
-    r = rl.Rollouts.cat(rollouts_of(prompts[:1], completions[:1], [None], [0.0]),
+    r = resample.cat(rollouts_of(prompts[:1], completions[:1], [None], [0.0]),
                         rollouts_of(prompts[1:], completions[1:], [prefix], [1.0], resampled=True,
                                     credit=credit))
     rl.set_advantages(r, SimpleNamespace(group_size=2, estimator="grpo"))
@@ -107,16 +114,15 @@ def test_naive_credit_keeps_the_sampling_time_pi_old_over_several_updates():
     model = tiny_model()
     initial = copy.deepcopy(model)
     prefix = torch.randn(2, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    r = rl.Rollouts.cat(rollouts_of([[3, 4]], [[5, 6, 7]], [None], [0.0]),
+    r = resample.cat(rollouts_of([[3, 4]], [[5, 6, 7]], [None], [0.0]),
                         rollouts_of([[3, 4]], [[8, 9]], [prefix], [1.0], resampled=True, credit="naive"))
     rl.set_advantages(r, SimpleNamespace(group_size=2, estimator="grpo"))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     metrics = rl.update_policy(model, opt, None, r, update_args(epochs=3))
     assert metrics["updates"] == 3
-    assert r.old_known.tolist() == [True, True]
-    torch.testing.assert_close(r.old_logprobs[1, :2], hand_logprobs(initial, [3, 4], [8, 9], prefix),
+    torch.testing.assert_close(r.old_logprobs[1], hand_logprobs(initial, [3, 4], [8, 9], prefix),
                                rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(r.old_logprobs[0, :3], hand_logprobs(initial, [3, 4], [5, 6, 7]),
+    torch.testing.assert_close(r.old_logprobs[0], hand_logprobs(initial, [3, 4], [5, 6, 7]),
                                rtol=1e-10, atol=1e-12)
 
 
@@ -127,14 +133,14 @@ def test_regrouping_keeps_size_and_a_failure_and_takes_successes_only_from_the_r
     # three groups; completions name their rollout: [100 + i] originals, [200 + i] resampled
     original = rollouts_of([[1]] * 4 + [[2]] * 4 + [[3]] * 4, [[100 + i] for i in range(12)],
                            [None] * 12, [0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0])
-    assert rl.failed_groups(original, G) == [0, 2]
+    assert failed_groups(original, G) == [0, 2]
     extra = rollouts_of([[1]] * 5 + [[3]] * 5, [[200 + i] for i in range(10)],
                         [torch.zeros(2, 4)] * 10,
                         [0, 1, 1, 1, 1,           # group 0: four successes, more than G - 1
                          1, 0, 1, 0, 0],          # group 2: a success that was masked, then one
                         resampled=True, credit="naive",
                         keep=[True] * 5 + [False] + [True] * 4)
-    regrouped, rescued = rl.regroup(original, extra, [0, 2], G, G_extra)
+    regrouped, rescued = resample.regroup(original, extra, [0, 2], G, G_extra)
     assert len(regrouped) == 12 and rescued == 2
     names = [c[0] for c in regrouped.completions]
     assert names[0:4] == [100, 201, 202, 203]           # first G - 3 originals, first 3 successes
@@ -144,22 +150,23 @@ def test_regrouping_keeps_size_and_a_failure_and_takes_successes_only_from_the_r
     assert ((groups == 0).sum(1) >= 1).all()            # every group keeps a failure
     for i in range(12):                                 # successes of failed groups: resampled
         if i // G in (0, 2) and regrouped.rewards[i] > 0:
-            assert regrouped.resampled[i] and regrouped.credit[i] == "naive"
-            assert regrouped.prefixes[i] is not None and regrouped.prefix_sources[i] == "noise"
+            assert regrouped.resampled[i] and regrouped.train_prefixes[i] is None      # naive credit
+            assert regrouped.prefixes[i] is not None and regrouped.sources[i] == "noise"
         if not regrouped.resampled[i]:
-            assert regrouped.credit[i] == "prefixed" and regrouped.prefixes[i] is None
+            assert regrouped.train_prefixes[i] is None and regrouped.prefixes[i] is None
     assert [p["problem"] for p in regrouped.problems] == [str([j // G + 1]) for j in range(12)]
 
 
 def lorem_args(tiny, out, *extra):
-    return rl.parser.parse_args(tiny_args(tiny, out, "--resample", 3, "--resample-L", 4, *extra))
+    args = rl.parser.parse_args(tiny_args(tiny, out, "--resample", 3, "--resample-L", 4, *extra))
+    resample.check_args(args, rl.parser)
+    return args
 
 
 def tiny_policy(tiny):
     from model import load_policy
     model, tokenizer = load_policy(str(tiny / "model"))
-    rows, kind = rl.load_problems(str(tiny / "train.jsonl"), "--data", tokenizer, "plain", seed=0)
-    return model, tokenizer, rows, kind
+    return model, tokenizer, rl.load_problems(str(tiny / "train.jsonl"), "--data", tokenizer, "plain", seed=0)
 
 
 def generators(seed=0):
@@ -170,18 +177,18 @@ def generators(seed=0):
 def test_a_sampled_resample_is_regrouped_and_recorded(tiny, tmp_path, monkeypatch, one_thread):
     """Sampled for real on the tiny model: every original fails, the resample's rollouts succeed
     when their completion has odd length; lorem prefixes of 4 tokens plus the boundary."""
-    model, tokenizer, rows, kind = tiny_policy(tiny)
+    model, tokenizer, rows = tiny_policy(tiny)
     args = lorem_args(tiny, tmp_path, "--resample-source", "lorem")
-    args.resample_L = rl.resample_length(args)
-    gens = generators()
-    r = rl.rollout(model, None, rows[:2], 0, 0, args, gens, tokenizer.eos_token_id)
+    gens, eos = generators(), tokenizer.eos_token_id
+    r = rl.rollout(model, None, rows[:2], 0, 0, args, gens, eos)
     monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 0.0)
-    rl.score(r, tokenizer, kind, args)
+    rl.score(r, tokenizer, args)
     monkeypatch.setattr(rl, "grade", lambda text, answer, kind: float(len(text) % 2))
     source = make_prefix_source("lorem", model.embed_tokens.weight, tokenizer=tokenizer)
-    out, counts = rl.resample_failed_groups(model, source, r, 4, args, gens,
-                                            tokenizer.eos_token_id, tokenizer, kind)
-    assert counts["rollouts_generated"] == 10 + 6 and counts["resampled_groups"] == 2
+    record = {"rollouts_generated": len(r)}
+    out = resample.regroup_failed(r, source, record, args, gens, "cpu", lambda rows, p, name:
+                                  rl.score(rl.sample(model, rows, p, name, args, gens, eos), tokenizer, args))
+    assert record["rollouts_generated"] == 10 + 6 and record["resampled_groups"] == 2
     assert len(out) == 10
     boundary = len(tokenizer(LOREM_BOUNDARY, add_special_tokens=False)["input_ids"])
     for j in range(2):
@@ -189,10 +196,10 @@ def test_a_sampled_resample_is_regrouped_and_recorded(tiny, tmp_path, monkeypatc
         assert any(out.rewards[i] == 0 for i in group)
         assert all(out.problems[i] is rows[j] for i in group)
         wins = [i for i in group if out.rewards[i] > 0]
-        assert all(out.resampled[i] and out.prefixes[i].shape == (4 + boundary, 32)
-                   and out.prefix_sources[i] == "lorem" and out.credit[i] == "naive" for i in wins)
-    assert counts["rescued_groups"] == sum(bool(out.rewards[5 * j:5 * j + 5].sum()) for j in range(2))
-    assert counts["resample_successes"] >= out.rewards.sum()
+        assert all(out.resampled[i] and out.prefixes[i].shape == (4 + boundary,) and out.sources[i] == "lorem"
+                   and out.train_prefixes[i] is None for i in wins)                       # naive credit
+    assert record["rescued_groups"] == sum(bool(out.rewards[5 * j:5 * j + 5].sum()) for j in range(2))
+    assert record["resample_accuracy"] * 6 >= out.rewards.sum()
 
 
 def test_a_resample_without_success_leaves_zero_advantage(tiny, tmp_path, monkeypatch, one_thread):
@@ -229,8 +236,8 @@ def test_credit_without_a_prefix_is_plain_grpo_on_the_same_rollouts(credit, exac
                            [0, 0, 0, 0, 1, 0])
     extra = rollouts_of([prompts[0]] * G_extra, [tokens(1 + i) for i in range(G_extra)],
                         [None] * G_extra, [1, 0, 1, 1], resampled=True, credit=credit)
-    regrouped, _ = rl.regroup(original, extra, rl.failed_groups(original, G), G, G_extra)
-    plain = rollouts_of(regrouped.prompts, regrouped.completions, [None] * 6,
+    regrouped, _ = resample.regroup(original, extra, failed_groups(original, G), G, G_extra)
+    plain = rollouts_of([p["prompt_ids"] for p in regrouped.problems], regrouped.completions, [None] * 6,
                         regrouped.rewards.tolist())
     assert regrouped.resampled.sum() == 2 and not plain.resampled.any()
     results = []
@@ -259,18 +266,29 @@ def test_lorem_prefixes_are_fresh_text_of_L_tokens_then_the_boundary(tiny):
     E = torch.randn(len(tokenizer), 8)
     source = make_prefix_source("lorem", E, tokenizer=tokenizer)
     boundary = tokenizer(LOREM_BOUNDARY, add_special_tokens=False)["input_ids"]
-    ids = source.token_ids(6, 20, torch.Generator().manual_seed(0))                  # (6, 20 + b)
+    ids = source.sample(6, 20, torch.Generator().manual_seed(0))                        # (6, 20 + b)
     assert ids.shape == (6, 20 + len(boundary)) and source.rows(20) == 20 + len(boundary)
     assert all(row[20:].tolist() == boundary for row in ids)
     assert len({tuple(row[:20].tolist()) for row in ids}) == 6                          # fresh text
     assert tokenizer.unk_token_id not in ids                                            # real tokens
     words = tokenizer.decode(ids[0, :20]).replace(".", " ").replace(",", " ").split()
     assert len(words) >= 2 and all(w in LOREM_WORDS for w in words[:-1])   # the last may be cut
-    p = source.sample(6, 20, generator=torch.Generator().manual_seed(0))                # (6, 20 + b, 8)
-    assert torch.equal(p, E[ids])                                                       # the embeddings
-    assert torch.equal(source.sample(6, 20, generator=torch.Generator().manual_seed(0)), p)   # seeded
+    assert torch.equal(source.sample(6, 20, torch.Generator().manual_seed(0)), ids)        # seeded
     assert source.sample(3, 0) is None and source.rows(0) == 0
-    with pytest.raises(rl.UserError, match="needs the policy's tokenizer"):
+    with pytest.raises(UserError, match="needs the policy's tokenizer"):
         make_prefix_source("lorem", E)
-    with pytest.raises(rl.UserError, match="--tie has no meaning"):
-        make_prefix_source("lorem", E, tie=True, tokenizer=tokenizer)
+    with pytest.raises(UserError, match="--tie has no meaning for --prefix-source lorem"):
+        check_prefix_sources([("--prefix-source", "lorem")], None, None, tie=True)
+
+
+def test_a_text_prefix_is_embedded_like_the_prompt(tiny):
+    """Lorem ids before a prompt give the batch a prompt of those tokens would give: the model's
+    own embeddings, so the reference model reads them through its initial ones."""
+    from model import embed_rows, load_policy
+    model, tokenizer = load_policy(str(tiny / "model"))
+    source = make_prefix_source("lorem", model.embed_tokens.weight, tokenizer=tokenizer)
+    ids = source.sample(2, 5, torch.Generator().manual_seed(0))
+    prompts = [[5, 6, 7], [8, 9]]
+    with_text, mask = embed_rows(model, prompts, list(ids))
+    as_tokens, mask2 = embed_rows(model, [row.tolist() + p for row, p in zip(ids, prompts)])
+    assert torch.equal(with_text, as_tokens) and torch.equal(mask, mask2)

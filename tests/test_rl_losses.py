@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import rl
-from common import UserError
+from guard import UserError
 from conftest import tiny_float64_model
 from model import (Transformer, completion_batch, group_advantages,
-                   loss_token_weights, policy_loss, token_logprobs_and_entropy)
+                   loss_token_weights, policy_loss, token_logprobs)
 
 
 def test_grpo_by_hand():
@@ -41,11 +41,6 @@ def test_equal_groups_and_group_of_one_get_zero(estimator):
     assert torch.equal(group_advantages(torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]), estimator),
                        torch.zeros(2, 3))
     assert torch.equal(group_advantages(torch.tensor([[1.0], [0.0]]), estimator), torch.zeros(2, 1))
-
-
-def test_unknown_estimator():
-    with pytest.raises(UserError, match="unknown advantage estimator 'ppo'"):
-        group_advantages(torch.ones(1, 2), "ppo")
 
 
 def test_clipped_loss_by_hand_on_both_sides_of_the_clip():
@@ -120,13 +115,13 @@ def test_token_entropy_is_that_of_the_tempered_distribution_and_has_its_gradient
     with torch.no_grad():               # an lm_head of zeros predicts uniformly: H = log V
         saved = model.lm_head.weight.clone()
         model.lm_head.weight.zero_()
-        _, entropy = token_logprobs_and_entropy(model, *batch, temperature=0.7)
+        _, entropy = token_logprobs(model, *batch, temperature=0.7)
         model.lm_head.weight.copy_(saved)
     torch.testing.assert_close(entropy[batch[3]], torch.full((4,), math.log(23), dtype=torch.float64))
     # value and gradient of the bonus against the entropy written out from the full logits
     coef, T = 0.3, 0.7
     embeds, mask, targets, loss_mask = batch
-    lp, entropy = token_logprobs_and_entropy(model, embeds, mask, targets, loss_mask, T)
+    lp, entropy = token_logprobs(model, embeds, mask, targets, loss_mask, T)
     w = loss_mask.double() / loss_mask.sum()
     loss, _ = policy_loss(lp, lp.detach(), torch.zeros(2, dtype=torch.float64), w,
                           entropy=entropy, entropy_coef=coef)
@@ -150,7 +145,7 @@ def tiny_model(tied=False):
 def update_args(**overrides):
     args = dict(aggregation="token-mean", max_new_tokens=6, micro_batch_size=3, temperature=0.8,
                 clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.1, entropy_coef=0.05, epochs=1,
-                minibatches=1)
+                minibatches=1, fsdp=False, grad_clip=1.0)
     return SimpleNamespace(**{**args, **overrides})
 
 
@@ -161,19 +156,17 @@ def make_rollouts(model, keep, seed=1):
     g = torch.Generator().manual_seed(seed)
     B, d = len(keep), model.config.hidden_size
     lengths = [1 + int(torch.randint(0, 6, (1,), generator=g)) for _ in range(B)]
+    prefixes = [torch.randn(2, d, generator=g, dtype=torch.float64) if i % 3 == 0 else None for i in range(B)]
     r = rl.Rollouts(
-        problems=[{}] * B,
-        prompts=[torch.randint(3, 23, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
-                 for _ in range(B)],
-        prefixes=[torch.randn(2, d, generator=g, dtype=torch.float64) if i % 3 == 0 else None
-                  for i in range(B)],
-        completions=[torch.randint(3, 23, (n,), generator=g).tolist() for n in lengths],
-        truncated=torch.tensor([n == 6 for n in lengths]))
+        problems=[{"prompt_ids": torch.randint(3, 23, (int(torch.randint(1, 5, (1,), generator=g)),),
+                                               generator=g).tolist()} for _ in range(B)],
+        prefixes=prefixes, completions=[torch.randint(3, 23, (n,), generator=g).tolist() for n in lengths],
+        truncated=torch.tensor([n == 6 for n in lengths]), sources=["test" if p is not None else "none" for p in prefixes])
     r.keep = torch.tensor(keep)
     r.advantages = torch.randn(B, generator=g, dtype=torch.float64)
-    own = rl.completion_logprobs(model, r, list(range(B)), update_args())
-    r.old_logprobs = own + 0.3 * torch.randn(own.shape, generator=g, dtype=torch.float64)
-    r.ref_logprobs = own + 0.5 * torch.randn(own.shape, generator=g, dtype=torch.float64)
+    own = rl.completion_logprobs(model, r, list(range(B)), update_args())                 # B x (|o_i|,)
+    r.old_logprobs = [o + 0.3 * torch.randn(o.shape, generator=g, dtype=torch.float64) for o in own]
+    r.ref_logprobs = [o + 0.5 * torch.randn(o.shape, generator=g, dtype=torch.float64) for o in own]
     return r
 
 
@@ -186,8 +179,8 @@ def full_batch_gradient(model, r, args):
     old, ref = torch.zeros(len(rows), T, dtype=torch.float64), torch.zeros(len(rows), T, dtype=torch.float64)
     for j, i in enumerate(rows):
         n = len(r.completions[i])
-        old[j, T - n - 1:T - 1], ref[j, T - n - 1:T - 1] = r.old_logprobs[i, :n], r.ref_logprobs[i, :n]
-    lp, entropy = token_logprobs_and_entropy(model, embeds, mask, targets, loss_mask, args.temperature)
+        old[j, T - n - 1:T - 1], ref[j, T - n - 1:T - 1] = r.old_logprobs[i], r.ref_logprobs[i]
+    lp, entropy = token_logprobs(model, embeds, mask, targets, loss_mask, args.temperature)
     w = loss_token_weights(loss_mask, args.aggregation, len(rows), int(loss_mask.sum()), args.max_new_tokens,
                            lp.dtype)
     loss, stats = policy_loss(lp, old, r.advantages[rows], w, args.clip_eps_low, args.clip_eps_high,
@@ -266,7 +259,7 @@ def test_kl_is_k3_against_the_initial_checkpoint_after_the_embeddings_moved(tmp_
 
     def logprobs(model, i, embedding):
         """Row i alone: [prefix; E(prompt + completion)] with the given embedding matrix."""
-        ids = torch.tensor(r.prompts[i] + r.completions[i])
+        ids = torch.tensor(r.problems[i]["prompt_ids"] + r.completions[i])
         embeds = embedding[ids] if r.prefixes[i] is None else torch.cat([r.prefixes[i], embedding[ids]])
         with torch.no_grad():
             logits = model(inputs_embeds=embeds[None])[0] / args.temperature       # (T, V)
@@ -295,7 +288,7 @@ def test_all_rollouts_truncated_and_masked_gives_no_update():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # and a forward over a batch without a single loss position still backpropagates (zeros)
     batch = completion_batch(model, [[3, 4]], [[5, 6]])
-    lp, entropy = token_logprobs_and_entropy(model, batch[0], batch[1], batch[2],
+    lp, entropy = token_logprobs(model, batch[0], batch[1], batch[2],
                                              torch.zeros_like(batch[3]))
     (lp.sum() + entropy.sum()).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
@@ -306,15 +299,14 @@ def test_a_cut_off_answer_is_worth_zero_under_both_truncation_rules(truncated):
     """Three finished wrong answers and one completion cut at --max-new-tokens just after the right
     number: its grade is luck, so its reward is 0 under both rules (the group has failed, and
     would be resampled); --truncated mask only also takes it out of the loss."""
-    rows = [{"problem": "2+3=?", "answer": "5"}] * 4
+    rows = [{"problem": "2+3=?", "answer": "5", "grading_kind": "toy", "prompt_ids": [1]}] * 4
     texts = ["answer: 4", "answer: 6", "answer: 7", "answer: 5"]
-    rollouts = rl.Rollouts(rows, [[1]] * 4, [None] * 4, [[2]] * 4,
-                           truncated=torch.tensor([False, False, False, True]))
+    rollouts = rl.Rollouts(rows, [None] * 4, [[2]] * 4, truncated=torch.tensor([False, False, False, True]),
+                           sources=["none"] * 4)
     decoder = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: texts)
-    rl.score(rollouts, decoder, "toy", SimpleNamespace(truncated=truncated))
+    rl.score(rollouts, decoder, SimpleNamespace(truncated=truncated))
     assert rollouts.correct.tolist() == [0.0, 0.0, 0.0, 1.0]      # what the grader saw
-    assert rollouts.rewards.tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert rollouts.rewards.tolist() == [0.0, 0.0, 0.0, 0.0]      # a failed group: resampled
     assert rollouts.keep.tolist() == ([True] * 4 if truncated == "zero" else [True, True, True, False])
-    assert rl.failed_groups(rollouts, 4) == [0]
     rl.set_advantages(rollouts, SimpleNamespace(group_size=4, estimator="grpo"))
     assert rollouts.advantages.tolist() == [0.0] * 4

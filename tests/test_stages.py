@@ -66,10 +66,10 @@ def test_step_prompts_are_a_function_of_the_step():
 
 
 def test_stored_prefix_replays_to_identical_logprobs(world):
-    from model import Transformer, completion_batch, generate, make_prefix_source
+    from model import Transformer, completion_batch, generate, make_prefix_source, token_logprobs
     model = Transformer.from_pretrained(str(world / "base"))
     E = model.embed_tokens.weight.detach()
-    source = make_prefix_source("vae", E, str(world / "vae"))
+    source = make_prefix_source("vae", E, vae=str(world / "vae"))
     prefixes = list(source.sample(3, 4, generator=torch.Generator().manual_seed(0)))
     prefixes[1] = None
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
@@ -77,11 +77,11 @@ def test_stored_prefix_replays_to_identical_logprobs(world):
     completions = out.token_lists()
     with torch.no_grad():
         batch = completion_batch(model, prompts, completions, prefixes)
-        lp_batch, _ = model.token_logprobs(*batch)
+        lp_batch, _ = token_logprobs(model, *batch)
         hidden_logits = model(inputs_embeds=batch[0], attention_mask=batch[1])
         for i in range(3):
             alone = completion_batch(model, [prompts[i]], [completions[i]], [prefixes[i]])
-            lp_alone, _ = model.token_logprobs(*alone)
+            lp_alone, _ = token_logprobs(model, *alone)
             n = len(completions[i])
             torch.testing.assert_close(lp_batch[i, -n - 1:-1], lp_alone[0, -n - 1:-1], atol=1e-5, rtol=0)
         # greedy tokens are the argmax under the replayed context: sampler and trainer agree
@@ -90,7 +90,7 @@ def test_stored_prefix_replays_to_identical_logprobs(world):
             assert hidden_logits[i, -n - 1:-1].argmax(-1).tolist() == c
         # and the prefix matters: another latent gives other log-probs for the same tokens
         other = list(source.sample(3, 4, generator=torch.Generator().manual_seed(1)))
-        lp_other, _ = model.token_logprobs(*completion_batch(model, prompts, completions, other))
+        lp_other, _ = token_logprobs(model, *completion_batch(model, prompts, completions, other))
     n = len(completions[0])
     assert not torch.allclose(lp_other[0, -n - 1:-1], lp_batch[0, -n - 1:-1])
 
@@ -188,12 +188,12 @@ def test_rl_resume_continues_to_the_same_state(world, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "rl.py"),
                              *[str(a) for a in rl_args(world, tmp_path / "killed", *common)]],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_file = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
-    while not state_file.exists() and proc.poll() is None:
+    killed = tmp_path / "killed"
+    while not list(killed.glob("checkpoint-*")) and proc.poll() is None:
         time.sleep(0.02)
     proc.kill()
     assert proc.wait() == -9, "the run finished before it could be killed"
-    killed_at = json.load(open(state_file))["step"]
+    killed_at = json.load(open(sorted(killed.glob("checkpoint-*"))[-1] / "trainer_state.json"))["step"]
     assert killed_at < 12
     run_script("rl.py", *rl_args(world, tmp_path / "killed", *common, "--resume"))
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
@@ -245,7 +245,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(world, tmp_path, monkeyp
     """The loss turns NaN in step 3 (as a bf16 overflow would): the run stops with a message and
     the checkpoint written after steps 0-2 stays intact."""
     import rl
-    from common import UserError
+    from guard import UserError
     calls = {"step": 0}
     real_loss = rl.policy_loss
 
@@ -260,11 +260,11 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(world, tmp_path, monkeyp
         world, tmp_path, "--steps", "8", "--save-every", "3", "--prompts-per-step", "4",
         "--group-size", "4", "--schedule", "none", "--prefix-source", "none")]])
     with pytest.raises(UserError, match=r"non-finite loss .* at step 3; stopped before the optimiser "
-                                        r"step; the last checkpoint, .* \(step 3\), is kept"):
+                                        r"step; the last checkpoint, .*checkpoint-000003, is kept"):
         rl.main()
-    state = json.load(open(tmp_path / "checkpoint" / "trainer_state.json"))
+    state = json.load(open(tmp_path / "checkpoint-000003" / "trainer_state.json"))
     assert state["step"] == 3
-    tensors = load_file(str(tmp_path / "checkpoint" / "model" / "model.safetensors"))
+    tensors = load_file(str(tmp_path / "checkpoint-000003" / "model" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
@@ -309,15 +309,16 @@ def test_sft_warms_up_with_lorem_prefixes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     # 80 + b rows (b, the boundary instruction, is 51 toy tokens) leave no room in 128 positions;
     # 80 + 2 would
-    (["--L", "80"], lambda b: f"--L 80 ({80 + b} prefix rows with lorem) leaves no room"),
+    (["--L", "80"], lambda b: f"no pairs with a solution within 128 tokens (the model's context) with "
+     f"L = 80 ({80 + b} prefix rows)"),
     # a held-out prompt (8 tokens) + 8 + b rows + 64 new tokens > 128; 8 + 8 + 64 would fit
-    (["--L", "8", "--eval-max-new-tokens", "64"], lambda b: f"prefix {8 + b} (L 8 + {b} boundary "
-     "tokens) + --eval-max-new-tokens 64 exceeds the model's context of 128"),
+    (["--L", "8", "--eval-max-new-tokens", "64"], lambda b: f"prompt + {8 + b}-row prefix (--L 8) + --eval-max-new-tokens = "
+     f"{8 + 8 + b + 64} tokens exceeds the model's context of 128"),
 ])
 def test_sft_refuses_a_lorem_prefix_too_long_for_the_context(tmp_path, flags, message):
     import re
     import sft_warmup
-    from common import UserError
+    from guard import UserError
     from model import LOREM_BOUNDARY
     tokenizer, argv = tiny_lorem_world(tmp_path)
     b = len(tokenizer(LOREM_BOUNDARY, add_special_tokens=False)["input_ids"])

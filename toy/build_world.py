@@ -56,7 +56,8 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from common import RunDir, UserError, atomic_write_json, progress, read_json, run_main, seed_everything
+from common import RunDir, atomic_write_json, progress, run_main, seed_everything
+from guard import UserError, read_json
 from model import ModelConfig, Transformer, generate
 from toy.task import (DOMAINS, PREAMBLE_SHARE, PREMISE_STRATEGY_WEIGHTS, STRATEGIES, detect_strategy,
                       generate as generate_rows, generate_premise_math, grade, write_jsonl)

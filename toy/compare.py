@@ -48,7 +48,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from common import UserError, atomic_write_json, atomic_write_text, read_jsonl, run_main  # noqa: E402
+from common import atomic_write_json, atomic_write_text, run_main  # noqa: E402
+from guard import UserError, read_jsonl  # noqa: E402
 
 # name -> (warm-up to start from, rl.py flags). The order is the tables' order.
 ARMS = {
@@ -359,7 +360,7 @@ def summarise(outs, readme):
             if not os.path.exists(path):
                 raise UserError(f"--summarise: no {path}; run runs/explore.sh (or its step for that "
                                 f"world) first")
-    pictures = os.path.join(REPO, "docs") if readme else outs[0]
+    pictures = os.path.join(REPO, "docs", "results") if readme else outs[0]
     parts = ["Measured by `bash runs/explore.sh` on this project's 2-core CPU machine; the protocol "
              "(arms, seeds, steps, metrics) was written to each world's `compare/protocol.md` before "
              "its first run and is the one in `toy/compare.py`'s docstring. Mean ± 95% CI over seeds; "
@@ -380,12 +381,12 @@ def summarise(outs, readme):
                   "", summary_rows(results, before_rl(w)), "",
                   "Diagnostic added after the runs (not in the protocol), from every rollout trained on "
                   "(`samples.jsonl`), % of ripple-problem rollouts:", "", diagnostic_rows(out, p), "",
-                  f"![{title}](docs/{os.path.basename(picture)})" if readme else f"picture: {picture}"]
+                  f"![{title}]({os.path.basename(picture)})" if readme else f"picture: {picture}"]
     section = "\n".join(parts)
     if readme:
-        from common import replace_readme_section
-        replace_readme_section(os.path.join(REPO, "README.md"), "exploration-report", section)
-        print("README.md and docs/ updated")
+        from common import publish_results
+        publish_results("explore", section, premise_rows(worlds), "bash runs/explore.sh (README=1)")
+        print("wrote docs/results/explore.md and the README's headline")
     else:
         atomic_write_text(os.path.join(outs[0], "summary.md"), section + "\n")
         print(section)

@@ -23,7 +23,7 @@ toy.task.math_family as the file allows), with the world's base model:
    one greedy and one temperature-1 completion each: strategy shares, pass@1 per family, pass@k
    over the latents, the share of problems on which some latent leaves the dominant strategy,
    and the share of completions whose strategy differs from the warmed model's own greedy one.
-4. Prefix geometry: mean pairwise cosine of 256 prefixes per source (model.prefix_health; noise
+4. Prefix geometry: mean pairwise cosine of 256 prefixes per source (diagnostics.prefix_health; noise
    is about 0), their cosine to the VAE's corpus mean h, and their norm against a token's.
 
 Writes <out>/premise.json and <out>/premise.md (default --out: <world>/premise); the VAE and the
@@ -45,9 +45,11 @@ import torch
 
 import sft_warmup
 import train_vae
-from common import UserError, atomic_write_json, atomic_write_text, read_jsonl, run_main
+from common import atomic_write_json, atomic_write_text, run_main
+from diagnostics import prefix_health
+from guard import UserError, read_jsonl
 from data import format_prompt
-from model import PREFIX_FORMS, generate, load_policy, make_prefix_source, prefix_health
+from model import PREFIX_FORMS, generate, load_policy, make_prefix_source
 from toy.task import MATH_FAMILIES, STRATEGIES, detect_strategy, grade, make_preamble, math_family, solve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,7 +265,7 @@ def prefix_checks(args, rows, dominant):
         for region in ([None, "math"] if source_name == "vae" else [None]):
             label = name + (f" ({region} region)" if region else "")
             t0 = time.time()
-            source = make_prefix_source(source_name, model.embed_tokens.weight, vae_dir, region, seed=args.seed)
+            source = make_prefix_source(source_name, model.embed_tokens.weight, vae=vae_dir, region=region, seed=args.seed)
             g = torch.Generator().manual_seed(args.seed)
             prefixes = source.sample(len(repeated), 1, generator=g)                 # (n * latents, 1, d)
             row = {"source": source_name, "form": vae_dir and os.path.basename(vae_dir)[4:],

@@ -1,5 +1,5 @@
-r"""The toy world's report on the paper's three claims, measured here (and, on request, written into
-the README).
+r"""The toy world's report on the paper's three claims, measured here (and, on request, published:
+docs/results/toy.md and the README's headline).
 
 (a) Strategy-level diversity at inference: greedy pass@k with a latent per candidate (vae, noise,
     random_decoder prefixes) against greedy pass@1 and token-sampling pass@k, k up to 32.
@@ -12,8 +12,8 @@ It runs the stage scripts as a user would (subprocesses), after runs/toy.sh has 
 the VAE and both warm-ups:
     python -m toy.report --world runs/toy                       # writes runs/toy/report/ only
     python -m toy.report --world runs/toy --seeds 1 --rl-steps 20                 # a quick look
-    python -m toy.report --world runs/toy --readme    # maintainers: also refresh README.md's results
-                                                      # section and the pictures in docs/
+    python -m toy.report --world runs/toy --publish   # maintainers: docs/results/toy.md, the README's
+                                                      # headline and the pictures in docs/results/
 """
 
 import argparse
@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 
-from common import replace_readme_section, run_main
+from common import publish_results, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,9 +37,9 @@ parser.add_argument("--seeds", type=int, default=3)
 parser.add_argument("--rl-steps", type=int, default=40)
 parser.add_argument("--rl-flags", default="--prompts-per-step 16 --group-size 8 --lr 2e-5 --max-new-tokens 64",
                     help="flags shared by every RL run")
-parser.add_argument("--readme", action="store_true",
-                    help="also rewrite the README's results section and docs/ pictures (tracked files: "
-                         "a maintainer's step, never part of a user's run)")
+parser.add_argument("--publish", action="store_true",
+                    help="also write docs/results/toy.md, the README's headline and docs/results/ pictures "
+                         "(tracked files: a maintainer's step, never part of a user's run)")
 
 
 def run(script, *args):
@@ -192,18 +192,20 @@ is measured without prefixes for every arm and is the comparison at equal steps.
 {vae['norms']['token_embedding']:.3f}, mean-pooled h {vae['norms']['mean_pooled_h']:.3f}, decoded prefix
 {vae['norms']['prefix']:.3f}.
 """
-    section += "\n![latent space](docs/toy_latents.png) ![reward curves](docs/toy_reward_curves.png)\n"
+    section += "\n![latent space](toy_latents.png) ![reward curves](toy_reward_curves.png)\n"
     open(f"{out}/report.md", "w").write(section)
     print(section)
-    if args.readme:
-        # the pictures the README shows (runs/ is not committed)
-        os.makedirs(os.path.join(REPO, "docs"), exist_ok=True)
-        shutil.copy(f"{world}/vae/latents.png", os.path.join(REPO, "docs", "toy_latents.png"))
-        shutil.copy(f"{out}/rl/reward_curves.png", os.path.join(REPO, "docs", "toy_reward_curves.png"))
-        replace_readme_section(os.path.join(REPO, "README.md"), "toy-report", section)
-        print("rewrote README.md's results section and docs/toy_*.png")
+    if args.publish:
+        # the pictures the results page shows (runs/ is not committed)
+        pictures = os.path.join(REPO, "docs", "results")
+        os.makedirs(pictures, exist_ok=True)
+        shutil.copy(f"{world}/vae/latents.png", os.path.join(pictures, "toy_latents.png"))
+        shutil.copy(f"{out}/rl/reward_curves.png", os.path.join(pictures, "toy_reward_curves.png"))
+        headline = f"(a) at inference, {args.n} candidates per problem:\n\n{table_a}\n\n(b) RL at equal steps:\n\n{table_b}"
+        publish_results("toy", section, headline, f"python -m toy.report --world {world} --publish")
+        print("wrote docs/results/toy.md, its pictures and the README's headline")
     else:
-        print(f"wrote {out}/report.md (README.md untouched; --readme refreshes it)")
+        print(f"wrote {out}/report.md (docs/ and README.md untouched; --publish writes them)")
 
 
 if __name__ == "__main__":

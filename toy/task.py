@@ -44,6 +44,9 @@ import random
 import re
 import string
 
+import data
+from data import answer_line
+
 DOMAINS = ("math", "code", "qa")
 STRATEGIES = {
     "math": ("column", "round", "split"),
@@ -301,25 +304,15 @@ def write_jsonl(rows, path):
 # Reading completions: answer extraction, grading, strategy detection
 
 def extract_answer(completion):
-    """X from the last line of the form `answer: X` (whitespace stripped), else None.
-
-    A plain line scan, no regex, so time is linear in the input whatever it contains."""
-    if not isinstance(completion, str):
-        return None
-    for line in reversed(completion.split("\n")):
-        line = line.strip()
-        if line.startswith(ANSWER_PREFIX):
-            return line[len(ANSWER_PREFIX):].strip()
-    return None
+    """X from the last line of the form `answer: X` (data.answer_line, the toy grading kind's
+    reading), None for anything that is not text."""
+    return answer_line(completion) if isinstance(completion, str) else None
 
 
 def grade(completion, answer):
-    """Reward 1.0 iff the last `answer:` line of the completion states the answer, else 0.0.
-    Never raises: None, empty or garbage completions score 0.0."""
-    got = extract_answer(completion)
-    if got is None or answer is None:
-        return 0.0
-    return 1.0 if got == str(answer).strip() else 0.0
+    """Reward 1.0 iff the last `answer:` line of the completion states the answer, else 0.0: the
+    project's grader under the toy grading kind. Never raises."""
+    return data.grade(completion, answer, "toy")
 
 
 # The first line of a trace identifies its strategy by its form alone. Only the first
