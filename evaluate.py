@@ -54,7 +54,7 @@ from common import atomic_write_json, atomic_write_text, compute_init, on_master
 from data import (BENCHMARKS, GRADER, TEMPLATES, answer_of, format_prompt, grade, load_benchmark, load_rows,
                   resolve_benchmark)
 from guard import SEED, ArgumentParser, UserError, check_fits_context, read_json, ranged
-from model import PREFIX_SOURCES, check_prefix_sources, generate, load_policy, make_prefix_source
+from model import add_prefix_arguments, check_prefix_sources, generate, load_policy, make_prefix_source
 
 MODES = ("sample", "greedy-latent", "latent-sample")
 
@@ -78,12 +78,7 @@ parser.add_argument("--max-new-tokens", type=ranged(int, 1), default=512)
 parser.add_argument("--batch-size", type=ranged(int, 1), default=64, help="rows (problems x candidates) per generate()")
 parser.add_argument("--seed", type=SEED, default=0, help="seeds the latents and the token sampler")
 # Palette
-parser.add_argument("--prefix-source", default="none", choices=list(PREFIX_SOURCES))
-parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
-parser.add_argument("--region", default=None, help="sample z from this domain's region, not the prior")
-parser.add_argument("--L", type=ranged(int, 0), default=1,
-                    help="prefix tokens per candidate (lorem: text tokens, then the boundary)")
-parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
+add_prefix_arguments(parser, source="none", L_help="prefix tokens per candidate (lorem: text tokens, then the boundary)")
 # Output
 parser.add_argument("--out", required=True, help="directory for results.json, results.md, <benchmark>.jsonl")
 parser.add_argument("--config-name", default=None, help="row label (default: from mode, source, L)")
@@ -235,10 +230,8 @@ def main(argv=None):
         read_results(os.path.join(args.out, "results.json"))
     on_master(claim_out)
 
-    dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_policy(args.model, device, dtype)
+    model, tokenizer = load_policy(args.model, device, getattr(torch, args.dtype))
     model.eval()
-    eos = tokenizer.eos_token_id
     source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, tokenizer, args.vae,
                                 args.region, args.tie, args.seed)
     settings = {k: getattr(args, k) for k in ("model", "template", "mode", "n", "top_p", "max_new_tokens",
@@ -297,7 +290,7 @@ def main(argv=None):
                 for s in range(0, len(prompts), args.batch_size):
                     out = generate(model, prompts[s:s + args.batch_size], prefixes[s:s + args.batch_size],
                                    args.max_new_tokens, temperature, top_p=args.top_p,
-                                   stop_tokens=[eos], generator=g_sample)
+                                   stop_tokens=[tokenizer.eos_token_id], generator=g_sample)
                     texts += tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)
                     stopped += out.stopped.tolist()
                 for j, i in enumerate(chunk):

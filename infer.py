@@ -31,9 +31,9 @@ import os
 import torch
 
 from common import compute_init, run_main
-from data import TEMPLATES, format_prompt
+from data import TEMPLATES, format_prompt, load_rows
 from guard import SEED, ArgumentParser, UserError, check_fits_context, ranged
-from model import PREFIX_SOURCES, check_prefix_sources, generate, load_policy, make_prefix_source
+from model import add_prefix_arguments, check_prefix_sources, generate, load_policy, make_prefix_source
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Prompts
@@ -44,12 +44,7 @@ parser.add_argument("--template", default="plain", choices=TEMPLATES)
 parser.add_argument("--model", required=True, help="hub id or checkpoint directory")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 # Palette
-parser.add_argument("--prefix-source", default="vae", choices=list(PREFIX_SOURCES))
-parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
-parser.add_argument("--region", default=None, help="sample z from this domain's region, not the prior")
-parser.add_argument("--L", type=ranged(int, 0), default=1,
-                    help="prefix tokens per latent (0: no prefix; lorem: text tokens, then the boundary)")
-parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
+add_prefix_arguments(parser, L_help="prefix tokens per latent (0: none; lorem: text tokens, then the boundary)")
 parser.add_argument("--num-latents", type=ranged(int, 1, 10_000), default=4, help="latents (blocks) per prompt, "
                     "all drawn up front")
 # Decoding
@@ -63,24 +58,13 @@ parser.add_argument("--out", default=None, help="also write one JSON line per (p
 
 
 def read_prompts(path):
-    """Prompts of a file: plain lines, or JSON lines whose 'problem' field is the prompt."""
+    """Prompts of a file: the 'problem' field of each row of a JSON-lines file (.jsonl), else one
+    prompt per non-empty line."""
+    if path.endswith(".jsonl"):
+        return [r["problem"] for r in load_rows(path, domain="prompts")]
     if not os.path.isfile(path):
         raise UserError(f"--prompts-file {path}: no such file")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if line.lstrip().startswith("{"):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(row.get("problem"), str):
-                    raise UserError(f"{path}:{lineno}: JSON line has no 'problem' string field")
-                line = row["problem"]
-            prompts.append(line)
+    prompts = [line.rstrip("\n") for line in open(path, encoding="utf-8") if line.strip()]
     if not prompts:
         raise UserError(f"--prompts-file {path}: no prompts in it")
     return prompts
@@ -104,10 +88,8 @@ def main(argv=None):
         raise UserError("no prompts: pass --prompt \"...\" (repeatable) or --prompts-file FILE")
     device = compute_init()[3]
 
-    dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_policy(args.model, device, dtype)
+    model, tokenizer = load_policy(args.model, device, getattr(torch, args.dtype))
     model.eval()
-    eos = tokenizer.eos_token_id
     source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, tokenizer, args.vae,
                                 args.region, args.tie, args.seed)
     rows = [{"problem": t, "prompt_ids": tokenizer(format_prompt(t, args.template, tokenizer),
@@ -137,7 +119,7 @@ def main(argv=None):
                 batch = prompts[s:s + args.batch_size]
                 out = generate(model, batch, None if prefix is None else [prefix] * len(batch),
                                args.max_new_tokens, args.temperature, top_p=args.top_p,
-                               stop_tokens=[eos], generator=g_sample)
+                               stop_tokens=[tokenizer.eos_token_id], generator=g_sample)
                 completions = tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)
                 for j, completion in enumerate(completions):
                     p = s + j

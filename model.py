@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from common import atomic_dir, atomic_write_json
-from guard import (UserError, check_config, check_state, check_tokenizer, check_vae_json, check_weights, read_json,
-                   read_safetensors_file)
+from guard import (UserError, check_config, check_state, check_tokenizer, check_vae_json, check_weights, ranged,
+                   read_json, read_safetensors_file)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -968,6 +968,15 @@ def make_prefix_source(name, E, tokenizer=None, vae=None, region=None, tie=False
     statistics of E; the VAE checks E's fingerprint); vae: a train_vae.py directory."""
     return PREFIX_SOURCES[name](E=E.detach().float().cpu(), tokenizer=tokenizer, vae=vae, region=region,
                                 tie=tie, seed=seed)
+
+
+def add_prefix_arguments(parser, source="vae", L=1, L_help="prefix tokens (lorem: text tokens, then the boundary)"):
+    """The palette's flags, the same in every stage that draws prefixes."""
+    parser.add_argument("--prefix-source", default=source, choices=list(PREFIX_SOURCES))
+    parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
+    parser.add_argument("--region", default=None, help="sample z from this domain's region of the VAE, not the prior")
+    parser.add_argument("--L", type=ranged(int, 0), default=L, help=L_help)
+    parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
 
 
 def check_prefix_sources(used, vae, region, tie):

@@ -72,7 +72,7 @@ from common import (RunDir, all_reduce_mean, check_ranks_in_sync, compute_init, 
                     seed_everything, set_rng_state, sync_gradients)
 from data import TEMPLATES, check_gold_answers, format_prompt, grade, load_mixture
 from guard import SEED, ArgumentParser, UserError, check_fits_context, check_fits_memory, ranged
-from model import (ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, PREFIX_SOURCES, Transformer,
+from model import (ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, Transformer, add_prefix_arguments,
                    check_prefix_sources, completion_batch, generate, group_advantages,
                    load_embedding_matrix, load_policy, loss_token_weights, make_prefix_source,
                    policy_loss, token_logprobs)
@@ -103,11 +103,7 @@ parser.add_argument("--fsdp", action="store_true", help="shard weights, gradient
 # Palette
 parser.add_argument("--schedule", default="linear", choices=list(SCHEDULES))
 parser.add_argument("--rho", type=ranged(float, 0, 1), default=0.5, help="prefixed fraction of each group (constant)")
-parser.add_argument("--L", type=ranged(int, 0), default=8, help="prefix tokens of a prefixed rollout")
-parser.add_argument("--prefix-source", default="vae", choices=list(PREFIX_SOURCES))
-parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
-parser.add_argument("--region", default=None, help="sample z from this domain's region instead of the prior")
-parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
+add_prefix_arguments(parser, L=8, L_help="prefix tokens of a prefixed rollout")   # --prefix-source --vae --region --L --tie
 resample.add_arguments(parser)
 # Rollouts
 parser.add_argument("--prompts-per-step", type=ranged(int, 1), default=16, help="P, over all ranks")

@@ -36,7 +36,7 @@ from common import (RunDir, all_reduce_mean, check_ranks_in_sync, compute_init, 
                     run_main, seed_everything, sync_gradients)
 from data import TEMPLATES, format_prompt, load_mixture
 from guard import SEED, ArgumentParser, UserError, check_fits_context, ranged
-from model import (PREFIX_SOURCES, check_prefix_sources, completion_batch, load_policy,
+from model import (add_prefix_arguments, check_prefix_sources, completion_batch, load_policy,
                    make_prefix_source, token_logprobs)
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,11 +54,7 @@ parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"
 parser.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser state "
                     "over ranks (FSDP2, fsdp.py; docs/fsdp.md gives the memory per GPU)")
 # Palette
-parser.add_argument("--prefix-source", default="vae", choices=list(PREFIX_SOURCES))
-parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
-parser.add_argument("--region", default=None, help="sample z from this domain's region, not the prior")
-parser.add_argument("--L", type=ranged(int, 0), default=1, help="prefix tokens per example")
-parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
+add_prefix_arguments(parser, L_help="prefix tokens per example")     # --prefix-source --vae --region --L --tie
 # Optimisation
 parser.add_argument("--steps", type=ranged(int, 1), default=10)
 parser.add_argument("--batch-size", type=ranged(int, 1), default=32, help="pairs per step, over all ranks")
