@@ -913,6 +913,20 @@ class RandomDecoderPrefix(PrefixSource):
                                                         mask=causal, is_causal=True)))
 
 
+class RSPPrefix(PrefixSource):
+    """Random soft prompts (RSP, arXiv 2605.11936): each prefix vector drawn entry-wise from a
+    Gaussian with the mean and variance of the embedding table's entries, fresh for every draw; no
+    training and no rescaling, so its norm is that of a typical embedding row, not the mean one."""
+    name = "rsp"
+
+    def __init__(self, E, tie=False, **context):
+        super().__init__(E, tie)
+        self.mean, self.std = E.float().mean().item(), E.float().std().item()
+
+    def _draw(self, n, L, generator):
+        return self.mean + self.std * self._noise(n, L, self.dim, generator)
+
+
 # Pseudo-Latin for the lorem source: lower case only, so that every character is also a token
 # of the toy world's character-level tokenizer.
 LOREM_WORDS = tuple("""
@@ -960,7 +974,7 @@ class LoremPrefix(PrefixSource):
         return torch.tensor([self.encode(t)[:L] + self.boundary_ids for t in self.text(n, L, generator)])
 
 
-PREFIX_SOURCES = {cls.name: cls for cls in (NoPrefix, VAEPrefix, NoisePrefix, RandomDecoderPrefix, LoremPrefix)}
+PREFIX_SOURCES = {cls.name: cls for cls in (NoPrefix, VAEPrefix, NoisePrefix, RandomDecoderPrefix, LoremPrefix, RSPPrefix)}
 
 
 def make_prefix_source(name, E, tokenizer=None, vae=None, region=None, tie=False, seed=0):
