@@ -254,3 +254,19 @@ def test_health_check_on_answers_counts_changes_and_broken_outputs():
     assert health["frac_broken"] == 1.0 and health["frac_answers_change"] == 0.0
     assert any(line.startswith("warning") and "broken" in line for line in lines)
     assert model.training                           # the check leaves the mode as it found it
+
+
+def test_rsp_prefixes_match_the_embedding_tables_moments_and_are_fresh(tmp_path):
+    """RSP: entries drawn from N(mean, var) of the embedding table's entries, a new draw for every
+    prefix, untrained; it runs through every stage like any source (tests/test_pairwise.py)."""
+    g = torch.Generator().manual_seed(0)
+    E = 0.3 + 0.05 * torch.randn(500, 48, generator=g)            # a table off zero, as real ones are
+    source = make_prefix_source("rsp", E)
+    p = source.sample(400, 2, generator=torch.Generator().manual_seed(1))            # (400, 2, 48)
+    assert p.shape == (400, 2, 48) and p.dtype == torch.float32
+    assert abs(p.mean().item() - E.mean().item()) < 0.005
+    assert abs(p.std().item() - E.std().item()) < 0.005
+    assert not torch.allclose(p[:, 0], p[:, 1]) and not torch.allclose(p[0], p[1])   # every vector fresh
+    tied = make_prefix_source("rsp", E, tie=True).sample(3, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tied[:, 0], tied[:, 1])
+    assert torch.equal(source.sample(400, 2, generator=torch.Generator().manual_seed(1)), p)   # seeded
