@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from guard import UserError, check_same_run, read_json, read_jsonl, read_safetensors_file, stop
 
@@ -29,17 +30,11 @@ from guard import UserError, check_same_run, read_json, read_jsonl, read_safeten
 # Distributed set-up
 
 
-def ddp_info():
-    """(ddp, rank, local_rank, world_size) from torchrun's environment."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 0, 1
-    return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-
-
 def compute_init():
     """Initialise the process group under torchrun (nccl on CUDA, gloo elsewhere) and pick the
-    device. Returns (ddp, rank, world_size, device)."""
-    ddp, rank, local_rank, world_size = ddp_info()
+    device. Returns (ddp, rank, world_size, device); torchrun sets RANK, LOCAL_RANK, WORLD_SIZE."""
+    ddp = "RANK" in os.environ
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -62,7 +57,7 @@ def compute_cleanup(wait_for_all=False):
 
 
 def is_master():
-    return ddp_info()[1] == 0
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def print0(*args, **kwargs):
@@ -147,11 +142,17 @@ def check_ranks_in_sync(model):
     print0(f"weights identical on {len(sums)} ranks (checksum {sums[0].item():.6f})")
 
 
+class Progress(tqdm):
+    """tqdm on rank 0: live in a terminal, an update every 30 s when stderr is a log file.
+    set_postfix waits for the next update instead of forcing one (in a log, one per step)."""
+
+    def set_postfix(self, **values):
+        super().set_postfix(values, refresh=False)
+
+
 def progress(iterable, desc, total=None, initial=0):
-    """tqdm on rank 0: live in a terminal, a line every 30 s when stderr is a log file."""
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not is_master(),
-                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
+    return Progress(iterable, desc=desc, total=total, initial=initial, disable=not is_master(),
+                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
 
 
 # -----------------------------------------------------------------------------

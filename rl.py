@@ -180,13 +180,9 @@ def choose_prefixed(n_groups, G, n_prefixed, generator):
 def step_prompts(rows, step, P, seed):
     """The P problems of a step: consecutive slices of per-epoch shuffles of the data, so the data
     position is a function of the step alone and a resumed run continues exactly."""
-    out = []
-    for k in range(step * P, (step + 1) * P):
-        epoch, i = divmod(k, len(rows))
-        order = list(range(len(rows)))
-        random.Random(seed + epoch).shuffle(order)
-        out.append(rows[order[i]])
-    return out
+    n, ks = len(rows), range(step * P, (step + 1) * P)
+    orders = {e: random.Random(seed + e).sample(range(n), n) for e in {k // n for k in ks}}   # epoch -> shuffle
+    return [rows[orders[k // n][k % n]] for k in ks]
 
 
 def load_problems(spec, flag, tokenizer, template, seed, per_domain_cap=None, limit=None):

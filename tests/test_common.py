@@ -382,10 +382,11 @@ def test_second_run_refused_then_kill_and_resume(stage, tmp_path):
 
 
 def test_progress_in_a_log_file_is_a_few_updates_and_silent_off_rank_0(monkeypatch, capsys):
-    for _ in progress(range(3000), "stage"):                     # stderr is not a terminal here
-        pass
+    bar = progress(range(3000), "stage")                         # stderr is not a terminal here
+    for _ in bar:
+        bar.set_postfix(loss="0.5")                              # never forces an update
     err = capsys.readouterr().err
-    assert err.count("\r") <= 3 and "stage: 100%" in err and "3000/3000" in err, err
+    assert err.count("\r") <= 3 and "stage: 100%" in err and "3000/3000" in err and "loss=0.5" in err, err
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
