@@ -13,7 +13,6 @@ import random
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -232,24 +231,6 @@ def command_line(resume=False):
     return f"{launcher} {script}"
 
 
-def publish_results(name, full, headline, command, repo=os.path.dirname(os.path.abspath(__file__))):
-    """A maintainer's step, never part of a user's run: docs/results/{name}.md gets the full tables
-    and README.md the headline (between its <!-- {name}:start --> and <!-- {name}:end --> markers),
-    each saying where its numbers came from (the command and the commit)."""
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=repo).stdout.strip()
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    source = f"`{command}` at commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}{dirty}"
-    atomic_write_text(os.path.join(repo, "docs", "results", f"{name}.md"),
-                      f"<!-- written by {source} -->\n{full.strip()}\n")
-    readme, start, end = os.path.join(repo, "README.md"), f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = open(readme).read()
-    if start not in text or end not in text:
-        raise UserError(f"{readme} has no {start} ... {end} markers: add them where the headline belongs")
-    before, rest = text.split(start, 1)
-    atomic_write_text(readme, f"{before}{start}\n{headline.strip()}\n\nFull tables: [docs/results/{name}.md]"
-                              f"(docs/results/{name}.md), from {source}.\n{end}{rest.split(end, 1)[1]}")
-
-
 # -----------------------------------------------------------------------------
 # The run directory: a lock, args.json, metrics.jsonl (one JSON object per step), checkpoints
 
@@ -263,7 +244,10 @@ class RunDir:
     def __init__(self, path, args, resume=False):
         self.path, self.args, self.master = path, args, is_master()
         self.checkpoint = on_master(lambda: self._open(resume))
-        RunDir.current = self
+        RunDir.current, self.board = self, None
+        if getattr(args, "tensorboard", False) and self.master:     # --tensorboard: imported only then
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(self.file("tensorboard"))
 
     def _open(self, resume):
         from filelock import FileLock, Timeout
@@ -294,9 +278,15 @@ class RunDir:
         return os.path.join(self.path, name)
 
     def log(self, record, name="metrics.jsonl"):
+        """Append one record; with --tensorboard, metrics.jsonl's numbers go to TensorBoard too."""
         if self.master:
             with open(self.file(name), "a") as f:
                 f.write(to_json(record) + "\n")
+        if self.board is not None and name == "metrics.jsonl":
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.board.add_scalar(key, value, record["step"])
+            self.board.flush()
 
     def restart_logs_at(self, step):
         """On resume: keep only the records of the steps before `step` (each step is logged once)."""

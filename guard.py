@@ -251,7 +251,7 @@ def check_fits_memory(config, bytes_per_value, batches, device):
 
 # Flags a resumed run may change: how often it logs, evaluates or saves, and --steps upward.
 MAY_CHANGE = {"resume", "eval_every", "save_every", "sample_every", "samples_per_step", "keep_checkpoints",
-              "report_to"}
+              "tensorboard"}
 
 
 def check_same_run(saved, now, path):

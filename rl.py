@@ -141,6 +141,8 @@ parser.add_argument("--resume", action="store_true", help="continue from the new
 parser.add_argument("--sample-every", type=ranged(int, 0), default=10, help="steps between decoded rollouts in samples.jsonl")
 parser.add_argument("--samples-per-step", type=ranged(int, 0), default=4,
                     help="rollouts written at such a step, spread over the batch (0: every rollout)")
+parser.add_argument("--tensorboard", action="store_true", help="also log metrics.jsonl's records to --out/tensorboard "
+                    "(TensorBoard event files, which W&B can import); needs the tensorboard package")
 
 
 def check_args(args, world_size):

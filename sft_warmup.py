@@ -66,6 +66,8 @@ parser.add_argument("--grad-clip", type=ranged(float, above=0, inf=True), defaul
 parser.add_argument("--seed", type=SEED, default=0)
 # Output
 parser.add_argument("--out", required=True)
+parser.add_argument("--tensorboard", action="store_true", help="also log metrics.jsonl's records to --out/tensorboard "
+                    "(TensorBoard event files, which W&B can import); needs the tensorboard package")
 
 
 def check_args(args, world_size=1):

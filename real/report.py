@@ -26,7 +26,8 @@ import os
 import shutil
 import sys
 
-from common import publish_results, run_main
+from common import run_main
+from toy import publish_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

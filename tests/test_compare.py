@@ -11,7 +11,7 @@ import math
 import pytest
 
 import rl
-from common import publish_results
+from toy import publish_results
 from guard import UserError
 from toy import compare
 

@@ -76,6 +76,7 @@ RL_FACTORS = {
     "--keep-checkpoints": ["1", "2"],
     "--sample-every": ["0", "1"],
     "--samples-per-step": ["4", "0"],
+    "--tensorboard": [False, True],
     "--seed": ["0", "1"],
 }
 # Not swept: paths and sizes fixed by the harness; --resume and --fsdp have tests of their own
@@ -100,6 +101,7 @@ SFT_FACTORS = {
     "--eval-problems": [None, "1"],
     "--eval-max-new-tokens": ["6", "1"],
     "--dtype": choices(sft_warmup.parser, "--dtype"),
+    "--tensorboard": [False, True],
     "--seed": ["0", "1"],
 }
 # --max-tokens filters data (tests/test_bad_input.py shows what it leaves out), no code path

@@ -366,3 +366,20 @@ def test_prefixed_counts_round_half_up():
     assert rl.prefix_plan("linear", 0.75, 2, 0.0, 4) == (1, 4)
     assert rl.prefix_plan("constant", 0.0, 8, 0.5, 2) == (4, 2)
     assert rl.prefix_plan("constant", 0.0, 8, 0.0, 2) == (0, 0)
+
+
+def test_tensorboard_gets_the_records_of_metrics_jsonl(tiny, tmp_path, parity_reward, one_thread):
+    """--tensorboard: every number of every metrics.jsonl record, read back from the event files
+    (rank 0 writes them; without the flag nothing is imported or written)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    rl.main(tiny_args(tiny, tmp_path / "tb", "--tensorboard", "--steps", 3))
+    board = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    board.Reload()
+    for record in records(tmp_path / "tb"):
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                logged = {e.step: e.value for e in board.Scalars(key)}
+                assert logged[record["step"]] == pytest.approx(value, rel=1e-6), key
+    assert {e.step for e in board.Scalars("reward_mean")} == {0, 1, 2}
+    rl.main(tiny_args(tiny, tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "tensorboard").exists()

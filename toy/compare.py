@@ -384,7 +384,7 @@ def summarise(outs, readme):
                   f"![{title}]({os.path.basename(picture)})" if readme else f"picture: {picture}"]
     section = "\n".join(parts)
     if readme:
-        from common import publish_results
+        from toy import publish_results
         publish_results("explore", section, premise_rows(worlds), "bash runs/explore.sh (README=1)")
         print("wrote docs/results/explore.md and the README's headline")
     else:

@@ -23,7 +23,8 @@ import shutil
 import subprocess
 import sys
 
-from common import publish_results, run_main
+from common import run_main
+from toy import publish_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
