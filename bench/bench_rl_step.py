@@ -82,7 +82,7 @@ def run_ours(args, out):
     steps = []
     for line in open(os.path.join(out, "metrics.jsonl")):
         m = json.loads(line)
-        steps.append({"generation": m["time_generate"], "scoring": m["time_score"] + m["time_resample"],
+        steps.append({"generation": m["time_generate"], "scoring": m["time_score"],
                       "update": m["time_update"],
                       "tokens": m["completion_len"] * args.prompts * args.group_size,
                       "reward": m["reward_mean"]})
@@ -97,14 +97,14 @@ def run_trl(args, out):
     from data import format_prompt, grade
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    rows, kind = rl.load_problems(args.data, "--data", tokenizer, args.template, args.seed)
+    rows = rl.load_problems(args.data, "--data", tokenizer, args.template, args.seed)
     P, G, n_steps = args.prompts, args.group_size, args.warmup + args.steps
     picked = [r for s in range(n_steps) for r in rl.step_prompts(rows, s, P, args.seed)]
     dataset = Dataset.from_list([{"prompt": format_prompt(r["problem"], args.template, tokenizer),
-                                  "answer": r["answer"]} for r in picked])
+                                  "answer": r["answer"], "kind": r["grading_kind"]} for r in picked])
 
-    def reward(completions, answer, **_):
-        return [grade(c, a, kind) for c, a in zip(completions, answer)]
+    def reward(completions, answer, kind, **_):
+        return [grade(c, a, k) for c, a, k in zip(completions, answer, kind)]
 
     config = GRPOConfig(
         output_dir=out, per_device_train_batch_size=P * G, gradient_accumulation_steps=1,

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every GPU figure in one command (bench/gpu.py; docs/gpu.md says what it measures and needs):
+#   bash bench/gpu.sh            # on a GPU machine: docs/results/gpu.md and gpu.json, about 8 minutes
+#   bash bench/gpu.sh --smoke    # the same code paths at tiny shapes on the CPU, under two minutes
+# Wheels in bench/wheels/ (trl and what it needs beyond the GPU image: docs/gpu.md) are installed first,
+# without their dependencies, so that nothing replaces the machine's torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=$(command -v python3 || command -v python)
+if ls bench/wheels/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-deps --no-index bench/wheels/*.whl
+fi
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/nanopalette-inductor}
+exec "$PY" bench/gpu.py "$@"
