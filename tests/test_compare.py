@@ -1,7 +1,7 @@
-"""toy/compare.py, the exploration comparison, without its RL runs: the 95% t interval against a
-hand computation, every arm's rl.py flags accepted by rl.py's parser, the protocol written before
-the first run and a rerun under another one refused in one line, a failed run's output kept, the
-table's cells, and the README writer touching only its own section.
+"""toy/compare.py, the exploration comparison's second protocol, without its RL runs: the 95% t and
+Welch intervals against hand computations, every arm's rl.py command accepted by rl.py, the seeded
+warm-up data, the protocol written before the first run and another one refused in one line, a
+failed run's output kept, the report's cells, and the results writer touching only its own section.
 
 Run:  python -m pytest tests/test_compare.py -q        (a few seconds)
 """
@@ -11,77 +11,97 @@ import math
 import pytest
 
 import rl
-from toy import publish_results
 from guard import UserError
-from toy import compare
+from toy import compare, publish_results
 
 
-def test_mean_ci_is_the_t_interval():
+def test_mean_ci_and_welch_are_the_t_intervals():
     m, half = compare.mean_ci([0.1, 0.2, 0.3, 0.4, 0.5])
     sd = math.sqrt(sum((v - 0.3) ** 2 for v in (0.1, 0.2, 0.3, 0.4, 0.5)) / 4)   # 0.158
-    assert m == pytest.approx(0.3)
-    assert half == pytest.approx(2.776 * sd / math.sqrt(5))                      # t(0.975, 4 df)
-    assert compare.mean_ci([0.7]) == (0.7, 0.0)
-    assert compare.mean_ci([]) == (None, None)
+    assert m == pytest.approx(0.3) and half == pytest.approx(2.776 * sd / math.sqrt(5))   # t(0.975, 4 df)
+    assert compare.mean_ci([0.7]) == (0.7, 0.0) and compare.mean_ci([]) == (None, None)
+    # equal variances and sizes: Welch's df is 2(n - 1) = 8, t 2.306
+    d, half = compare.welch([0.1, 0.2, 0.3, 0.4, 0.5], [0.0, 0.1, 0.2, 0.3, 0.4])
+    assert d == pytest.approx(0.1) and half == pytest.approx(2.306 * math.sqrt(2 * sd ** 2 / 5))
 
 
 @pytest.mark.parametrize("arm", list(compare.ARMS))
-def test_every_arm_is_a_valid_rl_command(arm, tmp_path):
-    argv = compare.rl_argv("W", str(tmp_path / "run"), arm, seed=3, steps=20)
-    args = rl.parser.parse_args(argv)
-    assert args.seed == 3 and args.steps == 20 and args.samples_per_step == 0
-    assert args.model == f"W/{compare.ARMS[arm][0]}/model"
-    assert (args.vae == "W/vae") == ("vae" in (args.prefix_source, args.resample_source) and
-                                     (args.schedule != "none" or args.resample > 0))
+def test_every_arm_is_a_valid_rl_command(arm):
+    p = {"temperature": 0.5, "steps": 60, "lr": 5e-5}
+    args = rl.parser.parse_args(compare.rl_argv("W", "W/run", "W/start", compare.ARMS[arm][1], 3, p))
+    rl.check_args(args, 1)
+    assert (args.seed, args.steps, args.lr, args.samples_per_step, args.vae) == (3, 60, 5e-5, 0, "W/vae")
+    assert args.temperature == (1.0 if arm == "grpo higher T" else 0.5)          # T + 0.5 for that arm
+
+
+def test_seeded_warmup_data_resolves_a_fraction_of_ripple_rows_correctly(tmp_path):
+    from toy.task import generate_premise_math, verify_solution, write_jsonl
+    (tmp_path / "data").mkdir()
+    rows = generate_premise_math(200, seed=1, slip=True)
+    write_jsonl(rows, str(tmp_path / "data" / "math_train.jsonl"))
+    out = json.loads("[" + ",".join(open(compare.seeded_data(str(tmp_path), str(tmp_path), 0.1))) + "]")
+    seeded = [r for r in out if r.get("seeded")]
+    assert len(out) == 200 and len(seeded) == 20 and all(r["family"] == "ripple" for r in seeded)
+    assert {r["strategy"] for r in seeded} == {"round", "split"}
+    for r in seeded:
+        verify_solution(r)                                    # a correct trace of its strategy
+    assert [r for r in out if not r.get("seeded")] == [r for r in rows if r["id"] not in {s["id"] for s in seeded}]
 
 
 def world(tmp_path):
     w = tmp_path / "world"
-    for name in ("data/math_train.jsonl", "vae/vae.json", "sft/model/config.json",
-                 "sft_plain/model/config.json"):
+    for name in ("base/config.json", "data/math_train.jsonl", "vae/vae.json"):
         (w / name).parent.mkdir(parents=True, exist_ok=True)
         (w / name).write_text("{}")
+    (w / "premise").mkdir()
+    (w / "premise" / "premise.json").write_text(json.dumps({"temperatures": {"rollout_temperature": 0.5}}))
     return w
 
 
 def test_protocol_is_written_first_and_a_different_one_is_refused(tmp_path, monkeypatch):
     w = world(tmp_path)
-    monkeypatch.setattr(compare, "run_one", lambda *a: (_ for _ in ()).throw(RuntimeError("ran")))
+    monkeypatch.setattr(compare, "warmup", lambda *a: (_ for _ in ()).throw(RuntimeError("ran")))
     args = compare.parse_args(["--world", str(w), "--seeds", "2", "--arms", "grpo", "--jobs", "1"])
     with pytest.raises(RuntimeError, match="ran"):      # the protocol is on disk before any run
         compare.compare(args)
     written = json.loads((w / "compare" / "protocol.json").read_text())
-    assert written["seeds"] == [0, 1] and list(written["arms"]) == ["grpo"]
-    assert "| grpo | sft_plain |" in (w / "compare" / "protocol.md").read_text()
+    assert written["seeds"] == [0, 1] and list(written["arms"]) == ["grpo"] and written["rollout_temperature"] == 0.5
+    assert "| grpo | plain warm-up |" in (w / "compare" / "protocol.md").read_text()
     other = compare.parse_args(["--world", str(w), "--seeds", "3", "--arms", "grpo"])
     with pytest.raises(UserError, match="another protocol"):
         compare.compare(other)
 
 
-def test_bad_arms_and_missing_stages_are_one_line(tmp_path):
+def test_bad_arms_and_a_missing_world_are_one_line(tmp_path):
     with pytest.raises(UserError, match="unknown arm 'gpro'"):
         compare.parse_args(["--world", str(world(tmp_path)), "--arms", "gpro"])
-    with pytest.raises(UserError, match="no sft/model/config.json"):
-        (tmp_path / "bare" / "data").mkdir(parents=True)
-        (tmp_path / "bare" / "data" / "math_train.jsonl").write_text("")
-        (tmp_path / "bare" / "vae").mkdir()
-        (tmp_path / "bare" / "vae" / "vae.json").write_text("{}")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(UserError, match="no base/config.json; runs/explore.sh builds the premise world"):
         compare.parse_args(["--world", str(tmp_path / "bare")])
 
 
-def test_summary_cells_are_mean_and_interval_over_seeds():
-    def result(arm, seed, pass1):
-        return {"arm": arm, "seed": seed, "pass1": pass1, "pass1_ripple": 0.0, "pass8": 1.0,
-                "pass8_ripple": None, "minority_curve": [0.0, 0.5], "greedy_minority": 0.25,
+def test_summary_cells_and_verdicts(tmp_path):
+    def result(name, seed, ripple):
+        return {"name": name, "seed": seed, "pass1": 0.5, "pass1_ripple": ripple, "pass8_ripple": 1.0,
+                "minority_curve": [0.0, 0.5], "ripple_solved_in_training": 0.5, "ripple_solved_by_minority": 0.25,
                 "rollouts": 100 + seed}
-    table = compare.summary_rows([result("grpo", 0, 0.5), result("grpo", 1, 0.7),
-                                  result("palette linear", 0, 0.9)],
-                                 {"sft_plain": (0.4, 0.25), "sft": (0.5, None)})
-    rows = table.splitlines()[2:]
+    state = {"protocol": {"arms": {"grpo": 0, "palette linear": 0}, "control_gain": 0.2,
+                          "hypothesis": "palette linear beats grpo"},
+             "seed_fraction": [{"fraction": 0.05, "pass1_ripple": 0.06}],
+             "start": {"plain": {"pass1": 0.5, "pass1_ripple": 0.06}},
+             "lr_sweep": [{"lr": 5e-5, "steps": 60, "pass1_ripple": 0.4}],
+             "control": {"lr": 5e-5, "steps": 60, "gain": 0.34, "passed": True},
+             "runs": [result("grpo", 0, 0.3), result("grpo", 1, 0.5), result("palette linear", 0, 0.8),
+                      result("palette linear", 1, 0.9)]}
+    text = compare.summary(state)
     half = 12.706 * math.sqrt(0.02) / math.sqrt(2)                 # t(0.975, 1 df), sd 0.141
-    assert rows[0] == (f"| grpo | 2 | 40.0 (25.0) | 60.0 ± {100 * half:.1f} | 0.0 ± 0.0 | 100.0 ± 0.0 | – | "
-                       f"25.0 ± 0.0 | 25.0 ± 0.0 | 100 ± 6 |")
-    assert rows[1].startswith("| palette linear | 1 | 50.0 (–) | 90.0 ± 0.0 |")
+    assert f"| grpo | 2 | 40.0 ± {100 * half:.1f} | 50.0 ± 0.0 | 100.0 ± 0.0 | 25.0 ± 0.0 | 50.0 ± 0.0 (25.0 ± 0.0) | 100 ± 6 |" in text
+    assert "Positive control: lr 5e-05, 60 steps, ripple pass@1 +34.0 points (passed" in text
+    d, ci = compare.welch([0.8, 0.9], [0.3, 0.5])
+    assert f"- palette linear: ripple pass@1 {100 * d:+.1f} ± {100 * ci:.1f} points against grpo" in text
+    assert ("supported" if d - ci > 0 else "not supported") in text.splitlines()[-1]
+    state["runs"], state["control"]["passed"] = [], False
+    assert compare.summary(state).endswith("No arm ran: the positive control failed.")
 
 
 def test_results_go_to_docs_and_the_headline_replaces_only_its_readme_section(tmp_path):
@@ -97,10 +117,10 @@ def test_results_go_to_docs_and_the_headline_replaces_only_its_readme_section(tm
 
 
 def test_a_failed_run_keeps_its_output_and_says_where(tmp_path):
-    """rl.py refuses (its model is missing): one line naming the arm, the seed and the log, and
-    the log holds what rl.py printed."""
-    with pytest.raises(UserError, match=r"grpo, seed 3: rl.py failed \(error: .*\); its output is in "
-                                        r".*grpo_seed3/rl.log") as refused:
-        compare.run_one(str(tmp_path / "world"), str(tmp_path / "out"), "grpo", 3, 1)
+    """rl.py refuses (its model is missing): one line naming the log, which holds what rl.py printed."""
+    p = {"temperature": 0.5, "steps": 1, "lr": 5e-5}
+    with pytest.raises(UserError, match=r"rl.py failed \(error: .*\); its output is in .*grpo_seed3/rl.log") as refused:
+        compare.rl_run(str(tmp_path / "world"), str(tmp_path / "out"), "grpo", str(tmp_path / "none"),
+                       compare.ARMS["grpo"][1], 3, p)
     log = str(refused.value).rsplit("its output is in ", 1)[1]
     assert "error:" in open(log).read()

@@ -160,8 +160,15 @@ def test_premise_checks_end_to_end(tmp_path):
     with open(os.path.join(out, "premise.json")) as f:
         assert json.load(f)["dominant"] == report["dominant"]
     md = open(os.path.join(out, "premise.md")).read()
-    for section in ("## 1.", "## 2.", "## 3.", "## 4."):
+    for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
         assert section in md
+    t = report["temperatures"]                   # the premise at each rollout temperature, and the rule
+    assert list(t["by_temperature"]) == ["1.0", "0.7", "0.5", "0.3"] and t["rollout_temperature"] in (1.0, 0.7, 0.5, 0.3)
+    for T, row in t["by_temperature"].items():
+        assert set(row["forced_success"]) == set(MATH) and 0 <= row["problems_leaving_dominant"] <= 1
+        meets = min(row["forced_success"][s]["ripple"] for s in MATH if s != report["dominant"]) >= 0.3 \
+            and row["problems_leaving_dominant"] < 0.1
+        assert not meets or float(T) <= t["rollout_temperature"]     # the highest that meets the rule
     base = report["base"]
     assert base["families"] == {"plain": 4, "ripple": 4}
     for key in ("greedy_shares", "sampled_shares"):

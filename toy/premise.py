@@ -25,6 +25,10 @@ toy.task.math_family as the file allows), with the world's base model:
    and the share of completions whose strategy differs from the warmed model's own greedy one.
 4. Prefix geometry: mean pairwise cosine of 256 prefixes per source (diagnostics.prefix_health; noise
    is about 0), their cosine to the VAE's corpus mean h, and their norm against a token's.
+5. The premise at the rollout temperature: at each of --temperatures, the forced strategies
+   completed at that temperature (a minority strategy chosen by sampling is carried out by sampling
+   too) and how often sampling leaves the dominant strategy; the rollout temperature is the
+   highest that keeps both halves of the premise (temperature_checks says the rule).
 
 Writes <out>/premise.json and <out>/premise.md (default --out: <world>/premise); the VAE and the
 warm-ups live under <out>/ too and are reused by a rerun. About 2 minutes per world on one core
@@ -67,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--latents", type=int, default=4, help="prefixes per problem and source")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--forms", default=",".join(PREFIX_FORMS), help="VAE prefix forms to compare")
+    p.add_argument("--temperatures", default="1.0,0.7,0.5,0.3",
+                   help="rollout temperatures at which the premise is measured (section 5)")
     # The stages the checks run (the project's own scripts)
     p.add_argument("--vae-steps", type=int, default=2000, help="train_vae.py --steps")
     p.add_argument("--warmup-steps", type=int, default=10, help="sft_warmup.py --steps")
@@ -75,6 +81,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(args.world, "premise")
     args.forms = [f for f in args.forms.split(",") if f]
+    args.temperatures = [float(t) for t in args.temperatures.split(",") if t]
     for form in args.forms:
         if form not in PREFIX_FORMS:
             raise UserError(f"--forms: unknown prefix form {form!r}; choose from {', '.join(PREFIX_FORMS)}")
@@ -197,6 +204,46 @@ def base_checks(args, rows):
     report["forced_success"] = forced
     report["sampled_success"] = success
     return report
+
+# -----------------------------------------------------------------------------
+# 5. The premise at the rollout temperature
+
+# A rollout temperature serves the premise when a minority strategy, once chosen, is carried out
+# well enough to be rewarded (forced round and forced split, completed at that temperature, solve
+# at least EXECUTES of ripple problems) while token sampling still rarely changes the strategy
+# (fewer than LEAVES of the problems have one of --latents samples leave the dominant one).
+EXECUTES, LEAVES = 0.30, 0.10
+
+
+@torch.no_grad()
+def temperature_checks(args, rows, dominant):
+    """Section 5: at each --temperatures T, forced strategies completed at T (their success per
+    family) and the T samples' strategies (how often one of --latents samples leaves the dominant
+    one); then the rollout temperature the rule above picks: the highest T that meets both."""
+    model, tokenizer = load_policy(os.path.join(args.world, "base"))
+    model.eval()
+    prompts = [format_prompt(r["problem"], "plain") for r in rows]
+    k, report = args.latents, {}
+    for T in args.temperatures:
+        g = torch.Generator().manual_seed(args.seed)
+        forced = {}
+        for s in MATH:
+            heads = [opening(r, s) for r in rows]
+            texts = complete(model, tokenizer, [p + h for p, h in zip(prompts, heads)], args, T, generator=g)
+            forced[s] = per_family(rows, [grade(h + t, r["answer"]) for h, t, r in zip(heads, texts, rows)])
+        sampled = complete(model, tokenizer, [p for p in prompts for _ in range(k)], args, T, generator=g)
+        strategies = [detect_strategy(t) for t in sampled]
+        report[str(T)] = {
+            "forced_success": forced, "sampled_shares": shares(strategies),
+            "problems_leaving_dominant": rate([any(st != dominant for st in strategies[i * k:(i + 1) * k])
+                                               for i in range(len(rows))]),
+            "samples_leaving_dominant": rate([st != dominant for st in strategies])}
+    meets = [T for T in args.temperatures
+             if min(report[str(T)]["forced_success"][s]["ripple"] for s in MATH if s != dominant) >= EXECUTES
+             and report[str(T)]["problems_leaving_dominant"] < LEAVES]
+    return {"by_temperature": report, "rule": f"the highest T at which forced round and split solve >= "
+            f"{EXECUTES:.0%} of ripple problems and < {LEAVES:.0%} of problems have one of {k} T samples leave "
+            f"{dominant}; none meeting it: the lowest T", "rollout_temperature": max(meets, default=min(args.temperatures))}
 
 # -----------------------------------------------------------------------------
 # 3-4. Prefix sources after their warm-ups
@@ -363,6 +410,18 @@ def markdown(report):
         lines.append(table_row(label, f"{row['prefix_pairwise_cos']:.3f}",
                                "–" if to_mean is None else f"{to_mean:.3f}",
                                f"{row['prefix_norm']:.3f}", f"{row['token_norm']:.3f}"))
+    t = report["temperatures"]
+    lines += ["", f"## 5. The premise at the rollout temperature ({k} samples per problem)", "",
+              table_row("T", "forced round: plain / ripple", "forced split: plain / ripple",
+                        "forced column: plain / ripple", "T samples: column / round / split / none",
+                        f"problems leaving {dominant}", "samples leaving it"),
+              table_row(*["---"] * 7)]
+    for T, row in t["by_temperature"].items():
+        f = row["forced_success"]
+        lines.append(table_row(T, *[f"{pct(f[s]['plain'])} / {pct(f[s]['ripple'])}" for s in ("round", "split", "column")],
+                               fmt_shares(row["sampled_shares"]), pct(row["problems_leaving_dominant"]),
+                               pct(row["samples_leaving_dominant"])))
+    lines += ["", f"Rule: {t['rule']}. Rollout temperature: **{t['rollout_temperature']}**."]
     return "\n".join(lines) + "\n"
 
 
@@ -375,10 +434,12 @@ def main(argv=None):
     base = base_checks(args, rows)
     dominant = base["dominant"]
     print(f"base: greedy {fmt_shares(base['greedy_shares'])}, T=1 {fmt_shares(base['sampled_shares'])}", flush=True)
+    temperatures = temperature_checks(args, rows, dominant)
+    print(f"rollout temperature: {temperatures['rollout_temperature']}", flush=True)
     prefixes = prefix_checks(args, rows, dominant)
     report = {"world": args.world, "command": "python -m toy.premise " + " ".join(argv),
               "args": vars(args), "dominant": dominant, "base": base, "prefixes": prefixes,
-              "seconds": round(time.time() - t0, 1)}
+              "temperatures": temperatures, "seconds": round(time.time() - t0, 1)}
     atomic_write_json(os.path.join(args.out, "premise.json"), report)
     atomic_write_text(os.path.join(args.out, "premise.md"), markdown(report))
     print(f"wrote {args.out}/premise.json and premise.md ({report['seconds']:.0f} s)")
