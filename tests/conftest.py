@@ -136,3 +136,12 @@ def run_script(script, *args, nproc=None, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed:\n{result.stderr[-3000:]}")
     return result
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest, and least disturbed by other processes, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -216,12 +216,6 @@ def world(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_flag_is_swept_or_named_as_fixed():

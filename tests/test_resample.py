@@ -18,7 +18,7 @@ import rl
 from guard import UserError
 from model import LOREM_BOUNDARY, LOREM_WORDS, check_prefix_sources, make_prefix_source
 from conftest import tiny_float64_model
-from test_rl_flags import one_thread, records, tiny, tiny_args   # noqa: F401 (fixtures)
+from test_rl_flags import records, tiny, tiny_args   # noqa: F401 (fixtures)
 
 
 def tiny_model():

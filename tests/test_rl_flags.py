@@ -68,13 +68,6 @@ def parity_reward(monkeypatch):
     monkeypatch.setattr(rl, "grade", lambda text, answer, kind: float(len(text) % 2))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest, and least disturbed by other processes, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

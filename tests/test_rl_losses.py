@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import rl
-from guard import UserError
 from conftest import tiny_float64_model
 from model import (Transformer, completion_batch, group_advantages,
                    loss_token_weights, policy_loss, token_logprobs)

@@ -270,20 +270,13 @@ def generate(domain, n, seed, strategies=None, exclude=None, **difficulty):
     for s in pool:
         if s not in STRATEGIES[domain]:
             raise ValueError(f"unknown strategy {s!r} for {domain}, expected one of {STRATEGIES[domain]}")
-    exclude = set(exclude or ())
-    rows, seen, tries = [], set(), 0
-    while len(seen) < n:
-        tries += 1
-        if tries > 100 * n + 1000:
-            raise ValueError(f"could not draw {n} distinct {domain} problems; raise the difficulty knobs")
-        params = make_problem(domain, rng, **difficulty)
-        text = format_problem(params)
-        if text in seen or text in exclude:
-            continue
-        seen.add(text)
+    rows = []
+    draws = distinct_problems(n, lambda: make_problem(domain, rng, **difficulty), exclude,
+                              f"{domain} problems; raise the difficulty knobs")
+    for index, (text, params) in enumerate(draws):
         for strategy in (pool if every else [rng.choice(pool)]):
             rows.append({
-                "id": f"toy-{domain}-{seed}-{len(seen) - 1}" + (f"-{strategy}" if every else ""),
+                "id": f"toy-{domain}-{seed}-{index}" + (f"-{strategy}" if every else ""),
                 "problem": text,
                 "solution": solve(params, strategy),
                 "answer": true_answer(params),
@@ -292,6 +285,22 @@ def generate(domain, n, seed, strategies=None, exclude=None, **difficulty):
                 "strategy": strategy,
             })
     return rows
+
+
+def distinct_problems(n, draw, exclude, what):
+    """Yield (text, params) for n problems of draw() whose texts differ from each other and from
+    exclude's; draw is called lazily, so a caller's own rng calls between yields keep their order."""
+    exclude, seen, tries = set(exclude or ()), set(), 0
+    while len(seen) < n:
+        tries += 1
+        if tries > 100 * n + 1000:
+            raise ValueError(f"could not draw {n} distinct {what}")
+        params = draw()
+        text = format_problem(params)
+        if text in seen or text in exclude:
+            continue
+        seen.add(text)
+        yield text, params
 
 
 def write_jsonl(rows, path):
@@ -586,18 +595,13 @@ def generate_premise_math(n, seed, exclude=None, weights=None, preamble_share=0.
     weights = weights or {s: 1 / len(strategies) for s in strategies}
     if set(weights) != set(strategies):
         raise ValueError(f"weights must name exactly the math strategies {strategies}")
-    exclude = set(exclude or ())
-    rows, seen, tries = [], set(), 0
-    while len(rows) < n:
-        tries += 1
-        if tries > 100 * n + 1000:
-            raise ValueError(f"could not draw {n} distinct premise math problems; raise the digits")
+    def draw():
         family = "ripple" if rng.random() < ripple_share else "plain"
-        params = _draw_math_family(rng, family, **difficulty)
-        text = format_problem(params)
-        if text in seen or text in exclude:
-            continue
-        seen.add(text)
+        return dict(_draw_math_family(rng, family, **difficulty), family=family)
+
+    rows = []
+    for text, params in distinct_problems(n, draw, exclude, "premise math problems; raise the digits"):
+        family = params["family"]
         preamble = ""
         if rng.random() < preamble_share:
             strategy = rng.choice(strategies)
