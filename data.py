@@ -251,23 +251,25 @@ def load_benchmark(name, data_dir=None, limit=None, seed=0):
 # Prompts
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-TEMPLATES = ("plain", "math", "chat")
+TEMPLATES = ("plain", "math", "chat", "chat-plain")
 
 
 def format_prompt(problem, template, tokenizer=None):
     """The text the policy is conditioned on (the prefix embeddings go before it).
     plain: the problem and a newline (base models; the toy world's format).
     math:  a base-model prompt asking for step-by-step reasoning and a \\boxed{} answer.
-    chat:  the tokenizer's chat template around the problem and the same instruction."""
+    chat:  the tokenizer's chat template around the problem and the same instruction.
+    chat-plain: the chat template around the problem alone (a problem that says how to answer)."""
     if template == "plain":
         return f"{problem}\n"
     if template == "math":
         return f"Question: {problem}\n{BOXED_INSTRUCTION}\nAnswer:"
-    if template == "chat":
+    if template in ("chat", "chat-plain"):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError("template 'chat' needs a tokenizer with a chat template; "
                             "use 'math' or 'plain' for base models")
-        messages = [{"role": "user", "content": f"{problem}\n{BOXED_INSTRUCTION}"}]
+        content = problem if template == "chat-plain" else f"{problem}\n{BOXED_INSTRUCTION}"
+        messages = [{"role": "user", "content": content}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     raise DataError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
 

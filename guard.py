@@ -160,6 +160,9 @@ def check_vae_json(meta, path):
         least = 0 if key == "depth" else 1       # depth 0: single linear maps
         if type(meta[key]) is not int or meta[key] < least:
             raise UserError(f"{path}: {key} is {meta[key]!r}; expected an integer >= {least}")
+    scale = meta.get("prefix_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise UserError(f"{path}: prefix_scale is {scale!r}; expected a positive number (1: a token's norm)")
     if not _numbers(meta["fingerprint"]):
         raise UserError(f"{path}: 'fingerprint' is not a list of numbers; re-create the VAE with train_vae.py")
     k, domains = meta["latent_dim"], meta.get("domains", {})

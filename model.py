@@ -720,7 +720,8 @@ def mlp(sizes):
 #   rescaled  h_hat's direction at the mean token-embedding norm: every latent becomes nearly the
 #             same vector, h_mean blown up to token size, which no real token resembles
 #   centred   (h_hat - h_mean) at the mean token-embedding norm: only what the latent changes
-# The default is set by the measurements in README's "Prefix forms" (bench/prefix_forms.py).
+# The default is set by the measurements of docs/results/smollm2_prefix_forms.md. vae.json's
+# prefix_scale multiplies the prefix (docs/results/smollm2.md measures it on SmolLM2).
 # VAE directories written before vae.json recorded the form load as "rescaled", their old form.
 PREFIX_FORMS = ("centred", "rescaled", "paper")
 DEFAULT_PREFIX_FORM = "centred"
@@ -737,12 +738,13 @@ class PaletteVAE(nn.Module):
       it into one in the way `prefix_form` names (see PREFIX_FORMS below).
     """
 
-    def __init__(self, dim, latent_dim=16, hidden_dim=256, depth=2, prefix_form=DEFAULT_PREFIX_FORM):
+    def __init__(self, dim, latent_dim=16, hidden_dim=256, depth=2, prefix_form=DEFAULT_PREFIX_FORM,
+                 prefix_scale=1.0):
         super().__init__()
         if prefix_form not in PREFIX_FORMS:
             raise UserError(f"unknown prefix form {prefix_form!r}; choose one of {', '.join(PREFIX_FORMS)}")
         self.dim, self.latent_dim, self.hidden_dim, self.depth = dim, latent_dim, hidden_dim, depth
-        self.prefix_form = prefix_form
+        self.prefix_form, self.prefix_scale = prefix_form, prefix_scale   # scale: the prefix's norm over a token's
         self.encoder = mlp([dim] + [hidden_dim] * depth + [2 * latent_dim])
         self.decoder = mlp([latent_dim] + [hidden_dim] * depth + [dim])
         self.register_buffer("h_mean", torch.zeros(dim))
@@ -776,11 +778,11 @@ class PaletteVAE(nn.Module):
         """z (..., k) -> prefix embeddings (..., d), in the form self.prefix_form names."""
         h_hat = self.decode(z)                                                   # (..., d)
         if self.prefix_form == "paper":
-            return h_hat
+            return h_hat * self.prefix_scale
         # rescaled keeps h_hat's direction, which is mostly h_mean's; centred keeps only what
         # the latent changes, the deviation from the corpus mean
         direction = h_hat if self.prefix_form == "rescaled" else h_hat - self.h_mean
-        return direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-6) * self.token_norm
+        return direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-6) * self.token_norm * self.prefix_scale
 
 
 def save_vae(vae, out_dir, meta):
@@ -793,7 +795,7 @@ def save_vae(vae, out_dir, meta):
     os.replace(os.path.join(out_dir, ".tmp-vae.safetensors"), os.path.join(out_dir, "vae.safetensors"))
     atomic_write_json(os.path.join(out_dir, "vae.json"), {
         "dim": vae.dim, "latent_dim": vae.latent_dim, "hidden_dim": vae.hidden_dim,
-        "depth": vae.depth, "prefix_form": vae.prefix_form, **meta})
+        "depth": vae.depth, "prefix_form": vae.prefix_form, "prefix_scale": vae.prefix_scale, **meta})
 
 
 def load_vae(vae_dir, E=None):
@@ -809,8 +811,8 @@ def load_vae(vae_dir, E=None):
         raise UserError(f"{vae_dir}: the VAE was trained for another model ({meta.get('model')}, embeddings of "
                         f"size {meta['dim']}, fingerprint {short_hash(meta['fingerprint'])}); this model's "
                         f"are of size {E.shape[1]} and differ; train a VAE for this model with train_vae.py")
-    vae = PaletteVAE(meta["dim"], meta["latent_dim"], meta["hidden_dim"], meta["depth"],
-                     meta.get("prefix_form", "rescaled"))   # older vae.json: the form it had then
+    vae = PaletteVAE(meta["dim"], meta["latent_dim"], meta["hidden_dim"], meta["depth"],    # an older vae.json:
+                     meta.get("prefix_form", "rescaled"), meta.get("prefix_scale", 1.0))  # the form it had then
     state = read_safetensors_file(os.path.join(vae_dir, "vae.safetensors"))
     check_state(vae, state, os.path.join(vae_dir, "vae.safetensors"))
     vae.load_state_dict(state)

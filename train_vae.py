@@ -46,6 +46,9 @@ parser.add_argument("--latent-dim", type=ranged(int, 1, 1024), default=16)
 parser.add_argument("--hidden-dim", type=ranged(int, 1, 8192), default=256)
 parser.add_argument("--prefix-form", default=DEFAULT_PREFIX_FORM, choices=PREFIX_FORMS,
                     help="how a decoded h becomes a prefix embedding (model.PREFIX_FORMS); kept in vae.json")
+parser.add_argument("--prefix-scale", type=ranged(float, above=0), default=1.0,
+                    help="the prefix's norm over a token's (docs/results/smollm2.md measures it); kept in vae.json, "
+                         "which may be edited: the VAE's training does not depend on it")
 parser.add_argument("--depth", type=ranged(int, 0, 8), default=2, help="hidden layers in encoder and decoder")
 parser.add_argument("--beta", type=ranged(float, 0), default=0.1, help="KL weight: higher = smoother, blurrier latents")
 parser.add_argument("--kl-warmup-steps", type=ranged(int, 0), default=200, help="ramp beta from 0 over this many steps")
@@ -131,7 +134,7 @@ def main(argv=None):
     print0(f"{len(rows)} pairs from {', '.join(f'{n}: {(domains == i).sum()}' for i, n in enumerate(names))}")
     check_vae_size(args, E.shape[1], len(rows))
 
-    vae = PaletteVAE(E.shape[1], args.latent_dim, args.hidden_dim, args.depth, args.prefix_form)
+    vae = PaletteVAE(E.shape[1], args.latent_dim, args.hidden_dim, args.depth, args.prefix_form, args.prefix_scale)
     vae.set_statistics(h, E)
     vae.to(device)
     h = h.to(device)

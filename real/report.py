@@ -1,22 +1,11 @@
-r"""SmolLM2-135M-Instruct's report on the paper's claims (a) and (c), the prefix forms, and a short
-GRPO run.
+r"""SmolLM2-135M-Instruct's report on claim (a), by the protocol of docs/smollm2_protocol.md, and on
+claim (c) (the VAE's latent space by domain).
 
-(a) Strategy-level diversity at inference (the paper's Fig. 1), on the real task of real/task.py:
-    greedy decoding with one prefix token per candidate (sources noise, random_decoder, vae prior,
-    vae math region), against plain greedy decoding and token sampling at T = 1; pass@1/4/8/16,
-    distinct answers per problem, the share cut off; on the converted model and again after the
-    10-step prefix warm-up.
-Prefix forms: each way of turning the VAE's h_hat into a prefix (centred, rescaled, paper), on the
-    converted model and after each form's own warm-up, with noise and lorem beside them.
-(c) The VAE's latent space by domain: the silhouette of math / code / qa and its PCA picture.
-GRPO: the reward of a short rl.py run (linear schedule, L = 1) per step, with its time per step.
-
-All inference numbers are bench/prefix_forms.py's measurements (one results.json, or several made
-with the same settings): same problems, same seeded latents, cut-off answers scored wrong.
-runs/smollm2.sh makes the model, the task files, the VAE, the warm-up, those measurements and the
-GRPO run, then calls this:
-    python -m real.report --dir runs/smollm2                    # writes runs/smollm2/report/
-    python -m real.report --dir runs/smollm2 --publish          # maintainers: docs/results/, README
+Reads what runs/smollm2.sh made: DIR/tuning/results.json and DIR/final/results.json
+(bench/claim_a.py's), DIR/vae/vae.json, DIR/times.tsv.
+    python -m real.report --dir runs/smollm2 --choose     # the selection rule: prints the chosen setting
+    python -m real.report --dir runs/smollm2              # writes runs/smollm2/report/report.md
+    python -m real.report --dir runs/smollm2 --publish    # maintainers: docs/results/smollm2.md, README
 """
 
 import argparse
@@ -24,153 +13,177 @@ import json
 import math
 import os
 import shutil
-import sys
 
-from common import run_main
+from common import atomic_write_json, atomic_write_text, run_main
+from guard import UserError
 from toy import publish_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the tuning settings (name, scale, warm-up steps, lr, L) in runs/smollm2.sh's order; the first is
+# the standard one
+SETTINGS = [("standard", 1, 10, 1e-5, 1), ("scale-0.5", 0.5, 10, 1e-5, 1), ("scale-0.25", 0.25, 10, 1e-5, 1),
+            ("steps-30", 1, 30, 1e-5, 1), ("steps-50", 1, 50, 1e-5, 1), ("lr-3e-5", 1, 10, 3e-5, 1),
+            ("L-2", 1, 10, 1e-5, 2)]
+TIE_POINTS, BAR_POINTS = 1.0, 2.0
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dir", default="runs/smollm2", help="the directory runs/smollm2.sh fills")
-parser.add_argument("--measurements", default=None,
-                    help="comma-separated results.json files of bench/prefix_forms.py "
-                         "(default: DIR/prefix_forms/results.json)")
-parser.add_argument("--rl", default=None, help="the GRPO run's directory (default: DIR/rl)")
+parser.add_argument("--choose", action="store_true", help="apply the selection rule to the tuning rows, "
+                    "write DIR/tuning/choice.json and print the chosen setting's line")
 parser.add_argument("--publish", action="store_true",
                     help="also write docs/results/smollm2.md and the README's headline (a maintainer's step)")
 
-BEFORE, AFTER = "base", "warm-up centred, 10 steps"
-# (label in the table, the bench's row name) of claim (a)
-DECODINGS = [("greedy (no prefix)", "none"),
-             ("token sampling T=1", "token sampling T=1"),
-             ("greedy per latent: noise", "noise"),
-             ("greedy per latent: random_decoder", "random_decoder"),
-             ("greedy per latent: vae prior", "vae centred, prior"),
-             ("greedy per latent: vae math region", "vae centred, math")]
+
+def load(path):
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing: run runs/smollm2.sh (it makes it) first")
+    with open(path) as f:
+        return json.load(f)
 
 
-def load_measurements(paths):
-    """The rows of one or more bench results files, which must share their settings; a row measured
-    twice must agree (the latents are seeded, so a rerun gives the same numbers)."""
-    settings, rows = None, {}
-    for path in paths:
-        with open(path) as f:
-            results = json.load(f)
-        if settings is not None and results["settings"] != settings:
-            sys.exit(f"error: {path} was measured with other settings than {paths[0]}")
-        settings = results["settings"]
-        for key, row in results["rows"].items():
-            if key in rows and abs(rows[key]["pass@1"] - row["pass@1"]) > 1e-9:
-                sys.exit(f"error: row {key!r} differs between the measurement files")
-            rows.setdefault(key, row)
-    return settings, rows
+def rows_by(results):
+    """{(label, task): {row: result}} of a claim_a results.json."""
+    out = {}
+    for key, r in results.items():
+        label, task, row = key.split(" | ")
+        out.setdefault((label, task), {})[row] = r
+    return out
 
 
-def pass_at_k_mean(per_problem_pass1, n, k):
-    """Unbiased pass@k (Chen et al. 2021) averaged over problems, from each problem's share of
-    right candidates out of n."""
-    values = []
-    for p in per_problem_pass1:
-        c = round(p * n)
-        values.append(1.0 - math.comb(n - c, k) / math.comb(n, k))
-    return sum(values) / len(values)
+def paired(a, b, k=1):
+    """(mean, 95% half-width) in points of a - b per problem, for pass@k from the per-problem shares
+    of right candidates (pass@k of a greedy row is its pass@1: one answer, k tries of it)."""
+    def per_problem(r):
+        n = r["candidates"]
+        if n == 1 or k == 1:
+            return r["per_problem_pass@1"]
+        return [1 - math.comb(n - round(p * n), k) / math.comb(n, k) for p in r["per_problem_pass@1"]]
+    d = [x - y for x, y in zip(per_problem(a), per_problem(b))]
+    m = sum(d) / len(d)
+    sd = math.sqrt(sum((v - m) ** 2 for v in d) / max(len(d) - 1, 1))
+    return 100 * m, 100 * 1.96 * sd / math.sqrt(len(d))
 
 
-def table_a(rows, n):
-    ks = [k for k in (1, 4, 8, n) if k <= n]
-    lines = ["| model | decoding | " + " | ".join(f"pass@{k}" for k in ks) + " | distinct answers | cut off |",
-             "| --- | --- |" + " --- |" * (len(ks) + 2)]
-    for stage, label in ((BEFORE, "converted"), (AFTER, "after warm-up")):
-        for name, key in DECODINGS:
-            r = rows.get(f"{stage} | {key}")
-            if r is None:
-                continue
-            cells = []
-            for k in ks:
-                value = r.get(f"pass@{k}")
-                if value is None and f"pass@{n}" in r and k < n:     # a row of n candidates
-                    value = 100 * pass_at_k_mean(r["per_problem_pass@1"], n, k)
-                ci = r.get(f"pass@{k}_ci95")
-                cells.append("–" if value is None else f"{value:.1f}" + (f" ± {ci:.1f}" if ci else ""))
-            lines.append(f"| {label} | {name} | " + " | ".join(cells) +
-                         f" | {r['distinct_answers']:.2f} | {r.get('cut_off', 0):.0f}% |")
+def choose(tuning):
+    """The selection rule: the smallest worst-task gap (greedy minus vae pass@1); within TIE_POINTS
+    of the best, the earliest in SETTINGS' order of preference (standard, fewest steps, scale near 1)."""
+    by, costs = rows_by(tuning), {}
+    for name, *_ in SETTINGS:
+        tasks = [rows for (label, _), rows in by.items() if label == name]
+        if tasks:
+            costs[name] = max(rows["greedy"]["pass@1"][0] - rows["vae"]["pass@1"][0] for rows in tasks)
+    if not costs:
+        raise UserError("no tuning rows measured: run runs/smollm2.sh first")
+    best = min(costs.values())
+    preference = sorted(SETTINGS, key=lambda s: (s[0] != "standard", s[2], abs(1 - s[1])))
+    chosen = next(s for s in preference if s[0] in costs and costs[s[0]] <= best + TIE_POINTS)
+    return chosen, costs
+
+
+def tuning_table(tuning, costs, chosen):
+    by = rows_by(tuning)
+    tasks = list(dict.fromkeys(task for _, task in by))
+    lines = ["| setting | " + " | ".join(f"{t}: greedy / vae pass@1" for t in tasks) + " | worst gap |",
+             "| --- |" + " --- |" * (len(tasks) + 1)]
+    for name, *_ in SETTINGS:
+        if name not in costs:
+            continue
+        cells = [f"{by[name, t]['greedy']['pass@1'][0]:.1f} / {by[name, t]['vae']['pass@1'][0]:.1f}" for t in tasks]
+        mark = " (chosen)" if name == chosen[0] else ""
+        lines.append(f"| {name}{mark} | " + " | ".join(cells) + f" | {costs[name]:.1f} |")
     return "\n".join(lines)
 
 
-def table_forms(rows, n):
-    lines = [f"| model | prefix | pass@1 | pass@{n} | distinct answers | broken | cut off | pairwise cos | cos to corpus mean |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    fmt = lambda v, spec: "–" if v is None else format(v, spec)
-    for key, r in rows.items():
-        model_label, prefix = key.split(" | ")
-        if prefix in ("random_decoder", "token sampling T=1"):
-            continue                                  # those rows belong to claim (a)
-        pm = lambda name: "–" if r.get(name) is None else f"{r[name]:.1f} ± {r.get(name + '_ci95', 0):.1f}"
-        lines.append(f"| {model_label} | {prefix} | {pm('pass@1')} | {pm(f'pass@{n}')} | "
-                     f"{fmt(r.get('distinct_answers'), '.2f')} | {r['broken']:.0f}% | {fmt(r.get('cut_off'), '.0f')}% | "
-                     f"{fmt(r.get('prefix_pairwise_cos'), '.2f')} | {fmt(r.get('prefix_cos_to_corpus_mean'), '.2f')} |")
+def final_tables(final, k):
+    lines = []
+    for task in dict.fromkeys(key.split(" | ")[1] for key in final):
+        lines += [f"*{task}*", "", f"| model | decoding | pass@1 | pass@{k} | distinct answers | cut off % | broken % |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for key, r in final.items():
+            label, t, row = key.split(" | ")
+            if t == task:
+                at_k = f"{r[f'pass@{k}'][0]:.1f} ± {r[f'pass@{k}'][1]:.1f}" if f"pass@{k}" in r else "–"
+                lines.append(f"| {label} | {row} | {r['pass@1'][0]:.1f} ± {r['pass@1'][1]:.1f} | {at_k} | "
+                             f"{r['distinct_answers']:.2f} | {r['cut_off']:.1f} | {r['broken']:.1f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
-def grpo_summary(run_dir):
-    """Reward per step of the GRPO run and its mean time per step (generation, scoring, update)."""
-    records = [json.loads(l) for l in open(f"{run_dir}/metrics.jsonl") if l.strip()]
-    steps = [r for r in records if "reward_mean" in r]
-    args = json.load(open(f"{run_dir}/args.json"))
-    per_step = [r["time_generate"] + r["time_score"] + r["time_update"] for r in steps]
-    return {"args": args, "rewards": [r["reward_mean"] for r in steps],
-            "prefixed": [r["reward_prefixed"] for r in steps], "plain": [r["reward_plain"] for r in steps],
-            "seconds_per_step": sum(per_step) / len(per_step),
-            "generate_share": sum(r["time_generate"] for r in steps) / sum(per_step)}
+def bar_table(final, label, k):
+    """The bar per task (after the warm-up) and vae against T = 0.7 at equal candidates."""
+    lines = [f"| task | vae − greedy pass@1 | vae − noise pass@{k} | vae − T=0.7 pass@1 | vae − T=0.7 pass@{k} | bar |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    met_all = True
+    for (lab, task), rows in rows_by(final).items():
+        if lab != label:
+            continue
+        gap, vs_noise = paired(rows["vae"], rows["greedy"]), paired(rows["vae"], rows["noise"], k)
+        met = gap[0] >= -BAR_POINTS and vs_noise[0] >= 0
+        met_all &= met
+        f = lambda d: f"{d[0]:+.1f} ± {d[1]:.1f}"
+        lines.append(f"| {task} | {f(gap)} | {f(vs_noise)} | {f(paired(rows['vae'], rows['T=0.7']))} | "
+                     f"{f(paired(rows['vae'], rows['T=0.7'], k))} | {'met' if met else 'missed'} |")
+    return "\n".join(lines), met_all
 
 
 def main():
     args = parser.parse_args()
     world = args.dir
-    vae = json.load(open(f"{world}/vae/vae.json"))
-    conversion = json.load(open(f"{world}/model/conversion.json"))
-    paths = (args.measurements or f"{world}/prefix_forms/results.json").split(",")
-    settings, rows = load_measurements(paths)
-    n = settings["latents"]
-    grpo = grpo_summary(args.rl or f"{world}/rl")
-    a = grpo["args"]
-    rewards = ", ".join(f"{100 * r:.0f}" for r in grpo["rewards"])
-    where = ", ".join(f"`{os.path.dirname(p)}`" for p in paths)
-    section = f"""Measured on this project's 2-core CPU machine (weights: {conversion['weights']}); the
-commands are in `runs/smollm2.sh`. Numbers are what came out, whatever their sign. Every row:
-{settings['problems']} test problems of the task, {n} candidates each (greedy under one prefix token,
-or T = 1 samples), {settings['max_new_tokens']} new tokens, an answer cut off there scored wrong;
-± is a 95% interval over the problems; measurements in {where}.
+    tuning = load(f"{world}/tuning/results.json")
+    chosen, costs = choose(tuning)
+    if args.choose:
+        atomic_write_json(f"{world}/tuning/choice.json", {"setting": chosen, "costs": costs})
+        print(" ".join(str(v) for v in chosen))
+        return
+    final, vae = load(f"{world}/final/results.json"), load(f"{world}/vae/vae.json")
+    k = max(r["candidates"] for r in final.values())
+    settings, tune = next(iter(final.values()))["settings"], next(iter(tuning.values()))["settings"]
+    bars, met = bar_table(final, chosen[0], k)
+    times = [line.split("\t") for line in open(f"{world}/times.tsv")] if os.path.exists(f"{world}/times.tsv") else []
+    minutes = sum(int(t) for _, t in times) / 60
+    name, scale, steps, lr, L = chosen
+    verdict = (f"**The bar is met on every task** with the {name} setting." if met else
+               f"**The bar is not met on every task** with the {name} setting, the best of the tuning by the rule.")
+    headline = f"""SmolLM2-135M-Instruct on three arithmetic task forms, {settings['problems']} held-out problems each,
+{k} candidates per problem. {verdict} After the warm-up (scale {scale}, {steps} steps, lr {lr:g}, L {L}),
+greedy decoding under a VAE-prior prefix against plain greedy, noise prefixes and T = 0.7 sampling
+(paired differences in points, 95% intervals over problems):
 
-**(a) Diversity from latents at inference**, on the converted model and after the standard
-10-step warm-up (prefix form centred):
+{bars}"""
+    full = f"""# Claim (a) on SmolLM2-135M-Instruct
 
-{table_a(rows, n)}
+By the protocol written before the runs, [docs/smollm2_protocol.md](../smollm2_protocol.md);
+`runs/smollm2.sh` makes every number here ({minutes:.0f} minutes on the 2-core CPU machine,
+per step in `{world}/times.tsv`). Numbers are what came out, whatever their sign.
 
-**Prefix forms.** Each form on the converted model and after its own 10-step warm-up
-("broken": empty, or one token repeated):
+## Tuning (problems {tune['offset']}-{tune['offset'] + tune['problems'] - 1})
 
-{table_forms(rows, n)}
+Greedy and VAE-prior pass@1 after each setting's warm-up ({tune['candidates']} candidates); the rule picks the
+smallest worst-task gap, ties within {TIE_POINTS:g} point to the standard setting:
 
-**(c) Domains in latent space.** Silhouette of the math / code / qa posterior means:
-{vae['silhouette']:.3f} over {vae['n_pairs']} pairs (PCA picture below, `{world}/vae/latents.png`). Norms: token
-embedding {vae['norms']['token_embedding']:.3f}, mean-pooled h {vae['norms']['mean_pooled_h']:.3f}, decoded prefix
-{vae['norms']['prefix']:.3f}.
+{tuning_table(tuning, costs, chosen)}
 
-**GRPO** ({len(grpo['rewards'])} steps of `rl.py --schedule {a['schedule']} --L {a['L']}` from the warmed-up model,
-P = {a['prompts_per_step']}, G = {a['group_size']}, lr {a['lr']:g}, {a['max_new_tokens']} new tokens, on the task's train split):
-mean reward per step (%) {rewards}; {grpo['seconds_per_step']:.0f} s per step, {100 * grpo['generate_share']:.0f}% of it generation.
+## Final (problems {settings['offset']}-{settings['offset'] + settings['problems'] - 1}, not used to choose)
+
+{headline}
+
+Every row, on the converted model (no warm-up) and after the chosen warm-up (± is a 95% interval
+over problems; a cut-off answer is wrong; broken: empty or one repeated token):
+
+{final_tables(final, k)}
+## (c) Domains in latent space
+
+Silhouette of the math / code / qa posterior means: {vae['silhouette']:.3f} over {vae['n_pairs']} pairs
+(PCA picture below). Norms: token embedding {vae['norms']['token_embedding']:.3f}, mean-pooled h
+{vae['norms']['mean_pooled_h']:.3f}, decoded prefix {vae['norms']['prefix']:.3f}.
 
 ![SmolLM2 latent space](smollm2_latents.png)
 """
-    os.makedirs(f"{world}/report", exist_ok=True)
-    with open(f"{world}/report/report.md", "w") as f:
-        f.write(section)
-    print(section)
+    atomic_write_text(f"{world}/report/report.md", full)
+    print(full)
     if args.publish:
         shutil.copy(f"{world}/vae/latents.png", os.path.join(REPO, "docs", "results", "smollm2_latents.png"))
-        publish_results("smollm2", section, section.split("\n\n")[1], f"python -m real.report --dir {world} --publish")
+        publish_results("smollm2", full, headline, f"bash runs/smollm2.sh; python -m real.report --dir {world} --publish")
         print("wrote docs/results/smollm2.md and the README's headline")
     else:
         print(f"wrote {world}/report/report.md (docs/ and README.md untouched; --publish writes them)")

@@ -1,37 +1,23 @@
-r"""The real task SmolLM2-135M-Instruct is measured on: the arithmetic steps of GSM8K solutions.
+r"""The tasks SmolLM2-135M-Instruct is measured on: three forms of arithmetic the model solves
+sometimes but not always (claim (a) needs greedy pass@1 well between 0 and 100%), each asking for
+the answer as a bare number and graded by the project's gsm8k grader (the last number of the
+completion; a completion cut off at the token limit is wrong).
 
-Each row is one calculation that a GSM8K worked solution performs, with one operator and two
-numbers, asked as a question: the solution line "She makes 9 * 2 = $18 every day" becomes
-"What is 9 * 2?" with the answer 18. Only steps whose stated result is right are kept, and one
-step per GSM8K problem (its first), so rows do not repeat one problem. Train rows come from GSM8K
-train (../shared/data/gsm8k_train.jsonl, or openai/gsm8k from the hub), test rows from GSM8K test.
-Grading is the project's: data.grade(completion, answer, "gsm8k") (the rows' source names gsm8k,
-so every stage picks that grader by itself).
+    steps        the arithmetic steps of GSM8K worked solutions: the first verified one-operator
+                 step of each problem ("She makes 9 * 2 = $18 every day" -> "What is 9 * 2?", 18);
+                 train rows from GSM8K train, test rows from GSM8K test (../shared/data or the hub)
+    arithmetic   templated: "What is 37 - 18?", two numbers of 1-2 digits, + - or *
+    word         templated two-step word problems: "Ann has 7 apples. She buys 5 more and gives 3
+                 away. How many apples does she have now?" (a + b - c, never negative)
 
-Why this task. The paper's claim (a) is measured on a task the model solves sometimes but not
-always: greedy pass@1 between 10% and 60%. GSM8K itself is far out of reach of 135M parameters.
-Greedy pass@1 under the chat template (data.format_prompt(..., "chat")), 200 new tokens:
-    GSM8K test, the easiest problems (two solution lines)            0 / 8
-    GSM8K, every problem solved by one calculation (25 in all)        2 / 25, one of them by luck
-    GSM8K test, two-line problems with the first line given           0 / 27
-    MATH-500 level 1                                                  0 / 27 (no \boxed{} ever)
-This task, 60 test problems (load_task("test", limit=60), seed 0):
-    64 new tokens                                                     23.3% (14 / 60)
-    128 new tokens                                                    35.0% (21 / 60)
-    python -m real.task --out runs/smollm2/data
-    python evaluate.py --model runs/smollm2/model --benchmarks runs/smollm2/data/task_test.jsonl \
-        --limit 60 --template chat --mode sample --temperature 0 -n 1 --max-new-tokens 64 --out OUT
-By operation (128 new tokens): * 10/19, x 4/7, - 3/12, + 2/14, / 2/8. So it is a task the model
-solves sometimes, by prose reasoning it can get wrong, which is what claim (a) needs; it is
-arithmetic, not GSM8K's multi-step word problems, and the report says so.
-The model answers in prose ("1. 3 * 2 = 6\n\nSo the answer is 6.") and never in \boxed{}; the
-gsm8k grader reads the last number of the completion, and since the model often closes with
-"The answer is within \boxed{}." (an empty box, the prompt's instruction echoed), it reads the
-last number when the box holds none. A completion cut off at max_new_tokens is scored wrong.
+GSM8K itself is far out of reach of 135M parameters (greedy pass@1 0 of 8 on the easiest test
+problems). Each problem ends with INSTRUCTION, so the answer is a number, not prose to be read.
+Templated rows are drawn from a seeded generator; their train and test splits never share a
+problem.
 
     from real.task import load_task
-    rows = load_task("test", limit=60)                      # a seeded subset of the test split
-    python -m real.task --out runs/smollm2/data             # task_train.jsonl, task_test.jsonl
+    rows = load_task("arithmetic", "test")
+    python -m real.task --out runs/smollm2/data             # {task}_{train,test}.jsonl for each task
 """
 
 import argparse
@@ -43,11 +29,14 @@ import re
 from common import atomic_write_text, run_main
 from data import SHARED_DATA_DIR, load_rows
 
-NAME = "gsm8k_steps"
+TASKS = ("steps", "arithmetic", "word")
+INSTRUCTION = "Answer with the number only."
 # "a op b = c": two plain numbers (no thousands commas, no $ before them), one operator, the
 # result (a $ allowed before it).
 STEP = re.compile(r"(\d+(?:\.\d+)?)\s*([-+*/x])\s*(\d+(?:\.\d+)?)\s*=\s*\$?(\d+(?:\.\d+)?)")
 OPERATORS = "+-*/x"
+NAMES = (("Ann", "She"), ("Ben", "He"), ("Cara", "She"), ("Dan", "He"), ("Eve", "She"), ("Finn", "He"))
+ITEMS = ("apples", "books", "coins", "pencils", "stamps", "marbles")
 
 
 def steps_of(solution):
@@ -68,33 +57,67 @@ def steps_of(solution):
     return found
 
 
-def load_task(split="test", limit=None, seed=0, data_dir=None):
-    """Rows {"id", "problem", "answer", "solution", "domain", "source"} of the task; `limit` keeps
-    a seeded random subset (in file order), the same one for every caller with the same seed."""
+def row(task, i, problem, answer, solution):
+    return {"id": f"{task}-{i}", "problem": f"{problem} {INSTRUCTION}", "answer": str(answer),
+            "solution": f"{solution} The answer is {answer}.", "domain": "math", "source": task,
+            "grading_kind": "gsm8k"}
+
+
+def steps_rows(split, data_dir=None):
     local = os.path.join(data_dir or SHARED_DATA_DIR, f"gsm8k_{split}.jsonl")
-    source = local if os.path.isfile(local) else "openai/gsm8k"
     rows = []
-    for row in load_rows(source, domain="math", split=split):
-        steps = steps_of(row.get("solution") or "")
-        if steps:
-            a, op, b, c = steps[0]
-            rows.append({"id": f"{row['id']}/step", "problem": f"What is {a} {op} {b}?", "answer": c,
-                         "solution": f"{a} {op} {b} = {c}", "domain": "math", "source": NAME})
-    if limit is not None and limit < len(rows):
-        keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
-        rows = [rows[i] for i in keep]
+    for r in load_rows(local if os.path.isfile(local) else "openai/gsm8k", domain="math", split=split):
+        found = steps_of(r.get("solution") or "")
+        if found:
+            a, op, b, c = found[0]
+            rows.append(row("steps", r["id"], f"What is {a} {op} {b}?", c, f"{a} {op} {b} = {c}."))
     return rows
+
+
+def templated_rows(task, n=2000):
+    """n distinct problems of a templated task, in a seeded order (the same on every machine)."""
+    rng, seen, rows = random.Random(f"real-{task}"), set(), []
+    while len(rows) < n:
+        if task == "arithmetic":
+            a, b, op = rng.randint(2, 49), rng.randint(2, 49), rng.choice("+-*")
+            if op == "*":
+                b = rng.randint(2, 9)
+            a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+            answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+            problem, solution = f"What is {a} {op} {b}?", f"{a} {op} {b} = {answer}."
+        else:
+            (name, pronoun), item = rng.choice(NAMES), rng.choice(ITEMS)
+            a, b = rng.randint(2, 20), rng.randint(2, 20)
+            c = rng.randint(1, a + b - 1)
+            answer = a + b - c
+            problem = (f"{name} has {a} {item}. {pronoun} buys {b} more and gives {c} away. "
+                       f"How many {item} does {name} have now?")
+            solution = f"{a} + {b} = {a + b}, {a + b} - {c} = {answer}."
+        if problem not in seen:
+            seen.add(problem)
+            rows.append(row(task, len(rows), problem, answer, solution))
+    return rows
+
+
+def load_task(task, split="test", data_dir=None):
+    """Rows {"id", "problem", "answer", "solution", "domain", "source", "grading_kind"} of a task's
+    split; the templated tasks' test split is their first 500 problems, train the rest."""
+    if task == "steps":
+        return steps_rows(split, data_dir)
+    rows = templated_rows(task)
+    return rows[:500] if split == "test" else rows[500:]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/smollm2/data", help="directory for task_{train,test}.jsonl")
+    parser.add_argument("--out", default="runs/smollm2/data", help="directory for {task}_{train,test}.jsonl")
     args = parser.parse_args()
-    for split in ("train", "test"):
-        rows = load_task(split)
-        path = os.path.join(args.out, f"task_{split}.jsonl")
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-        print(f"{path}: {len(rows)} rows")
+    for task in TASKS:
+        for split in ("train", "test"):
+            rows = load_task(task, split)
+            path = os.path.join(args.out, f"{task}_{split}.jsonl")
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+            print(f"{path}: {len(rows)} rows")
 
 
 if __name__ == "__main__":

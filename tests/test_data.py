@@ -172,6 +172,8 @@ def test_format_prompt_chat_uses_the_tokenizers_template():
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     prompt = data.format_prompt("What is 1+1?", "chat", tokenizer=tok)
     assert prompt == f"<|user|>What is 1+1?\n{data.BOXED_INSTRUCTION}<|end|><|assistant|>"
+    # chat-plain: the problem's own words only (a task that says how to answer)
+    assert data.format_prompt("What is 1+1?", "chat-plain", tokenizer=tok) == "<|user|>What is 1+1?<|end|><|assistant|>"
 
 
 # -----------------------------------------------------------------------------

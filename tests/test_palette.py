@@ -176,6 +176,23 @@ def test_prefix_forms_by_hand():
     torch.testing.assert_close(forms["centred"].prefix(z), centred)
     with pytest.raises(UserError, match="unknown prefix form 'whitened'"):
         PaletteVAE(24, prefix_form="whitened")
+    for form, vae in forms.items():                 # prefix_scale multiplies the prefix, nothing else
+        vae.prefix_scale = 0.25
+        torch.testing.assert_close(vae.prefix(z), 0.25 * {"paper": h_hat, "rescaled": rescaled,
+                                                          "centred": centred}[form])
+
+
+def test_vae_json_keeps_the_prefix_scale_and_refuses_a_bad_one(tmp_path):
+    E = torch.randn(80, 24)
+    vae = _vae_over_a_common_mean("centred")
+    vae.prefix_scale = 0.5
+    save_vae(vae, tmp_path, {"beta": 0.1, "model": "test", "fingerprint": embedding_fingerprint(E)})
+    meta = json.loads((tmp_path / "vae.json").read_text())
+    assert meta["prefix_scale"] == 0.5 and load_vae(tmp_path, E)[0].prefix_scale == 0.5
+    for bad in (0, -1, "half", True):
+        (tmp_path / "vae.json").write_text(json.dumps(dict(meta, prefix_scale=bad)))
+        with pytest.raises(UserError, match="prefix_scale is .*expected a positive number"):
+            load_vae(tmp_path, E)
 
 
 def test_vae_json_records_the_form_and_old_directories_load_rescaled(tmp_path):

@@ -137,10 +137,23 @@ def test_task_rows_are_the_verified_steps_of_gsm8k_solutions():
                                                                           ("2", "+", "1", "3")]
     assert steps_of("2+1=3+4=7") == [] and steps_of("5*3-2=13") == []      # chains are not one step
     assert steps_of("$12 - $4 = $8") == [] and steps_of("9 * 2 = 19") == []  # prices, wrong results
-    rows = load_task("test", data_dir=FIXTURES)          # the fixture's three GSM8K test problems
+    rows = load_task("steps", "test", data_dir=FIXTURES)     # the fixture's three GSM8K test problems
     # the first verified step of each: "16 - 3 - 4 = 9" is a chain, "80,000+50,000" has commas
-    assert [(r["problem"], r["answer"]) for r in rows] == [("What is 9 * 2?", "18"), ("What is 2 / 2?", "1")]
+    assert [(r["problem"], r["answer"]) for r in rows] == [("What is 9 * 2? Answer with the number only.", "18"),
+                                                           ("What is 2 / 2? Answer with the number only.", "1")]
     assert all(grading_kind_for(r) == "gsm8k" for r in rows)
+
+
+def test_templated_tasks_are_right_distinct_and_split():
+    from data import gsm8k_prediction
+    from real.task import load_task
+    for task in ("arithmetic", "word"):
+        train, test = load_task(task, "train"), load_task(task, "test")
+        assert len(test) == 500 and len(train) == 1500
+        assert not {r["problem"] for r in train} & {r["problem"] for r in test}
+        for r in test[:50] + train[:50]:                    # the worked solution ends in the answer
+            assert str(gsm8k_prediction(r["solution"])) == r["answer"] and int(r["answer"]) >= 0
+        assert load_task(task, "test") == test              # seeded: the same rows every time
 
 
 def test_an_answer_cut_off_at_max_new_tokens_scores_zero(models, smollm2_dir, tmp_path):
