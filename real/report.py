@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 
 from common import atomic_write_json, atomic_write_text, run_main
 from guard import UserError
@@ -182,9 +181,8 @@ Silhouette of the math / code / qa posterior means: {vae['silhouette']:.3f} over
     atomic_write_text(f"{world}/report/report.md", full)
     print(full)
     if args.publish:
-        shutil.copy(f"{world}/vae/latents.png", os.path.join(REPO, "docs", "results", "smollm2_latents.png"))
-        publish_results("smollm2", full, headline, f"bash runs/smollm2.sh; python -m real.report --dir {world} --publish")
-        print("wrote docs/results/smollm2.md and the README's headline")
+        publish_results("smollm2", full, headline, f"bash runs/smollm2.sh; python -m real.report --dir {world} --publish",
+                        pictures=[(f"{world}/vae/latents.png", "smollm2_latents.png")])
     else:
         print(f"wrote {world}/report/report.md (docs/ and README.md untouched; --publish writes them)")
 

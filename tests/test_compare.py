@@ -107,7 +107,10 @@ def test_summary_cells_and_verdicts(tmp_path):
 def test_results_go_to_docs_and_the_headline_replaces_only_its_readme_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("top\n<!-- x:start -->\nold\n<!-- x:end -->\nbottom\n")
-    publish_results("x", "full\ntables\n", "new\ntable\n", "python -m toy.report --publish", repo=str(tmp_path))
+    (tmp_path / "curves.png").write_bytes(b"png")
+    publish_results("x", "full\ntables\n", "new\ntable\n", "python -m toy.report --publish", repo=str(tmp_path),
+                    pictures=[(tmp_path / "curves.png", "x_curves.png")])
+    assert (tmp_path / "docs" / "results" / "x_curves.png").read_bytes() == b"png"
     assert readme.read_text() == ("top\n<!-- x:start -->\nnew\ntable\n\nFull tables: [docs/results/x.md](docs/results/x.md), "
                                   "from `python -m toy.report --publish` at commit unknown.\n<!-- x:end -->\nbottom\n")
     assert (tmp_path / "docs" / "results" / "x.md").read_text() == \

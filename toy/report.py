@@ -19,7 +19,6 @@ the VAE and both warm-ups:
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -197,14 +196,10 @@ is measured without prefixes for every arm and is the comparison at equal steps.
     open(f"{out}/report.md", "w").write(section)
     print(section)
     if args.publish:
-        # the pictures the results page shows (runs/ is not committed)
-        pictures = os.path.join(REPO, "docs", "results")
-        os.makedirs(pictures, exist_ok=True)
-        shutil.copy(f"{world}/vae/latents.png", os.path.join(pictures, "toy_latents.png"))
-        shutil.copy(f"{out}/rl/reward_curves.png", os.path.join(pictures, "toy_reward_curves.png"))
         headline = f"(a) at inference, {args.n} candidates per problem:\n\n{table_a}\n\n(b) RL at equal steps:\n\n{table_b}"
-        publish_results("toy", section, headline, f"python -m toy.report --world {world} --publish")
-        print("wrote docs/results/toy.md, its pictures and the README's headline")
+        publish_results("toy", section, headline, f"python -m toy.report --world {world} --publish",   # the pictures
+                        pictures=[(f"{world}/vae/latents.png", "toy_latents.png"),                 # it shows
+                                  (f"{out}/rl/reward_curves.png", "toy_reward_curves.png")])
     else:
         print(f"wrote {out}/report.md (docs/ and README.md untouched; --publish writes them)")
 
