@@ -87,7 +87,7 @@ def test_summary_cells_and_verdicts(tmp_path):
                 "rollouts": 100 + seed}
     state = {"protocol": {"arms": {"grpo": 0, "palette linear": 0}, "control_gain": 0.2,
                           "hypothesis": "palette linear beats grpo"},
-             "seed_fraction": [{"fraction": 0.05, "pass1_ripple": 0.06}],
+             "seed_fraction": [{"fraction": 0.05, "steps": 10, "pass1_ripple": 0.06}],
              "start": {"plain": {"pass1": 0.5, "pass1_ripple": 0.06}},
              "lr_sweep": [{"lr": 5e-5, "steps": 60, "pass1_ripple": 0.4}],
              "control": {"lr": 5e-5, "steps": 60, "gain": 0.34, "passed": True},

@@ -17,9 +17,11 @@ learnable at that budget. This protocol first makes both hold, then compares:
 1. Rollout temperature: toy.premise's, the highest temperature at which forced round and split
    solve >= 30% of ripple problems while fewer than 10% of problems see sampling leave column.
 2. Warm-ups that make ripple learnable: the world's RL training file, with a fraction of its ripple
-   rows re-solved by round or split (alternately), 10 SFT steps at lr 3e-5 (runs/toy.sh's warm-up)
-   with no prefix ("plain"), with vae prefixes and with rsp prefixes (L = 1). The fraction is the
-   first of SEED_FRACTIONS whose plain warm-up solves >= 5% of the held-out ripple problems greedily.
+   rows re-solved by round or split (alternately), SFT at lr 3e-5 (runs/toy.sh's warm-up) with no
+   prefix ("plain"), with vae prefixes and with rsp prefixes (L = 1). The (fraction, steps) is the
+   first of SEED_LADDER whose plain warm-up solves >= 5% of the held-out ripple problems greedily:
+   more seeded rows first, then more steps (10 steps of 40% seeded rows solved 3% in an earlier,
+   unfinished run of this protocol: greedy decoding still picks column, which fails on ripple).
 3. The learning rate, on plain GRPO alone: seed 0 at each of LRS; the one with the highest held-out
    ripple pass@1 after --steps (ties: the smaller) is fixed for every arm.
 4. Positive control, before any arm: that run must raise held-out ripple pass@1 by >= 20 points over
@@ -67,7 +69,7 @@ ARMS = {
 }
 WARMUPS = {"plain": ["--prefix-source", "none"], "vae": ["--prefix-source", "vae", "--L", "1"],
            "rsp": ["--prefix-source", "rsp", "--L", "1"]}
-SEED_FRACTIONS, START_RIPPLE = (0.05, 0.1, 0.2, 0.4), 0.05
+SEED_LADDER, START_RIPPLE = ((0.05, 10), (0.1, 10), (0.2, 10), (0.4, 10), (0.4, 30), (0.4, 60)), 0.05
 LRS, CONTROL_GAIN = (2e-5, 5e-5, 1e-4), 0.20
 SHARED = "--prompts-per-step 16 --group-size 8 --max-new-tokens 64 --eval-every 10"
 EVAL_PROBLEMS, SAMPLES, DOMINANT = 200, 8, "column"
@@ -183,13 +185,13 @@ def seeded_data(world, out, fraction):
     return path
 
 
-def warmup(world, out, name, fraction):
-    model = os.path.join(out, f"warmup_{name}_{fraction}")
+def warmup(world, out, name, fraction, steps):
+    model = os.path.join(out, f"warmup_{name}_{fraction}_{steps}steps")
     if not os.path.exists(os.path.join(model, "model", "config.json")):
         shutil.rmtree(model, ignore_errors=True)
         run(["sft_warmup.py", "--model", f"{world}/base", "--vae", f"{world}/vae", "--data",
-             seeded_data(world, out, fraction), "--steps", "10", "--lr", "3e-5", "--out", model, *WARMUPS[name]],
-            os.path.join(out, f"warmup_{name}_{fraction}.log"))
+             seeded_data(world, out, fraction), "--steps", str(steps), "--lr", "3e-5", "--out", model,
+             *WARMUPS[name]], os.path.join(out, f"warmup_{name}_{fraction}_{steps}steps.log"))
     return os.path.join(model, "model")
 
 
@@ -243,7 +245,7 @@ class Job:
 # The protocol, step by step
 
 def protocol(args, temperature):
-    return {"world": args.world, "rollout_temperature": temperature, "seed_fractions": SEED_FRACTIONS,
+    return {"world": args.world, "rollout_temperature": temperature, "seed_ladder": SEED_LADDER,
             "start_ripple": START_RIPPLE, "lrs": LRS, "control_gain": CONTROL_GAIN, "steps": args.steps,
             "seeds": list(range(args.seeds)), "arms": {k: v for k, v in ARMS.items() if k in args.arms},
             "warmups": WARMUPS, "shared_flags": SHARED, "eval_problems": EVAL_PROBLEMS, "samples": SAMPLES,
@@ -267,15 +269,16 @@ def compare(args):
     state = {"protocol": wanted, "seed_fraction": [], "lr_sweep": [], "control": None, "runs": []}
     report = lambda: atomic_write_json(os.path.join(args.out, "state.json"), state)
 
-    # 2. the seeded fraction: the first whose plain warm-up solves >= START_RIPPLE of ripple
-    for fraction in SEED_FRACTIONS:
-        s = score_model(args.world, warmup(args.world, args.out, "plain", fraction))
-        state["seed_fraction"].append({"fraction": fraction, **s})
-        print(f"seed fraction {fraction}: plain warm-up greedy ripple pass@1 {s['pass1_ripple']:.3f}", flush=True)
+    # 2. the seeding: the first (fraction, steps) whose plain warm-up solves >= START_RIPPLE of ripple
+    for fraction, warmup_steps in SEED_LADDER:
+        s = score_model(args.world, warmup(args.world, args.out, "plain", fraction, warmup_steps))
+        state["seed_fraction"].append({"fraction": fraction, "steps": warmup_steps, **s})
+        print(f"seeded {fraction} x {warmup_steps} steps: plain warm-up greedy ripple pass@1 "
+              f"{s['pass1_ripple']:.3f}", flush=True)
         if s["pass1_ripple"] >= START_RIPPLE:
             break
-    fraction, start = state["seed_fraction"][-1]["fraction"], state["seed_fraction"][-1]
-    starts = {name: warmup(args.world, args.out, name, fraction) for name in WARMUPS}
+    start = state["seed_fraction"][-1]
+    starts = {name: warmup(args.world, args.out, name, start["fraction"], start["steps"]) for name in WARMUPS}
     state["start"] = {name: score_model(args.world, path) for name, path in starts.items()}
     report()
 
@@ -314,7 +317,7 @@ def protocol_markdown(p):
              "Fixed before the first run (toy/compare.py's docstring gives the reasons); every arm is "
              "reported, whatever the sign.", "",
              f"- Rollout temperature (toy.premise section 5): {p['rollout_temperature']}.",
-             f"- Warm-ups: seeded fraction the first of {p['seed_fractions']} whose plain warm-up solves >= "
+             f"- Warm-ups: (seeded fraction, steps) the first of {p['seed_ladder']} whose plain warm-up solves >= "
              f"{p['start_ripple']:.0%} of held-out ripple problems; warm-ups {', '.join(p['warmups'])}.",
              f"- lr: the best held-out ripple pass@1 of plain GRPO, seed 0, among {p['lrs']}; positive control: "
              f"a gain of >= {p['control_gain']:.0%} over the warm-up, else twice the steps, once.",
@@ -340,7 +343,7 @@ def summary(state):
     """The arms' table, the calibration before it, and what the numbers say."""
     p, runs = state["protocol"], state["runs"]
     lines = ["**Calibration, before any arm.** Seeded fraction: " + ", ".join(
-        f"{s['fraction']} -> ripple {100 * s['pass1_ripple']:.1f}%" for s in state["seed_fraction"]) +
+        f"{s['fraction']} x {s['steps']} steps -> ripple {100 * s['pass1_ripple']:.1f}%" for s in state["seed_fraction"]) +
         ". Warm-ups' greedy pass@1 (ripple): " + ", ".join(
         f"{n} {100 * s['pass1']:.1f} ({100 * s['pass1_ripple']:.1f})" for n, s in state["start"].items()) + ".",
         "", "lr sweep (plain GRPO, seed 0): " + ", ".join(
