@@ -1,7 +1,7 @@
 """toy/compare.py, the exploration comparison's second protocol, without its RL runs: the 95% t and
 Welch intervals against hand computations, every arm's rl.py command accepted by rl.py, the seeded
 warm-up data, the protocol written before the first run and another one refused in one line, a
-failed run's output kept, the report's cells, and the results writer touching only its own section.
+failed run's output kept, the report's cells, the failed control's plain words counted from its rollouts, and the results writer touching only its own section.
 
 Run:  python -m pytest tests/test_compare.py -q        (a few seconds)
 """
@@ -127,3 +127,26 @@ def test_a_failed_run_keeps_its_output_and_says_where(tmp_path):
                        compare.ARMS["grpo"][1], 3, p)
     log = str(refused.value).rsplit("its output is in ", 1)[1]
     assert "error:" in open(log).read()
+
+
+def test_why_no_arm_counts_the_control_runs_rollouts(tmp_path):
+    """The failed control's plain words come from its rollouts: success of column and of round/split
+    on each family, and the minority share early and late, here set by hand."""
+    from toy.task import generate_premise_math, math_family, solve
+    rows = generate_premise_math(40, seed=3)
+    ripple = next(r for r in rows if math_family(r) == "ripple")
+    plain = next(r for r in rows if math_family(r) == "plain")
+
+    def sample(row, strategy, reward, step):
+        return {"step": step, "problem": row["problem"], "completion": solve(row, strategy), "reward": reward}
+    # early: ripple 1 column (0) + 1 split (1), plain 1 column (1) + 1 round (0); late: column only
+    samples = [sample(ripple, "column", 0, 0), sample(ripple, "split", 1, 0), sample(plain, "column", 1, 0),
+               sample(plain, "round", 0, 0)] + [sample(r, "column", float(r is plain), 30) for r in (ripple, plain)]
+    run = tmp_path / "sweep_lr5e_05_steps60_seed0"
+    run.mkdir()
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    state = {"control": {"lr": 5e-05, "steps": 60}}
+    text = compare.why_no_arm(state, str(tmp_path))
+    assert "column solved 100% of plain problems and 0% of ripple ones" in text
+    assert "round or split solved 100% of ripple problems and 0% of plain ones" in text
+    assert "fell on ripple problems from 50% (first 10 steps) to 0% (last 10), and on plain ones from 50% to 0%" in text

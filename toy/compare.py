@@ -378,7 +378,8 @@ def summary(state):
 
 
 def draw(state, path):
-    """Held-out greedy pass@1 over training (mean and 95% band per arm), and the positive control."""
+    """Held-out greedy pass@1 over training (mean and 95% band per arm), and the positive control.
+    With no arm run, the left panel is what the lr sweep trained on: the minority-strategy share."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -392,10 +393,15 @@ def draw(state, path):
         line, = left.plot(steps, [100 * m for m, _ in stats], marker="o", ms=3, label=name)
         left.fill_between(steps, [100 * (m - c) for m, c in stats], [100 * (m + c) for m, c in stats],
                           color=line.get_color(), alpha=0.12)
+    for s in state["lr_sweep"] if not state["runs"] else ():
+        left.plot(range(1, len(s["minority_curve"]) + 1), [100 * m for m in s["minority_curve"]], lw=1,
+                  label=f"lr {s['lr']}, {s['steps']} steps")
     for s in state["lr_sweep"]:
         right.plot([x for x, _ in s["eval_curve"]], [100 * y for _, y in s["eval_curve"]], marker="o", ms=3,
                    label=f"lr {s['lr']}, {s['steps']} steps")
     left.set(xlabel="RL step", ylabel="held-out greedy pass@1 (%)", title="arms (5 seeds, 95% bands)")
+    if not state["runs"]:
+        left.set(ylabel="rollouts trained on: round or split (%)", title="plain GRPO leaves the minority strategies")
     right.set(xlabel="RL step", ylabel="held-out greedy pass@1 (%)", title="plain GRPO: lr sweep and control")
     left.legend(fontsize=7)
     right.legend(fontsize=7)
@@ -404,17 +410,45 @@ def draw(state, path):
     plt.close(fig)
 
 
+def why_no_arm(state, out):
+    """Plain words, from the control run's rollouts, on why plain GRPO did not learn ripple."""
+    from toy.task import detect_strategy, math_family
+    lr, steps = state["control"]["lr"], state["control"]["steps"]
+    samples = read_jsonl(os.path.join(out, f"{slug(f'sweep lr{lr} steps{steps}')}_seed0", "samples.jsonl"))
+    last = max(s["step"] for s in samples)
+
+    def rate(keep, of):   # % of the rollouts passing `of` that also pass `keep`
+        chosen = [s for s in samples if of(s)]
+        return 100 * sum(map(keep, chosen)) / max(1, len(chosen))
+    family = lambda s: math_family({"problem": s["problem"]})
+    minority = lambda s: detect_strategy(s["completion"]) not in (DOMINANT, None)
+    solved = lambda s: s["reward"] > 0
+    share = lambda fam, early: rate(minority, lambda s: family(s) == fam and (s["step"] < 10 if early else s["step"] > last - 10))
+    return (f"**Why.** In the control run's rollouts (lr {lr}, {steps} steps), column solved "
+            f"{rate(solved, lambda s: family(s) == 'plain' and not minority(s)):.0f}% of plain problems and "
+            f"{rate(solved, lambda s: family(s) == 'ripple' and not minority(s)):.0f}% of ripple ones; round or split "
+            f"solved {rate(solved, lambda s: family(s) == 'ripple' and minority(s)):.0f}% of ripple problems and "
+            f"{rate(solved, lambda s: family(s) == 'plain' and minority(s)):.0f}% of plain ones. A minority rollout is "
+            "rewarded on ripple and punished on plain, and the punishment wins on both families: the share of "
+            f"round or split among its rollouts fell on ripple problems from {share('ripple', True):.0f}% "
+            f"(first 10 steps) to {share('ripple', False):.0f}% (last 10), and on plain ones from "
+            f"{share('plain', True):.0f}% to {share('plain', False):.0f}%. Plain GRPO drives this model to column on "
+            "every problem, so from these warm-ups, at these budgets, ripple is not learnable by RL, and no exploration "
+            "method could show a gain in ripple pass@1 here. Claim (b) stays untested in this world; testing it needs a "
+            "world where the minority strategies do not lose on the other family, or where the families are told "
+            "apart.")
+
+
 def summarise(out, publish):
     state = json.load(open(os.path.join(out, "state.json")))
     premise = json.load(open(os.path.join(state["protocol"]["world"], "premise", "premise.json")))
     picture = os.path.join(REPO, "docs", "results", "explore.png") if publish else os.path.join(out, "curves.png")
-    if state["runs"]:
-        draw(state, picture)
+    draw(state, picture)
     from toy.premise import markdown as premise_markdown
     t = premise["temperatures"]
-    table = summary(state)
+    table = summary(state) + ("" if state["runs"] else "\n\n" + why_no_arm(state, out))
     full = "\n\n".join([protocol_markdown(state["protocol"]), "## Results\n\n" + table,
-                        f"![curves]({os.path.basename(picture)})" if state["runs"] else "",
+                        f"![curves]({os.path.basename(picture)})",
                         "## The premise checks\n\n" + premise_markdown(premise).split("\n", 1)[1]])
     headline = (f"Premise world, second protocol (rollout temperature {t['rollout_temperature']}, chosen by the "
                 f"premise checks; warm-ups seeded so that ripple is learnable):\n\n{table}")
