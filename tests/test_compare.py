@@ -1,7 +1,8 @@
 """toy/compare.py, the exploration comparison's second protocol, without its RL runs: the 95% t and
 Welch intervals against hand computations, every arm's rl.py command accepted by rl.py, the seeded
 warm-up data, the protocol written before the first run and another one refused in one line, a
-failed run's output kept, the report's cells, the failed control's plain words counted from its rollouts, and the results writer touching only its own section.
+failed run's output kept, the report's cells, the failed control's plain words counted from its
+rollouts, and the results writer touching only its own section.
 
 Run:  python -m pytest tests/test_compare.py -q        (a few seconds)
 """
