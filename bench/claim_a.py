@@ -29,6 +29,7 @@ import sys
 import time
 
 import torch
+from filelock import FileLock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import atomic_write_json, atomic_write_text  # noqa: E402
@@ -158,10 +159,12 @@ def main(argv=None):
             if key in results and results[key]["settings"] == settings:
                 continue
             t0 = time.time()
-            results[key] = {**measure(model, tokenizer, rows, row, args), "settings": settings,
-                            "seconds": round(time.time() - t0, 1)}
-            atomic_write_json(path, results)
-            write_table(results, os.path.join(args.out, "results.md"))
+            measured = {**measure(model, tokenizer, rows, row, args), "settings": settings,
+                        "seconds": round(time.time() - t0, 1)}
+            with FileLock(path + ".lock"):      # two models measured side by side share one --out
+                results = {**(json.load(open(path)) if os.path.exists(path) else {}), key: measured}
+                atomic_write_json(path, results)
+                write_table(results, os.path.join(args.out, "results.md"))
             r, k = results[key], f"pass@{results[key]['candidates']}"
             print(f"{key}: pass@1 {r['pass@1'][0]:.1f} ± {r['pass@1'][1]:.1f}"
                   + (f", {k} {r[k][0]:.1f} ± {r[k][1]:.1f}" if k != "pass@1" else "") + f" ({r['seconds']} s)", flush=True)

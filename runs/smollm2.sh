@@ -79,10 +79,13 @@ done
 # the selection rule -> the chosen setting's line, as in SETTINGS
 read -r name scale steps lr L <<< "$(python -m real.report --dir $W --choose)"
 echo "== chosen: $name (scale $scale, $steps steps, lr $lr, L $L)"
+# the two models side by side, one thread each (a process per core beats two threads per process)
 for model in converted $name; do
     path=$W/warmup/$name/model; [ $model = converted ] && path=$W/model
-    timed final-$model $W/final/done-$model python bench/claim_a.py --model $path --label $model \
-        --vae "$(scaled_vae $scale)" --L $L --tasks $TASKS $FINAL $DECODE --out $W/final
-    touch $W/final/done-$model
+    (export OMP_NUM_THREADS=1; timed final-$model $W/final/done-$model python bench/claim_a.py --model $path --label $model \
+        --vae "$(scaled_vae $scale)" --L $L --tasks $TASKS $FINAL $DECODE --out $W/final \
+        && touch $W/final/done-$model) &
 done
+wait
+[ -e $W/final/done-converted ] && [ -e $W/final/done-$name ] || { echo "error: a final measurement failed" >&2; exit 1; }
 python -m real.report --dir $W

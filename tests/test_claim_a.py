@@ -47,6 +47,20 @@ def test_claim_a_rows_are_consistent_seeded_and_resumable(stages_world, tmp_path
     assert (tmp_path / "a" / "results.md").read_text().count("| base |") == 5
 
 
+def test_rows_written_meanwhile_by_another_run_are_kept(stages_world, tmp_path, monkeypatch, one_thread):
+    """Two models measured side by side share one --out: each row is merged into what is on disk."""
+    out = tmp_path / "shared"
+    measure = claim_a.measure
+
+    def other_run_writes_first(*args):   # while this row is measured, another run saves its own
+        row = measure(*args)
+        (out / "results.json").write_text(json.dumps({"other | toy | greedy": row}))
+        return row
+    monkeypatch.setattr(claim_a, "measure", other_run_writes_first)
+    results = run_claim_a(stages_world, out, "--rows", "greedy")
+    assert set(results) == {"other | toy | greedy", "base | toy | greedy"}
+
+
 def test_pass_at_k_by_hand():
     assert claim_a.pass_at_k(4, 0, 2) == 0 and claim_a.pass_at_k(4, 4, 1) == 1
     assert claim_a.pass_at_k(4, 1, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))   # 0.5
