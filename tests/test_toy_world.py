@@ -102,3 +102,12 @@ def test_report_reuses_a_finished_rl_run_only_with_the_same_flags(tmp_path):
     with pytest.raises(SystemExit) as refused:
         check_same_run(run_dir, [*argv[:5], 20, *argv[6:]])
     assert "--steps" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_report_verdict_names_the_best_palette_arm_against_the_baseline():
+    from toy.report import verdict
+    finals = {("grpo", "baseline"): [0.8, 0.9], ("grpo", "linear L=1"): [0.7, 0.7], ("grpo", "two-stage L=1"): [0.75, 0.75],
+              ("rloo", "baseline"): [0.5], ("rloo", "linear L=1"): [0.6]}
+    assert verdict(finals) == ("In words: GRPO: the best palette arm (two-stage L=1) ends 10.0 points below the plain "
+                               "baseline; RLOO: the best palette arm (linear L=1) ends 10.0 points above the plain "
+                               "baseline (held-out greedy pass@1 after RL, means over seeds).")

@@ -125,7 +125,20 @@ def rl_comparison(world, out, args):
         last = [sum(c[-10:]) / len(c[-10:]) for c in curves[(estimator, arm)]]
         lines.append(f"| {estimator} | {arm} | {100 * mean:.1f} ± {100 * std:.1f} | "
                      f"{', '.join(f'{100 * v:.1f}' for v in values)} | {100 * sum(last) / len(last):.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + verdict(finals)
+
+
+def verdict(finals):
+    """One sentence per estimator: the best palette arm against the baseline, in points."""
+    mean = lambda values: 100 * sum(values) / len(values)
+    words = []
+    for estimator in dict.fromkeys(e for e, _ in finals):
+        arms = {arm: mean(v) for (e, arm), v in finals.items() if e == estimator}
+        best = max((a for a in arms if a != "baseline"), key=arms.get)
+        d = arms[best] - arms["baseline"]
+        words.append(f"{estimator.upper()}: the best palette arm ({best}) ends {abs(d):.1f} points "
+                     f"{'above' if d > 0 else 'below'} the plain baseline")
+    return "In words: " + "; ".join(words) + " (held-out greedy pass@1 after RL, means over seeds)."
 
 
 def plot_curves(curves, path):
