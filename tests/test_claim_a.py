@@ -90,3 +90,20 @@ def test_selection_rule_and_paired_differences():
     # within a point of the best, the standard wins; then the fewest warm-up steps
     assert report.choose(tuning({"standard": (2.5, 0), "scale-0.25": (1.8, 0)}))[0][0] == "standard"
     assert report.choose(tuning({"steps-50": (1, 0), "lr-3e-5": (1.5, 0)}))[0][0] == "lr-3e-5"
+
+
+def test_wall_time_counts_the_side_by_side_finals_once():
+    times = [("vae", "60"), ("warmup-standard", "240"), ("final-converted", "600"), ("final-standard", "660")]
+    assert report.wall_minutes(times) == (60 + 240 + 660) / 60
+    assert report.wall_minutes([]) == 0
+
+
+def test_in_words_gives_the_spans_of_the_paired_differences():
+    row = lambda shares, n=4: {"per_problem_pass@1": shares, "candidates": n}
+    final = {"w | t | greedy": row([1.0, 0.0], 1), "w | t | vae": row([1.0, 0.5]), "w | t | noise": row([1.0, 0.0]),
+             "w | t | T=0.7": row([0.75, 0.25])}
+    words = report.in_words(final, "w", 4)
+    # vae - greedy pass@1: (0 + 0.5) / 2; pass@4: vae (1, 1), noise (1, 0), T=0.7 (1, 1)
+    assert "prefix minus plain greedy is +25.0 to +25.0 points of pass@1 over the 1 tasks" in words
+    assert "pass@4 minus noise's is +50.0 to +50.0 points" in words and "T = 0.7 sampling's +0.0 to +0.0" in words
+    assert "Untrained prefixes (noise, RSP, lorem) minus plain greedy: +0.0 to +0.0 points" in words
