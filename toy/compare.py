@@ -432,11 +432,10 @@ def why_no_arm(state, out):
             "rewarded on ripple and punished on plain, and the punishment wins on both families: the share of "
             f"round or split among its rollouts fell on ripple problems from {share('ripple', True):.0f}% "
             f"(first 10 steps) to {share('ripple', False):.0f}% (last 10), and on plain ones from "
-            f"{share('plain', True):.0f}% to {share('plain', False):.0f}%. Plain GRPO drives this model to column on "
-            "every problem, so from these warm-ups, at these budgets, ripple is not learnable by RL, and no exploration "
-            "method could show a gain in ripple pass@1 here. Claim (b) stays untested in this world; testing it needs a "
-            "world where the minority strategies do not lose on the other family, or where the families are told "
-            "apart.")
+            f"{share('plain', True):.0f}% to {share('plain', False):.0f}%. From these warm-ups, at these budgets, plain "
+            "GRPO does not learn ripple, so no exploration method could show a gain in ripple pass@1 here, and claim "
+            "(b) stays untested in this world. A longer budget (the minority share can recover late in a run), or a "
+            "world where the minority strategies do not lose on the other family, is what would test it.")
 
 
 def summarise(out, publish):
