@@ -22,7 +22,6 @@ runs/smollm2.sh drives it (the protocol: docs/smollm2_protocol.md).
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -35,7 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import atomic_write_json, atomic_write_text  # noqa: E402
 from data import answer_of, format_prompt, grade, load_rows  # noqa: E402
 from diagnostics import is_broken  # noqa: E402
+from evaluate import pass_at_k  # noqa: E402
 from model import generate, load_policy, make_prefix_source  # noqa: E402
+from real.report import mean_ci  # noqa: E402
 
 ROWS = ("greedy", "T=0.7", "T=1", "noise", "rsp", "random_decoder", "lorem", "vae", "vae:math")
 DEFAULT_ROWS = "greedy,T=0.7,T=1,noise,rsp,lorem,vae,vae:math"          # the protocol's
@@ -58,18 +59,6 @@ parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16
                     help="the policy's dtype for decoding (bfloat16: about 1.5x faster on this CPU, every row alike)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
-
-
-def mean_ci(values):
-    """(mean, half-width of the normal 95% interval of the mean) of per-problem values, in %."""
-    n, m = len(values), sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / max(n - 1, 1))
-    return 100 * m, 100 * 1.96 * sd / math.sqrt(n)
-
-
-def pass_at_k(n, c, k):
-    """Unbiased pass@k from c right of n candidates (Chen et al. 2021)."""
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def problems_of(path, offset, n, seed):

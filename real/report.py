@@ -14,6 +14,7 @@ import math
 import os
 
 from common import atomic_write_json, atomic_write_text, run_main
+from evaluate import pass_at_k
 from guard import UserError
 from toy import publish_results
 
@@ -49,6 +50,14 @@ def rows_by(results):
     return out
 
 
+def mean_ci(values):
+    """(mean, half-width of the normal 95% interval of the mean) of per-problem values, in points:
+    every claim (a) number (bench/claim_a.py's rows and the paired differences here)."""
+    n, m = len(values), sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / max(n - 1, 1))
+    return 100 * m, 100 * 1.96 * sd / math.sqrt(n)
+
+
 def paired(a, b, k=1):
     """(mean, 95% half-width) in points of a - b per problem, for pass@k from the per-problem shares
     of right candidates (pass@k of a greedy row is its pass@1: one answer, k tries of it)."""
@@ -56,11 +65,8 @@ def paired(a, b, k=1):
         n = r["candidates"]
         if n == 1 or k == 1:
             return r["per_problem_pass@1"]
-        return [1 - math.comb(n - round(p * n), k) / math.comb(n, k) for p in r["per_problem_pass@1"]]
-    d = [x - y for x, y in zip(per_problem(a), per_problem(b))]
-    m = sum(d) / len(d)
-    sd = math.sqrt(sum((v - m) ** 2 for v in d) / max(len(d) - 1, 1))
-    return 100 * m, 100 * 1.96 * sd / math.sqrt(len(d))
+        return [pass_at_k(n, round(p * n), k) for p in r["per_problem_pass@1"]]
+    return mean_ci([x - y for x, y in zip(per_problem(a), per_problem(b))])
 
 
 def choose(tuning):

@@ -416,13 +416,15 @@ def why_no_arm(state, out):
     lr, steps = state["control"]["lr"], state["control"]["steps"]
     samples = read_jsonl(os.path.join(out, f"{slug(f'sweep lr{lr} steps{steps}')}_seed0", "samples.jsonl"))
     last = max(s["step"] for s in samples)
+    # each rollout classified once: family, strategy, reward
+    for s in samples:
+        s.update(family=math_family({"problem": s["problem"]}),
+                 minority=detect_strategy(s["completion"]) not in (DOMINANT, None), solved=s["reward"] > 0)
 
     def rate(keep, of):   # % of the rollouts passing `of` that also pass `keep`
         chosen = [s for s in samples if of(s)]
         return 100 * sum(map(keep, chosen)) / max(1, len(chosen))
-    family = lambda s: math_family({"problem": s["problem"]})
-    minority = lambda s: detect_strategy(s["completion"]) not in (DOMINANT, None)
-    solved = lambda s: s["reward"] > 0
+    family, minority, solved = (lambda s: s["family"]), (lambda s: s["minority"]), (lambda s: s["solved"])
     share = lambda fam, early: rate(minority, lambda s: family(s) == fam and (s["step"] < 10 if early else s["step"] > last - 10))
     return (f"**Why.** In the control run's rollouts (lr {lr}, {steps} steps), column solved "
             f"{rate(solved, lambda s: family(s) == 'plain' and not minority(s)):.0f}% of plain problems and "
