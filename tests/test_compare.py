@@ -28,7 +28,7 @@ def test_mean_ci_and_welch_are_the_t_intervals():
 
 @pytest.mark.parametrize("arm", list(compare.ARMS))
 def test_every_arm_is_a_valid_rl_command(arm):
-    p = {"temperature": 0.5, "steps": 60, "lr": 5e-5}
+    p = {"temperature": 0.5, "steps": 60, "lr": 5e-5, "data": "W/data/math_train.jsonl"}
     args = rl.parser.parse_args(compare.rl_argv("W", "W/run", "W/start", compare.ARMS[arm][1], 3, p))
     rl.check_args(args, 1)
     assert (args.seed, args.steps, args.lr, args.samples_per_step, args.vae) == (3, 60, 5e-5, 0, "W/vae")
@@ -73,6 +73,41 @@ def test_protocol_is_written_first_and_a_different_one_is_refused(tmp_path, monk
         compare.compare(other)
 
 
+def test_the_control_climbs_its_ladder_and_the_arms_run_at_the_first_rung_that_passes(tmp_path, monkeypatch):
+    """Rungs in order (the world's problems at 1x and 2x --steps, then its ripple problems alone); a
+    stand-in RL run gains 25 points only on ripple problems at 2x, so the arms run there, at the
+    sweep's best lr (the highest ripple pass@1; ties: the smaller lr)."""
+    from toy.task import generate_premise_math, write_jsonl
+    w = world(tmp_path)
+    write_jsonl(generate_premise_math(40, seed=3), str(w / "data" / "math_train.jsonl"))
+    monkeypatch.setattr(compare, "warmup", lambda world, out, name, fraction, steps: f"{name}-{fraction}-{steps}")
+    monkeypatch.setattr(compare, "score_model", lambda world, model: {"pass1": 0.5, "pass1_ripple": 0.05})
+    calls = []
+
+    def rl_run(world, out, name, start, flags, seed, p):
+        calls.append((name, start, seed, p))
+        passing = p["data"].endswith("rl_data_ripple.jsonl") and p["steps"] == 20 and p.get("lr", 1) >= 5e-5
+        return {"name": name, "seed": seed, "pass1_ripple": 0.30 if passing else 0.05, "pass1": 0.5, "pass8_ripple": 0.5,
+                "minority_curve": [0.1], "ripple_solved_in_training": 0.1, "ripple_solved_by_minority": 0.1, "rollouts": 8}
+    monkeypatch.setattr(compare, "rl_run", rl_run)
+    args = compare.parse_args(["--world", str(w), "--seeds", "2", "--steps", "10", "--arms", "grpo,palette linear",
+                               "--jobs", "1"])
+    state = compare.compare(args)
+    sweeps = [(p["data"].rsplit("/", 1)[1], p["steps"], p["lr"]) for name, _, _, p in calls if name.startswith("sweep")]
+    assert sweeps == [(d, n, lr) for d, n in [("math_train.jsonl", 10), ("math_train.jsonl", 20),
+                                              ("rl_data_ripple.jsonl", 10), ("rl_data_ripple.jsonl", 20)]
+                      for lr in compare.LRS]
+    assert state["control"] == {"lr": 5e-5, "steps": 20, "problems": "ripple", "gain": pytest.approx(0.25), "passed": True}
+    arms = [(name, start, seed, p["steps"], p["lr"], p["data"].rsplit("/", 1)[1]) for name, start, seed, p in calls
+            if not name.startswith("sweep")]
+    assert arms == [("grpo", "plain-0.05-10", 0, 20, 5e-5, "rl_data_ripple.jsonl"),
+                    ("grpo", "plain-0.05-10", 1, 20, 5e-5, "rl_data_ripple.jsonl"),
+                    ("palette linear", "vae-0.05-10", 0, 20, 5e-5, "rl_data_ripple.jsonl"),
+                    ("palette linear", "vae-0.05-10", 1, 20, 5e-5, "rl_data_ripple.jsonl")]
+    ripple = [json.loads(line) for line in open(w / "compare" / "rl_data_ripple.jsonl")]
+    assert ripple and all(r["family"] == "ripple" for r in ripple)
+
+
 def test_bad_arms_and_a_missing_world_are_one_line(tmp_path):
     with pytest.raises(UserError, match="unknown arm 'gpro'"):
         compare.parse_args(["--world", str(world(tmp_path)), "--arms", "gpro"])
@@ -90,14 +125,14 @@ def test_summary_cells_and_verdicts(tmp_path):
                           "hypothesis": "palette linear beats grpo"},
              "seed_fraction": [{"fraction": 0.05, "steps": 10, "pass1_ripple": 0.06}],
              "start": {"plain": {"pass1": 0.5, "pass1_ripple": 0.06}},
-             "lr_sweep": [{"lr": 5e-5, "steps": 60, "pass1_ripple": 0.4}],
-             "control": {"lr": 5e-5, "steps": 60, "gain": 0.34, "passed": True},
+             "lr_sweep": [{"lr": 5e-5, "steps": 60, "problems": "ripple", "pass1_ripple": 0.4}],
+             "control": {"lr": 5e-5, "steps": 60, "problems": "ripple", "gain": 0.34, "passed": True},
              "runs": [result("grpo", 0, 0.3), result("grpo", 1, 0.5), result("palette linear", 0, 0.8),
                       result("palette linear", 1, 0.9)]}
     text = compare.summary(state)
     half = 12.706 * math.sqrt(0.02) / math.sqrt(2)                 # t(0.975, 1 df), sd 0.141
     assert f"| grpo | 2 | 40.0 ± {100 * half:.1f} | 50.0 ± 0.0 | 100.0 ± 0.0 | 25.0 ± 0.0 | 50.0 ± 0.0 (25.0 ± 0.0) | 100 ± 6 |" in text
-    assert "Positive control: lr 5e-05, 60 steps, ripple pass@1 +34.0 points (passed" in text
+    assert "Positive control: ripple problems, lr 5e-05, 60 steps, ripple pass@1 +34.0 points (passed" in text
     d, ci = compare.welch([0.8, 0.9], [0.3, 0.5])
     assert f"- palette linear: ripple pass@1 {100 * d:+.1f} ± {100 * ci:.1f} points against grpo" in text
     assert ("supported" if d - ci > 0 else "not supported") in text.splitlines()[-1]
@@ -122,7 +157,7 @@ def test_results_go_to_docs_and_the_headline_replaces_only_its_readme_section(tm
 
 def test_a_failed_run_keeps_its_output_and_says_where(tmp_path):
     """rl.py refuses (its model is missing): one line naming the log, which holds what rl.py printed."""
-    p = {"temperature": 0.5, "steps": 1, "lr": 5e-5}
+    p = {"temperature": 0.5, "steps": 1, "lr": 5e-5, "data": "nowhere.jsonl"}
     with pytest.raises(UserError, match=r"rl.py failed \(error: .*\); its output is in .*grpo_seed3/rl.log") as refused:
         compare.rl_run(str(tmp_path / "world"), str(tmp_path / "out"), "grpo", str(tmp_path / "none"),
                        compare.ARMS["grpo"][1], 3, p)
@@ -146,7 +181,7 @@ def test_why_no_arm_counts_the_control_runs_rollouts(tmp_path):
     run = tmp_path / "sweep_lr5e_05_steps60_seed0"
     run.mkdir()
     (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    state = {"control": {"lr": 5e-05, "steps": 60}}
+    state = {"control": {"lr": 5e-05, "steps": 60, "problems": "mixed"}}
     text = compare.why_no_arm(state, str(tmp_path))
     assert "column solved 100% of plain problems and 0% of ripple ones" in text
     assert "round or split solved 100% of ripple problems and 0% of plain ones" in text

@@ -25,9 +25,17 @@ learnable at that budget. This protocol first makes both hold, then compares:
 3. The learning rate, on plain GRPO alone: seed 0 at each of LRS; the one with the highest held-out
    ripple pass@1 after --steps (ties: the smaller) is fixed for every arm.
 4. Positive control, before any arm: that run must raise held-out ripple pass@1 by >= 20 points over
-   its warm-up. If it does not, the steps double and 3-4 run again, once; if it still does not, no
-   arm runs and the report says so.
-5. The arms (ARMS), seeds 0-4, the same steps, lr and temperature; every rollout counted.
+   its warm-up. If it does not, 3-4 run again at the next rung of CONTROL_LADDER (RL problems,
+   steps): the world's RL problems at 60 then 120 steps, then its ripple problems alone at 60 then
+   120 steps. If no rung passes, no arm runs and the report says so. The ripple rungs were added
+   after this protocol's first run, in which both mixed rungs failed (-8 and -1 points) and a
+   240-step run outside the protocol gained 8 points, its held-out pass@1 flat from step 140: on
+   the mix a minority rollout is rewarded on ripple and punished on plain, and a model that cannot
+   yet tell the families apart learns little. On ripple problems alone the dominant strategy is
+   always wrong and the right one must be found by leaving it, which is what claim (b) is about;
+   held-out pass@1 on plain problems shows what that costs.
+5. The arms (ARMS), seeds 0-4, at the passing rung's problems and steps, its lr and the rollout
+   temperature; every rollout counted.
 
 Hypothesis, written before the first run: the palette (linear schedule) beats plain GRPO on held-out
 ripple pass@1 at equal steps (the difference of means, Welch's 95% interval above 0).
@@ -71,6 +79,7 @@ WARMUPS = {"plain": ["--prefix-source", "none"], "vae": ["--prefix-source", "vae
            "rsp": ["--prefix-source", "rsp", "--L", "1"]}
 SEED_LADDER, START_RIPPLE = ((0.05, 10), (0.1, 10), (0.2, 10), (0.4, 10), (0.4, 30), (0.4, 60)), 0.05
 LRS, CONTROL_GAIN = (2e-5, 5e-5, 1e-4), 0.20
+CONTROL_LADDER = (("mixed", 1), ("mixed", 2), ("ripple", 1), ("ripple", 2))   # (RL problems, times --steps)
 SHARED = "--prompts-per-step 16 --group-size 8 --max-new-tokens 64 --eval-every 10"
 EVAL_PROBLEMS, SAMPLES, DOMINANT = 200, 8, "column"
 
@@ -185,6 +194,21 @@ def seeded_data(world, out, fraction):
     return path
 
 
+def rl_problems(world, out, problems):
+    """The RL training file of a control rung: the world's own ("mixed"), or its ripple rows alone."""
+    mixed, ripple = os.path.join(world, "data", "math_train.jsonl"), os.path.join(out, "rl_data_ripple.jsonl")
+    if problems == "mixed":
+        return mixed
+    if not os.path.exists(ripple):
+        from toy.task import write_jsonl
+        write_jsonl([r for r in read_jsonl(mixed) if r.get("family") == "ripple"], ripple)
+    return ripple
+
+
+def sweep_name(lr, steps, problems):
+    return f"sweep lr{lr} steps{steps}" + ("" if problems == "mixed" else f" {problems}")
+
+
 def warmup(world, out, name, fraction, steps):
     model = os.path.join(out, f"warmup_{name}_{fraction}_{steps}steps")
     if not os.path.exists(os.path.join(model, "model", "config.json")):
@@ -197,7 +221,7 @@ def warmup(world, out, name, fraction, steps):
 
 def rl_argv(world, run_dir, start, flags, seed, p):
     """rl.py's flags for one run: the shared ones, the protocol's settings p, then the arm's own."""
-    return ["--model", start, "--vae", f"{world}/vae", "--data", f"{world}/data/math_train.jsonl",
+    return ["--model", start, "--vae", f"{world}/vae", "--data", p["data"],
             "--eval-data", f"{world}/data/math_test.jsonl", "--eval-problems", str(EVAL_PROBLEMS),
             "--steps", str(p["steps"]), "--lr", str(p["lr"]), "--temperature", str(p["temperature"]),
             "--seed", str(seed), "--save-every", "0", "--sample-every", "1", "--samples-per-step", "0",
@@ -246,7 +270,8 @@ class Job:
 
 def protocol(args, temperature):
     return {"world": args.world, "rollout_temperature": temperature, "seed_ladder": SEED_LADDER,
-            "start_ripple": START_RIPPLE, "lrs": LRS, "control_gain": CONTROL_GAIN, "steps": args.steps,
+            "start_ripple": START_RIPPLE, "lrs": LRS, "control_gain": CONTROL_GAIN,
+            "control_ladder": CONTROL_LADDER, "steps": args.steps,
             "seeds": list(range(args.seeds)), "arms": {k: v for k, v in ARMS.items() if k in args.arms},
             "warmups": WARMUPS, "shared_flags": SHARED, "eval_problems": EVAL_PROBLEMS, "samples": SAMPLES,
             "hypothesis": "palette linear beats grpo on held-out greedy ripple pass@1 at equal steps "
@@ -282,27 +307,28 @@ def compare(args):
     state["start"] = {name: score_model(args.world, path) for name, path in starts.items()}
     report()
 
-    # 3-4. the lr on plain GRPO, then the positive control (once more at twice the steps if it fails)
-    steps = args.steps
-    for attempt in range(2):
-        p = {"temperature": temperature, "steps": steps}
-        sweep = parallel([Job(args.world, args.out, f"sweep lr{lr} steps{steps}", starts["plain"], ARMS["grpo"][1], 0,
-                              dict(p, lr=lr)) for lr in (LRS[1:2] if args.quick else LRS)], args.jobs)
-        state["lr_sweep"] += [{"lr": lr, "steps": steps, **r} for lr, r in zip(LRS[1:2] if args.quick else LRS, sweep)]
-        best = max(zip(LRS[1:2] if args.quick else LRS, sweep), key=lambda x: (x[1]["pass1_ripple"], -x[0]))
+    # 3-4. the lr on plain GRPO, then the positive control, rung by rung until one passes
+    lrs = LRS[1:2] if args.quick else LRS
+    for problems, times in CONTROL_LADDER[:1] if args.quick else CONTROL_LADDER:
+        p = {"temperature": temperature, "steps": times * args.steps, "data": rl_problems(args.world, args.out, problems)}
+        sweep = parallel([Job(args.world, args.out, sweep_name(lr, p["steps"], problems), starts["plain"],
+                              ARMS["grpo"][1], 0, dict(p, lr=lr)) for lr in lrs], args.jobs)
+        state["lr_sweep"] += [{"lr": lr, "steps": p["steps"], "problems": problems, **r} for lr, r in zip(lrs, sweep)]
+        best = max(zip(lrs, sweep), key=lambda x: (x[1]["pass1_ripple"], -x[0]))
         gain = best[1]["pass1_ripple"] - start["pass1_ripple"]
-        state["control"] = {"lr": best[0], "steps": steps, "gain": gain, "passed": gain >= CONTROL_GAIN}
+        state["control"] = {"lr": best[0], "steps": p["steps"], "problems": problems, "gain": gain,
+                            "passed": gain >= CONTROL_GAIN}
         report()
-        print(f"control: lr {best[0]}, {steps} steps, ripple pass@1 gain {gain:+.3f}", flush=True)
+        print(f"control: {problems} problems, lr {best[0]}, {p['steps']} steps, ripple pass@1 gain {gain:+.3f}",
+              flush=True)
         if state["control"]["passed"] or args.quick:
             break
-        steps *= 2
     if not (state["control"]["passed"] or args.quick):
-        print("the positive control failed at twice the steps: no arm runs (the report says so)")
+        print("the positive control failed on every rung: no arm runs (the report says so)")
         return state
 
     # 5. the arms
-    p = {"temperature": temperature, "steps": steps, "lr": state["control"]["lr"]}
+    p = dict(p, lr=state["control"]["lr"])
     jobs = [Job(args.world, args.out, name, starts[ARMS[name][0]], ARMS[name][1], seed, p)
             for name in args.arms for seed in range(args.seeds)]
     state["runs"] = parallel(jobs, args.jobs)
@@ -320,8 +346,10 @@ def protocol_markdown(p):
              f"- Warm-ups: (seeded fraction, steps) the first of {p['seed_ladder']} whose plain warm-up solves >= "
              f"{p['start_ripple']:.0%} of held-out ripple problems; warm-ups {', '.join(p['warmups'])}.",
              f"- lr: the best held-out ripple pass@1 of plain GRPO, seed 0, among {p['lrs']}; positive control: "
-             f"a gain of >= {p['control_gain']:.0%} over the warm-up, else twice the steps, once.",
-             f"- Arms x seeds {p['seeds']}, {p['steps']} steps (or twice that), shared rl.py flags "
+             f"a gain of >= {p['control_gain']:.0%} over the warm-up, else the next rung of (RL problems, steps) "
+             f"{[(d, n * p['steps']) for d, n in p['control_ladder']]} (mixed: the world's RL problems; ripple: its "
+             "ripple ones alone), and no arm if none passes.",
+             f"- Arms x seeds {p['seeds']}, at the passing rung's problems and steps, shared rl.py flags "
              f"`{p['shared_flags']}`.", f"- Hypothesis: {p['hypothesis']}.",
              f"- Primary metrics: held-out greedy pass@1 (no prefix), ripple and all, on {p['eval_problems']} "
              "problems; secondary: pass@8 at the rollout temperature, the minority share trained on, ripple "
@@ -347,8 +375,10 @@ def summary(state):
         ". Warm-ups' greedy pass@1 (ripple): " + ", ".join(
         f"{n} {100 * s['pass1']:.1f} ({100 * s['pass1_ripple']:.1f})" for n, s in state["start"].items()) + ".",
         "", "lr sweep (plain GRPO, seed 0): " + ", ".join(
-            f"lr {s['lr']} x {s['steps']} steps -> ripple {100 * s['pass1_ripple']:.1f}" for s in state["lr_sweep"]) + ".",
-        f"Positive control: lr {state['control']['lr']}, {state['control']['steps']} steps, ripple pass@1 "
+            f"{s['problems']} problems, lr {s['lr']} x {s['steps']} steps -> ripple {100 * s['pass1_ripple']:.1f}"
+            for s in state["lr_sweep"]) + ".",
+        f"Positive control: {state['control']['problems']} problems, lr {state['control']['lr']}, "
+        f"{state['control']['steps']} steps, ripple pass@1 "
         f"{100 * state['control']['gain']:+.1f} points ({'passed' if state['control']['passed'] else 'failed'}; "
         f"the bar is +{100 * p['control_gain']:.0f}).", ""]
     if not runs:
@@ -395,10 +425,10 @@ def draw(state, path):
                           color=line.get_color(), alpha=0.12)
     for s in state["lr_sweep"] if not state["runs"] else ():
         left.plot(range(1, len(s["minority_curve"]) + 1), [100 * m for m in s["minority_curve"]], lw=1,
-                  label=f"lr {s['lr']}, {s['steps']} steps")
+                  label=f"{s['problems']}, lr {s['lr']}, {s['steps']} steps")
     for s in state["lr_sweep"]:
         right.plot([x for x, _ in s["eval_curve"]], [100 * y for _, y in s["eval_curve"]], marker="o", ms=3,
-                   label=f"lr {s['lr']}, {s['steps']} steps")
+                   label=f"{s['problems']}, lr {s['lr']}, {s['steps']} steps")
     left.set(xlabel="RL step", ylabel="held-out greedy pass@1 (%)", title="arms (5 seeds, 95% bands)")
     if not state["runs"]:
         left.set(ylabel="rollouts trained on: round or split (%)", title="plain GRPO leaves the minority strategies")
@@ -414,7 +444,8 @@ def why_no_arm(state, out):
     """Plain words, from the control run's rollouts, on why plain GRPO did not learn ripple."""
     from toy.task import detect_strategy, math_family
     lr, steps = state["control"]["lr"], state["control"]["steps"]
-    samples = read_jsonl(os.path.join(out, f"{slug(f'sweep lr{lr} steps{steps}')}_seed0", "samples.jsonl"))
+    name = sweep_name(lr, steps, state["control"]["problems"])
+    samples = read_jsonl(os.path.join(out, f"{slug(name)}_seed0", "samples.jsonl"))
     last = max(s["step"] for s in samples)
     # each rollout classified once: family, strategy, reward
     for s in samples:
