@@ -81,14 +81,14 @@ def test_the_control_climbs_its_ladder_and_the_arms_run_at_the_first_rung_that_p
     w = world(tmp_path)
     write_jsonl(generate_premise_math(40, seed=3), str(w / "data" / "math_train.jsonl"))
     monkeypatch.setattr(compare, "warmup", lambda world, out, name, fraction, steps: f"{name}-{fraction}-{steps}")
-    monkeypatch.setattr(compare, "score_model", lambda world, model: {"pass1": 0.5, "pass1_ripple": 0.05})
+    monkeypatch.setattr(compare, "score_model", lambda world, model: {"pass1": 0.5, "pass1_ripple": 0.05, "pass1_plain": 0.95})
     calls = []
 
     def rl_run(world, out, name, start, flags, seed, p):
         calls.append((name, start, seed, p))
         passing = p["data"].endswith("rl_data_ripple.jsonl") and p["steps"] == 20 and p.get("lr", 1) >= 5e-5
-        return {"name": name, "seed": seed, "pass1_ripple": 0.30 if passing else 0.05, "pass1": 0.5, "pass8_ripple": 0.5,
-                "minority_curve": [0.1], "ripple_solved_in_training": 0.1, "ripple_solved_by_minority": 0.1, "rollouts": 8}
+        return {"name": name, "seed": seed, "pass1_ripple": 0.30 if passing else 0.05, "pass1": 0.5, "pass1_plain": 0.7,
+                "pass8_ripple": 0.5, "minority_curve": [0.1], "ripple_solved_in_training": 0.1, "ripple_solved_by_minority": 0.1, "rollouts": 8}
     monkeypatch.setattr(compare, "rl_run", rl_run)
     args = compare.parse_args(["--world", str(w), "--seeds", "2", "--steps", "10", "--arms", "grpo,palette linear",
                                "--jobs", "1"])
@@ -118,24 +118,32 @@ def test_bad_arms_and_a_missing_world_are_one_line(tmp_path):
 
 def test_summary_cells_and_verdicts(tmp_path):
     def result(name, seed, ripple):
-        return {"name": name, "seed": seed, "pass1": 0.5, "pass1_ripple": ripple, "pass8_ripple": 1.0,
+        return {"name": name, "seed": seed, "pass1": 0.5, "pass1_ripple": ripple, "pass1_plain": 0.6, "pass8_ripple": 1.0,
                 "minority_curve": [0.0, 0.5], "ripple_solved_in_training": 0.5, "ripple_solved_by_minority": 0.25,
                 "rollouts": 100 + seed}
     state = {"protocol": {"arms": {"grpo": 0, "palette linear": 0}, "control_gain": 0.2,
                           "hypothesis": "palette linear beats grpo"},
              "seed_fraction": [{"fraction": 0.05, "steps": 10, "pass1_ripple": 0.06}],
-             "start": {"plain": {"pass1": 0.5, "pass1_ripple": 0.06}},
+             "start": {"plain": {"pass1": 0.5, "pass1_ripple": 0.06, "pass1_plain": 0.94},
+                       "vae": {"pass1": 0.5, "pass1_ripple": 0.0, "pass1_plain": 1.0}},
              "lr_sweep": [{"lr": 5e-5, "steps": 60, "problems": "ripple", "pass1_ripple": 0.4}],
              "control": {"lr": 5e-5, "steps": 60, "problems": "ripple", "gain": 0.34, "passed": True},
              "runs": [result("grpo", 0, 0.3), result("grpo", 1, 0.5), result("palette linear", 0, 0.8),
                       result("palette linear", 1, 0.9)]}
     text = compare.summary(state)
     half = 12.706 * math.sqrt(0.02) / math.sqrt(2)                 # t(0.975, 1 df), sd 0.141
-    assert f"| grpo | 2 | 40.0 ± {100 * half:.1f} | 50.0 ± 0.0 | 100.0 ± 0.0 | 25.0 ± 0.0 | 50.0 ± 0.0 (25.0 ± 0.0) | 100 ± 6 |" in text
+    assert f"| grpo | 2 | 40.0 ± {100 * half:.1f} | 60.0 ± 0.0 | 50.0 ± 0.0 | 100.0 ± 0.0 | 25.0 ± 0.0 | 50.0 ± 0.0 (25.0 ± 0.0) | 100 ± 6 |" in text
     assert "Positive control: ripple problems, lr 5e-05, 60 steps, ripple pass@1 +34.0 points (passed" in text
     d, ci = compare.welch([0.8, 0.9], [0.3, 0.5])
     assert f"- palette linear: ripple pass@1 {100 * d:+.1f} ± {100 * ci:.1f} points against grpo" in text
-    assert ("supported" if d - ci > 0 else "not supported") in text.splitlines()[-1]
+    assert " grpo (all problems: +0.0 ± 0.0).\n" in text
+    assert ("supported" if d - ci > 0 else "not supported") in text.splitlines()[-3]
+    assert (f"palette (linear) minus GRPO is {100 * d:+.1f} ± {100 * ci:.1f} points, and no arm beats GRPO: claim (b) "
+            "is not supported here. At their first step, before any update, 0% of plain GRPO's rollouts were round or split, "
+            "against 0% of the palette's.") in text
+    state["runs"][0]["minority_curve"] = [0.4, 0.5]                  # grpo seed 0 left column on 40% at step 1
+    assert ("before any update, 20% of plain GRPO's rollouts were round or split, against 0% of the palette's: the seeded plain warm-up (ripple 6% greedily, against 0% for the vae one)") in compare.summary(state)
+    assert "the arms' held-out plain pass@1 is 60-60% (the plain warm-up's 94%): training on ripple" in text
     state["runs"], state["control"]["passed"] = [], False
     assert compare.summary(state).endswith("No arm ran: the positive control failed.")
 
