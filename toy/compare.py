@@ -508,19 +508,20 @@ def why_no_arm(state, out):
 def summarise(out, publish):
     state = json.load(open(os.path.join(out, "state.json")))
     premise = json.load(open(os.path.join(state["protocol"]["world"], "premise", "premise.json")))
-    picture = os.path.join(REPO, "docs", "results", "explore.png") if publish else os.path.join(out, "curves.png")
+    picture = os.path.join(out, "curves.png")        # published as docs/results/explore.png
     draw(state, picture)
     from toy.premise import markdown as premise_markdown
     t = premise["temperatures"]
     table = summary(state) + ("" if state["runs"] else "\n\n" + why_no_arm(state, out))
     full = "\n\n".join([protocol_markdown(state["protocol"]), "## Results\n\n" + table,
-                        f"![curves]({os.path.basename(picture)})",
+                        f"![curves]({'explore.png' if publish else 'curves.png'})",
                         "## The premise checks\n\n" + premise_markdown(premise).split("\n", 1)[1]])
     headline = (f"Premise world, second protocol (rollout temperature {t['rollout_temperature']}, chosen by the "
                 f"premise checks; warm-ups seeded so that ripple is learnable):\n\n{table}")
     if publish:
         from toy import publish_results
-        publish_results("explore", full, headline, f"bash runs/explore.sh; python -m toy.compare --summarise {out} --publish")
+        publish_results("explore", full, headline, f"bash runs/explore.sh; python -m toy.compare --summarise {out} --publish",
+                        pictures=[(picture, "explore.png")])
     else:
         atomic_write_text(os.path.join(out, "report.md"), full)
     print(full)
