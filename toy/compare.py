@@ -23,7 +23,7 @@ learnable at that budget. This protocol first makes both hold, then compares:
    more seeded rows first, then more steps (10 steps of 40% seeded rows solved 3% in an earlier,
    unfinished run of this protocol: greedy decoding still picks column, which fails on ripple).
 3. The learning rate, on plain GRPO alone: seed 0 at each of LRS; the one with the highest held-out
-   ripple pass@1 after --steps (ties: the smaller) is fixed for every arm.
+   ripple pass@1 after the rung's steps (ties: the smaller) is fixed for every arm.
 4. Positive control, before any arm: that run must raise held-out ripple pass@1 by >= 20 points over
    its warm-up. If it does not, 3-4 run again at the next rung of CONTROL_LADDER (RL problems,
    steps): the world's RL problems at 60 then 120 steps, then its ripple problems alone at 60 then
@@ -42,7 +42,8 @@ ripple pass@1 at equal steps (the difference of means, Welch's 95% interval abov
 Primary metrics: held-out greedy pass@1 without prefix after RL on 200 problems (100 ripple, 100
 plain; toy.premise.pick_problems), ripple and overall. Secondary: pass@8 at the rollout temperature,
 the share of minority-strategy rollouts trained on, ripple rollouts solved in training (all, and by
-round or split), rollouts generated, held-out curves every 10 steps. Spread: mean and 95% t interval
+round or split), rollouts generated, held-out curves every 10 steps (rl.py's --eval-data, all
+problems). Spread: mean and 95% t interval
 over seeds; every arm is reported, whatever the sign.
 """
 
