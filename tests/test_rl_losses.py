@@ -210,7 +210,7 @@ def test_micro_batches_accumulate_the_full_batch_gradient(aggregation):
 
 def _rank_worker(rank, world, store, out):
     import torch.distributed as dist
-    from common import sync_gradients
+    from common import compute_cleanup, sync_gradients
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = tiny_model()
@@ -225,7 +225,7 @@ def _rank_worker(rank, world, store, out):
         grads[aggregation] = {n: p.grad.clone() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save(grads, out)
-    dist.destroy_process_group()
+    compute_cleanup(wait_for_all=True)     # as the stages do: no rank tears gloo down while rank 0 still writes
 
 
 def test_two_gloo_ranks_accumulate_the_full_batch_gradient(tmp_path):
