@@ -57,6 +57,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -246,24 +247,12 @@ def rl_run(world, out, name, start, flags, seed, p):
 
 
 def parallel(jobs, n):
-    """jobs: callables; results in order, n at a time (each run uses one CPU thread)."""
+    """jobs: picklable callables (partials of rl_run); results in order, n at a time (each run uses one
+    CPU thread)."""
     if n == 1:
         return [job() for job in jobs]
     with ProcessPoolExecutor(n) as pool:
-        return list(pool.map(_call, jobs))
-
-
-def _call(job):
-    return job()
-
-
-class Job:
-    """A picklable rl_run call for the process pool."""
-    def __init__(self, *args):
-        self.args = args
-
-    def __call__(self):
-        return rl_run(*self.args)
+        return [future.result() for future in [pool.submit(job) for job in jobs]]
 
 
 # -----------------------------------------------------------------------------
@@ -312,7 +301,7 @@ def compare(args):
     lrs = LRS[1:2] if args.quick else LRS
     for problems, times in CONTROL_LADDER[:1] if args.quick else CONTROL_LADDER:
         p = {"temperature": temperature, "steps": times * args.steps, "data": rl_problems(args.world, args.out, problems)}
-        sweep = parallel([Job(args.world, args.out, sweep_name(lr, p["steps"], problems), starts["plain"],
+        sweep = parallel([partial(rl_run, args.world, args.out, sweep_name(lr, p["steps"], problems), starts["plain"],
                               ARMS["grpo"][1], 0, dict(p, lr=lr)) for lr in lrs], args.jobs)
         state["lr_sweep"] += [{"lr": lr, "steps": p["steps"], "problems": problems, **r} for lr, r in zip(lrs, sweep)]
         best = max(zip(lrs, sweep), key=lambda x: (x[1]["pass1_ripple"], -x[0]))
@@ -330,7 +319,7 @@ def compare(args):
 
     # 5. the arms
     p = dict(p, lr=state["control"]["lr"])
-    jobs = [Job(args.world, args.out, name, starts[ARMS[name][0]], ARMS[name][1], seed, p)
+    jobs = [partial(rl_run, args.world, args.out, name, starts[ARMS[name][0]], ARMS[name][1], seed, p)
             for name in args.arms for seed in range(args.seeds)]
     state["runs"] = parallel(jobs, args.jobs)
     state["settings"] = p
