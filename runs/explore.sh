@@ -6,7 +6,8 @@
 #      the premise at the rollout temperature, which picks the temperature every arm samples at
 #   3. the comparison (toy.compare): warm-ups seeded so that ripple is learnable, the lr sweep and
 #      the positive control on plain GRPO, then seven arms x five seeds; the protocol is fixed in
-#      toy/compare.py and written to compare/protocol.md before the first run
+#      toy/compare.py and written to compare/protocol.md before the first run; then its follow-up,
+#      plain GRPO from the prefix warm-ups (compare/follow_up.md)
 #   4. the report (compare/report.md; PUBLISH=1: docs/results/explore.md and the README's headline,
 #      the maintainers' step)
 # The first protocol (both worlds, 10 arms x 5 seeds x 20 steps) ran at commit 6d22ca5; its results

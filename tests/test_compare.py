@@ -86,6 +86,7 @@ def test_the_control_climbs_its_ladder_and_the_arms_run_at_the_first_rung_that_p
 
     def rl_run(world, out, name, start, flags, seed, p):
         calls.append((name, start, seed, p))
+        assert name not in compare.FOLLOW_UP or (w / "compare" / "follow_up.md").exists()   # fixed before its runs
         passing = p["data"].endswith("rl_data_ripple.jsonl") and p["steps"] == 20 and p.get("lr", 1) >= 5e-5
         return {"name": name, "seed": seed, "pass1_ripple": 0.30 if passing else 0.05, "pass1": 0.5, "pass1_plain": 0.7,
                 "pass8_ripple": 0.5, "minority_curve": [0.1], "ripple_solved_in_training": 0.1, "ripple_solved_by_minority": 0.1, "rollouts": 8}
@@ -103,7 +104,15 @@ def test_the_control_climbs_its_ladder_and_the_arms_run_at_the_first_rung_that_p
     assert arms == [("grpo", "plain-0.05-10", 0, 20, 5e-5, "rl_data_ripple.jsonl"),
                     ("grpo", "plain-0.05-10", 1, 20, 5e-5, "rl_data_ripple.jsonl"),
                     ("palette linear", "vae-0.05-10", 0, 20, 5e-5, "rl_data_ripple.jsonl"),
-                    ("palette linear", "vae-0.05-10", 1, 20, 5e-5, "rl_data_ripple.jsonl")]
+                    ("palette linear", "vae-0.05-10", 1, 20, 5e-5, "rl_data_ripple.jsonl"),
+                    # the follow-up: plain GRPO from each prefix warm-up, at the arms' settings and seeds
+                    ("grpo from the vae warm-up", "vae-0.05-10", 0, 20, 5e-5, "rl_data_ripple.jsonl"),
+                    ("grpo from the vae warm-up", "vae-0.05-10", 1, 20, 5e-5, "rl_data_ripple.jsonl"),
+                    ("grpo from the rsp warm-up", "rsp-0.05-10", 0, 20, 5e-5, "rl_data_ripple.jsonl"),
+                    ("grpo from the rsp warm-up", "rsp-0.05-10", 1, 20, 5e-5, "rl_data_ripple.jsonl")]
+    assert "| grpo from the vae warm-up | vae warm-up | `--schedule none --prefix-source none` |" in \
+        (w / "compare" / "follow_up.md").read_text()
+    assert [r["name"] for r in state["follow_up"]] == [a[0] for a in arms[4:]]
     ripple = [json.loads(line) for line in open(w / "compare" / "rl_data_ripple.jsonl")]
     assert ripple and all(r["family"] == "ripple" for r in ripple)
 
@@ -144,6 +153,15 @@ def test_summary_cells_and_verdicts(tmp_path):
     state["runs"][0]["minority_curve"] = [0.4, 0.5]                  # grpo seed 0 left column on 40% at step 1
     assert ("before any update, 20% of plain GRPO's rollouts were round or split, against 0% of the palette's: the seeded plain warm-up (ripple 6% greedily, against 0% for the vae one)") in compare.summary(state)
     assert "the arms' held-out plain pass@1 is 60-60% (the plain warm-up's 94%): training on ripple" in text
+    # the follow-up: its own table and contrasts, the first one its hypothesis
+    state["follow_up_protocol"] = compare.follow_up_protocol()
+    state["follow_up"] = [result("grpo from the vae warm-up", 0, 0.1), result("grpo from the vae warm-up", 1, 0.2)]
+    text = compare.summary(state)
+    d, ci = compare.welch([0.8, 0.9], [0.1, 0.2])                  # palette linear - grpo from the vae warm-up
+    assert f"- palette linear: ripple pass@1 {100 * d:+.1f} ± {100 * ci:.1f} points against grpo from the vae warm-up: " in text
+    assert f"| grpo from the vae warm-up | 2 | 15.0 ± {100 * 12.706 * math.sqrt(0.005) / math.sqrt(2):.1f} |" in text
+    assert "- grpo from the vae warm-up: ripple pass@1 -25.0 ±" in text and "rsp warm-up: ripple" not in text
+    assert text.endswith(f"from the same warm-up, prefixes during RL help): {'supported' if d - ci > 0 else 'not supported'}.")
     state["runs"], state["control"]["passed"] = [], False
     assert compare.summary(state).endswith("No arm ran: the positive control failed.")
 

@@ -36,6 +36,9 @@ learnable at that budget. This protocol first makes both hold, then compares:
    held-out pass@1 on plain problems shows what that costs.
 5. The arms (ARMS), seeds 0-4, at the passing rung's problems and steps, its lr and the rollout
    temperature; every rollout counted.
+6. The follow-up (FOLLOW_UP), fixed after the arms ran and written to <out>/follow_up.md before its
+   first run: plain GRPO from the vae and rsp warm-ups, at the same settings and seeds, so that
+   "palette vs grpo" can be split into what the prefix warm-up does and what the prefixes do in RL.
 
 Hypothesis, written before the first run: the palette (linear schedule) beats plain GRPO on held-out
 ripple pass@1 at equal steps (the difference of means, Welch's 95% interval above 0).
@@ -77,6 +80,15 @@ ARMS = {
     "LoPE lorem-128 (naive)": ("plain", "--schedule none --prefix-source none --resample 24 --resample-source lorem "
                                         "--resample-L 128 --resample-credit naive"),
 }
+# The follow-up, fixed after the arms ran and before any of its runs: the palette and rsp arms start
+# from prefix warm-ups that solve 0% of ripple problems greedily, against the plain warm-up's 8%, so
+# "palette vs grpo" mixes two things. Plain GRPO from each prefix warm-up, at the arms' settings and
+# seeds, separates what a warm-up costs from what its prefixes do during RL.
+FOLLOW_UP = {"grpo from the vae warm-up": ("vae", ARMS["grpo"][1]),
+             "grpo from the rsp warm-up": ("rsp", ARMS["grpo"][1])}
+FOLLOW_UP_CONTRASTS = (("palette linear", "grpo from the vae warm-up"), ("palette two-stage", "grpo from the vae warm-up"),
+                       ("rsp linear", "grpo from the rsp warm-up"), ("grpo from the vae warm-up", "grpo"),
+                       ("grpo from the rsp warm-up", "grpo"))      # (a, b): a - b; the first is the hypothesis
 WARMUPS = {"plain": ["--prefix-source", "none"], "vae": ["--prefix-source", "vae", "--L", "1"],
            "rsp": ["--prefix-source", "rsp", "--L", "1"]}
 SEED_LADDER, START_RIPPLE = ((0.05, 10), (0.1, 10), (0.2, 10), (0.4, 10), (0.4, 30), (0.4, 60)), 0.05
@@ -276,11 +288,7 @@ def compare(args):
                         "rollout temperature)")
     temperature = json.load(open(premise))["temperatures"]["rollout_temperature"]
     os.makedirs(args.out, exist_ok=True)
-    wanted, path = protocol(args, temperature), os.path.join(args.out, "protocol.json")
-    if os.path.exists(path) and json.load(open(path)) != json.loads(json.dumps(wanted)):
-        raise UserError(f"{args.out} holds runs of another protocol ({path}); delete it, or give --out")
-    atomic_write_json(path, wanted)                          # written before the first run
-    atomic_write_text(os.path.join(args.out, "protocol.md"), protocol_markdown(wanted))
+    wanted = fix_protocol(args.out, "protocol", protocol(args, temperature), protocol_markdown)
     state = {"protocol": wanted, "seed_fraction": [], "lr_sweep": [], "control": None, "runs": []}
     report = lambda: atomic_write_json(os.path.join(args.out, "state.json"), state)
 
@@ -324,8 +332,41 @@ def compare(args):
     state["runs"] = parallel(jobs, args.jobs)
     state["settings"] = p
     report()
+
+    # 6. the follow-up: plain GRPO from the prefix warm-ups, same settings and seeds
+    state["follow_up_protocol"] = fix_protocol(args.out, "follow_up", follow_up_protocol(), follow_up_markdown)
+    state["follow_up"] = parallel([partial(rl_run, args.world, args.out, name, starts[start], flags, seed, p)
+                                   for name, (start, flags) in FOLLOW_UP.items() for seed in range(args.seeds)], args.jobs)
+    report()
     print(summary(state))
     return state
+
+
+def fix_protocol(out, name, wanted, markdown):
+    """Write <out>/<name>.json and .md before the protocol's first run; refuse a different one there."""
+    path = os.path.join(out, f"{name}.json")
+    if os.path.exists(path) and json.load(open(path)) != json.loads(json.dumps(wanted)):
+        raise UserError(f"{out} holds runs of another protocol ({path}); delete it, or give --out")
+    atomic_write_json(path, wanted)
+    atomic_write_text(os.path.join(out, f"{name}.md"), markdown(wanted))
+    return wanted
+
+
+def follow_up_protocol():
+    a, b = FOLLOW_UP_CONTRASTS[0]
+    return {"arms": FOLLOW_UP, "contrasts": FOLLOW_UP_CONTRASTS,
+            "hypothesis": f"{a} beats {b} on held-out greedy ripple pass@1 at equal steps (Welch's 95% interval "
+                          "above 0): from the same warm-up, prefixes during RL help"}
+
+
+def follow_up_markdown(p):
+    return "\n".join(["# Follow-up: the warm-up or the prefixes?", "",
+                      "Fixed after the comparison's arms ran and before any run of its own (toy/compare.py's "
+                      "FOLLOW_UP says why): the comparison's problems, steps, lr, temperature and seeds.", "",
+                      f"- Hypothesis: {p['hypothesis']}.", "- Contrasts (a - b, Welch's 95% interval): "
+                      + "; ".join(f"{a} - {b}" for a, b in p["contrasts"]) + ".", "",
+                      "| arm | starts from | rl.py flags |", "| --- | --- | --- |",
+                      *[f"| {name} | {start} warm-up | `{flags}` |" for name, (start, flags) in p["arms"].items()]]) + "\n"
 
 
 def protocol_markdown(p):
@@ -374,32 +415,61 @@ def summary(state):
         f"the bar is +{100 * p['control_gain']:.0f}).", ""]
     if not runs:
         return "\n".join(lines + ["No arm ran: the positive control failed."])
-    lines += ["| arm | seeds | greedy pass@1 ripple | plain | all | pass@8 ripple (T) | minority share trained on | "
+    header = ["| arm | seeds | greedy pass@1 ripple | plain | all | pass@8 ripple (T) | minority share trained on | "
               "ripple rollouts solved (by round/split) | rollouts |", "| --- |" + " --- |" * 8]
-    for name in p["arms"]:
-        mine = [r for r in runs if r["name"] == name]
-        if not mine:
-            continue
-        minority = [sum(r["minority_curve"]) / max(1, len(r["minority_curve"])) for r in mine]
-        rollouts = mean_ci([r["rollouts"] for r in mine])
-        lines.append(f"| {name} | {len(mine)} | {pct(mean_ci([r['pass1_ripple'] for r in mine]))} | "
-                     f"{pct(mean_ci([r['pass1_plain'] for r in mine]))} | {pct(mean_ci([r['pass1'] for r in mine]))} | {pct(mean_ci([r['pass8_ripple'] for r in mine]))} | "
-                     f"{pct(mean_ci(minority))} | {pct(mean_ci([r['ripple_solved_in_training'] for r in mine]))} "
-                     f"({pct(mean_ci([r['ripple_solved_by_minority'] for r in mine]))}) | {rollouts[0]:.0f} ± {rollouts[1]:.0f} |")
-    by = {name: [r["pass1_ripple"] for r in runs if r["name"] == name] for name in p["arms"]}
-    overall = {name: [r["pass1"] for r in runs if r["name"] == name] for name in p["arms"]}
-    lines.append("")
-    for other in [n for n in p["arms"] if n != "grpo" and len(by[n]) > 1 and len(by["grpo"]) > 1]:
-        d, ci = welch(by[other], by["grpo"])
-        verdict = "better than" if d - ci > 0 else "worse than" if d + ci < 0 else "not distinguishable from"
-        d_all, ci_all = welch(overall[other], overall["grpo"])
-        lines.append(f"- {other}: ripple pass@1 {100 * d:+.1f} ± {100 * ci:.1f} points against grpo: {verdict} grpo "
-                     f"(all problems: {100 * d_all:+.1f} ± {100 * ci_all:.1f}).")
-    if "palette linear" in by and len(by["palette linear"]) > 1 and len(by["grpo"]) > 1:
-        d, ci = welch(by["palette linear"], by["grpo"])
-        lines.append(f"- Hypothesis ({p['hypothesis']}): {'supported' if d - ci > 0 else 'not supported'}.")
-        lines += ["", in_words(state, d, ci)]
+    lines += header + list(filter(None, [arm_row(name, runs) for name in p["arms"]])) + [""]
+    lines += filter(None, [contrast(runs, other, "grpo") for other in p["arms"] if other != "grpo"])
+    hypothesis = difference(runs, "palette linear", "grpo")
+    if hypothesis:
+        lines += [f"- Hypothesis ({p['hypothesis']}): {verdict(hypothesis, 'supported', 'not supported')}.", "",
+                  in_words(state, *hypothesis)]
+    if state.get("follow_up"):
+        f, both = state["follow_up_protocol"], runs + state["follow_up"]
+        starts = ", ".join(f"{n} {100 * s['pass1_ripple']:.0f}%" for n, s in state["start"].items())
+        lines += ["", f"**Follow-up, fixed after the arms ran** (follow_up.md): the warm-up or the prefixes? The "
+                  f"warm-ups' greedy ripple pass@1: {starts}. Plain GRPO from each prefix warm-up, at the arms' "
+                  "settings and seeds:", ""] + header + list(filter(None, [arm_row(name, both) for name in f["arms"]])) + [""]
+        lines += filter(None, [contrast(both, a, b) for a, b in f["contrasts"]])
+        hypothesis = difference(both, *f["contrasts"][0])
+        if hypothesis:
+            lines.append(f"- Follow-up hypothesis ({f['hypothesis']}): "
+                         f"{verdict(hypothesis, 'supported', 'not supported')}.")
     return "\n".join(lines)
+
+
+def arm_row(name, runs):
+    """One arm's row of the table: each cell the mean and 95% interval over its seeds (None: no run)."""
+    mine = [r for r in runs if r["name"] == name]
+    if not mine:
+        return None
+    minority = [sum(r["minority_curve"]) / max(1, len(r["minority_curve"])) for r in mine]
+    rollouts = mean_ci([r["rollouts"] for r in mine])
+    cell = lambda key: pct(mean_ci([r[key] for r in mine]))
+    return (f"| {name} | {len(mine)} | {cell('pass1_ripple')} | {cell('pass1_plain')} | {cell('pass1')} | "
+            f"{cell('pass8_ripple')} | {pct(mean_ci(minority))} | {cell('ripple_solved_in_training')} "
+            f"({cell('ripple_solved_by_minority')}) | {rollouts[0]:.0f} ± {rollouts[1]:.0f} |")
+
+
+def difference(runs, a, b, key="pass1_ripple"):
+    """(mean of a - mean of b, Welch's 95% half-width) over seeds; None with fewer than two seeds on a side."""
+    va, vb = ([r[key] for r in runs if r["name"] == name] for name in (a, b))
+    return welch(va, vb) if min(len(va), len(vb)) > 1 else None
+
+
+def verdict(d_ci, above, below, neither=None):
+    d, ci = d_ci
+    return above if d - ci > 0 else below if neither is None or d + ci < 0 else neither
+
+
+def contrast(runs, a, b):
+    """'- a: ripple pass@1 d ± ci points against b: better than / worse than / not distinguishable from b
+    (all problems: ...)', or None with fewer than two seeds on a side."""
+    ripple, overall = difference(runs, a, b), difference(runs, a, b, key="pass1")
+    if ripple is None:
+        return None
+    return (f"- {a}: ripple pass@1 {100 * ripple[0]:+.1f} ± {100 * ripple[1]:.1f} points against {b}: "
+            f"{verdict(ripple, 'better than', 'worse than', 'not distinguishable from')} {b} "
+            f"(all problems: {100 * overall[0]:+.1f} ± {100 * overall[1]:.1f}).")
 
 
 def in_words(state, d, ci):
@@ -408,8 +478,8 @@ def in_words(state, d, ci):
     runs, control, start = state["runs"], state["control"], state["start"]
     of = lambda name, key: [r[key] for r in runs if r["name"] == name]
     first = lambda name: mean_ci([c[0] for c in of(name, "minority_curve") if c])[0]
-    better = [n for n in state["protocol"]["arms"] if n != "grpo" and len(of(n, "pass1_ripple")) > 1
-              and (lambda dc: dc[0] - dc[1] > 0)(welch(of(n, "pass1_ripple"), of("grpo", "pass1_ripple")))]
+    better = [n for n in state["protocol"]["arms"] if n != "grpo"
+              and verdict(difference(runs, n, "grpo") or (0, 0), True, False)]
     scarce = first("grpo") < 0.1      # the premise checks' bar for "sampling rarely leaves the dominant strategy"
     plain = [mean_ci(of(n, "pass1_plain"))[0] for n in state["protocol"]["arms"] if of(n, "pass1_plain")]
     return (f"**In words.** In this world, at this budget ({control['problems']} problems, {control['steps']} steps, "
@@ -438,13 +508,15 @@ def draw(state, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for name in state["protocol"]["arms"]:
-        mine = [r for r in state["runs"] if r["name"] == name]
+    follow_up = state.get("follow_up") or []                       # dashed
+    for name in [*state["protocol"]["arms"], *{r["name"]: 0 for r in follow_up}]:
+        mine = [r for r in state["runs"] + follow_up if r["name"] == name]
         if not mine:
             continue
         steps = [s for s, _ in mine[0]["eval_curve"]]
         stats = [mean_ci([dict(map(tuple, r["eval_curve"])).get(s) for r in mine]) for s in steps]
-        line, = left.plot(steps, [100 * m for m, _ in stats], marker="o", ms=3, label=name)
+        line, = left.plot(steps, [100 * m for m, _ in stats], marker="o", ms=3, label=name,
+                          ls="--" if mine[0] in follow_up else "-")
         left.fill_between(steps, [100 * (m - c) for m, c in stats], [100 * (m + c) for m, c in stats],
                           color=line.get_color(), alpha=0.12)
     for s in state["lr_sweep"] if not state["runs"] else ():
