@@ -155,13 +155,19 @@ def test_summary_cells_and_verdicts(tmp_path):
     assert "the arms' held-out plain pass@1 is 60-60% (the plain warm-up's 94%): training on ripple" in text
     # the follow-up: its own table and contrasts, the first one its hypothesis
     state["follow_up_protocol"] = compare.follow_up_protocol()
-    state["follow_up"] = [result("grpo from the vae warm-up", 0, 0.1), result("grpo from the vae warm-up", 1, 0.2)]
+    state["follow_up"] = [result("grpo from the vae warm-up", 1, 0.2), result("grpo from the vae warm-up", 0, 0.1)]
+    state["follow_up"][1]["minority_curve"] = [0.1, 0.2]           # seed 0 left column on 10% at step 1
     text = compare.summary(state)
     d, ci = compare.welch([0.8, 0.9], [0.1, 0.2])                  # palette linear - grpo from the vae warm-up
     assert f"- palette linear: ripple pass@1 {100 * d:+.1f} ± {100 * ci:.1f} points against grpo from the vae warm-up: " in text
     assert f"| grpo from the vae warm-up | 2 | 15.0 ± {100 * 12.706 * math.sqrt(0.005) / math.sqrt(2):.1f} |" in text
     assert "- grpo from the vae warm-up: ripple pass@1 -25.0 ±" in text and "rsp warm-up: ripple" not in text
-    assert text.endswith(f"from the same warm-up, prefixes during RL help): {'supported' if d - ci > 0 else 'not supported'}.")
+    assert f"from the same warm-up, prefixes during RL help): {'supported' if d - ci > 0 else 'not supported'}.\n" in text
+    assert text.endswith("From the same warm-up, at the first step, before any update, 5% of plain GRPO's rollouts were "
+                         "round or split and 0% of the palette's (palette linear). After 60 steps the palette minus plain "
+                         f"GRPO is {100 * d:+.1f} ± {100 * ci:.1f} points of held-out ripple pass@1, "
+                         f"{'better' if d - ci > 0 else 'not distinguishable'}; per seed, grpo from the vae warm-up "
+                         "ended at 10, 20% and palette linear at 80, 90%.")          # in seed order
     state["runs"], state["control"]["passed"] = [], False
     assert compare.summary(state).endswith("No arm ran: the positive control failed.")
 

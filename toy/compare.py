@@ -432,9 +432,22 @@ def summary(state):
         lines += filter(None, [contrast(both, a, b) for a, b in f["contrasts"]])
         hypothesis = difference(both, *f["contrasts"][0])
         if hypothesis:
-            lines.append(f"- Follow-up hypothesis ({f['hypothesis']}): "
-                         f"{verdict(hypothesis, 'supported', 'not supported')}.")
+            lines += [f"- Follow-up hypothesis ({f['hypothesis']}): {verdict(hypothesis, 'supported', 'not supported')}.",
+                      "", follow_up_words(both, *f["contrasts"][0], hypothesis, state["control"]["steps"])]
     return "\n".join(lines)
+
+
+def follow_up_words(runs, palette, grpo, d_ci, steps):
+    """The follow-up in words: from one warm-up, how often each arm's first rollouts left the dominant
+    strategy, where they ended, seed by seed."""
+    of = lambda name, key: [r[key] for r in sorted(runs, key=lambda r: r["seed"]) if r["name"] == name]
+    first = lambda name: 100 * mean_ci([c[0] for c in of(name, "minority_curve") if c])[0]
+    seeds = lambda name: ", ".join(f"{100 * v:.0f}" for v in of(name, "pass1_ripple"))
+    return (f"**In words.** From the same warm-up, at the first step, before any update, {first(grpo):.0f}% of "
+            f"plain GRPO's rollouts were round or split and {first(palette):.0f}% of the palette's ({palette}). After "
+            f"{steps} steps the palette minus plain GRPO is {100 * d_ci[0]:+.1f} ± {100 * d_ci[1]:.1f} points of "
+            f"held-out ripple pass@1, {verdict(d_ci, 'better', 'worse', 'not distinguishable')}; per seed, "
+            f"{grpo} ended at {seeds(grpo)}% and {palette} at {seeds(palette)}%.")
 
 
 def arm_row(name, runs):
