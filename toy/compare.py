@@ -506,8 +506,7 @@ def in_words(state, d, ci):
             + ("." if scarce else
                f": the seeded plain warm-up (ripple {100 * start['plain']['pass1_ripple']:.0f}% greedily, against "
                f"{100 * start['vae']['pass1_ripple']:.0f}% for the vae one) already had token sampling reach the "
-               "winning strategies, so once ripple is learnable at all this world lacks the scarcity of strategies "
-               "the method is for.")
+               "winning strategies, so from that warm-up plain GRPO had no scarcity of strategies to overcome.")
             + f" Plain problems paid: the arms' held-out plain pass@1 is {100 * min(plain):.0f}-{100 * max(plain):.0f}% "
             f"(the plain warm-up's {100 * start['plain']['pass1_plain']:.0f}%)"
             + (": training on ripple problems alone moved the model to round and split everywhere, and they lose "
