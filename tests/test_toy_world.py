@@ -111,3 +111,17 @@ def test_report_verdict_names_the_best_palette_arm_against_the_baseline():
     assert verdict(finals) == ("In words: GRPO: the best palette arm (two-stage L=1) ends 10.0 points below the plain "
                                "baseline; RLOO: the best palette arm (linear L=1) ends 10.0 points above the plain "
                                "baseline (held-out greedy pass@1 after RL, means over seeds).")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["--steps", "40"], "--warmup 40 must be below --steps 40"),            # the default warm-up
+    (["--n-eval", "600"], "--n-eval 600 is more than the --n-math-test 500 held-out problems"),
+])
+def test_bad_flags_are_one_line_before_anything_is_built(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--out", str(tmp_path / "w"), *argv])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.strip().splitlines()[-1].endswith(message)
+    assert "Traceback" not in err and not (tmp_path / "w").exists()

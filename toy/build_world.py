@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from common import RunDir, atomic_write_json, progress, run_main, seed_everything
-from guard import UserError, read_json
+from guard import SEED, UserError, ranged, read_json
 from model import ModelConfig, Transformer, generate
 from toy.task import (DOMAINS, PREAMBLE_SHARE, PREMISE_STRATEGY_WEIGHTS, STRATEGIES, detect_strategy,
                       generate as generate_rows, generate_premise_math, grade, write_jsonl)
@@ -86,31 +86,33 @@ def parse_args(argv=None):
     p.add_argument("--setting", choices=SETTINGS, default="default",
                    help="premise: one dominant strategy, a family it gets wrong, preambles (see above)")
     # Data (problem counts; each file has its own seed)
-    p.add_argument("--n-pretrain", type=int, default=12000, help="problems per domain in train.jsonl")
-    p.add_argument("--n-math-train", type=int, default=4000, help="math problems for RL")
-    p.add_argument("--n-math-test", type=int, default=500, help="held-out math problems")
-    p.add_argument("--n-vae", type=int, default=1000, help="traces per domain for the VAE")
+    p.add_argument("--n-pretrain", type=ranged(int, 1), default=12000, help="problems per domain in train.jsonl")
+    p.add_argument("--n-math-train", type=ranged(int, 1), default=4000, help="math problems for RL")
+    p.add_argument("--n-math-test", type=ranged(int, 1), default=500, help="held-out math problems")
+    p.add_argument("--n-vae", type=ranged(int, 1), default=1000, help="traces per domain for the VAE")
     # Model
     p.add_argument("--size", choices=list(SIZES), default="small")
     # Optimisation
-    p.add_argument("--steps", type=int, default=900)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=40, help="linear warm-up steps")
-    p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decays to lr * this")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only")
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--steps", type=ranged(int, 1), default=900)
+    p.add_argument("--batch-size", type=ranged(int, 1), default=64)
+    p.add_argument("--lr", type=ranged(float, above=0), default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=ranged(int, 0), default=40, help="linear warm-up steps")
+    p.add_argument("--min-lr-frac", type=ranged(float, 0, 1), default=0.1, help="cosine decays to lr * this")
+    p.add_argument("--weight-decay", type=ranged(float, 0), default=0.1, help="on matrices only")
+    p.add_argument("--grad-clip", type=ranged(float, above=0), default=1.0)
     # Evaluation
-    p.add_argument("--n-eval", type=int, default=300, help="math_test problems to evaluate")
-    p.add_argument("--k", type=int, default=8, help="samples per problem for pass@k")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--eval-batch", type=int, default=512, help="rows per generate() call")
+    p.add_argument("--n-eval", type=ranged(int, 1), default=300, help="math_test problems to evaluate")
+    p.add_argument("--k", type=ranged(int, 1), default=8, help="samples per problem for pass@k")
+    p.add_argument("--max-new-tokens", type=ranged(int, 1), default=96)
+    p.add_argument("--eval-batch", type=ranged(int, 1), default=512, help="rows per generate() call")
     # Runtime
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     args = p.parse_args(argv)
-    assert args.steps > args.warmup >= 0 and args.batch_size > 0 and args.k > 0
-    assert args.n_eval <= args.n_math_test
+    if args.warmup >= args.steps:
+        p.error(f"--warmup {args.warmup} must be below --steps {args.steps}")
+    if args.n_eval > args.n_math_test:
+        p.error(f"--n-eval {args.n_eval} is more than the --n-math-test {args.n_math_test} held-out problems")
     return args
 
 # -----------------------------------------------------------------------------
