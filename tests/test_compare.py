@@ -117,9 +117,12 @@ def test_the_control_climbs_its_ladder_and_the_arms_run_at_the_first_rung_that_p
     assert ripple and all(r["family"] == "ripple" for r in ripple)
 
 
-def test_bad_arms_and_a_missing_world_are_one_line(tmp_path):
+def test_bad_arms_and_a_missing_world_are_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match="unknown arm 'gpro'"):
         compare.parse_args(["--world", str(world(tmp_path)), "--arms", "gpro"])
+    with pytest.raises(SystemExit):                         # before ProcessPoolExecutor(0) could refuse it
+        compare.parse_args(["--world", str(tmp_path / "world"), "--jobs", "0"])
+    assert capsys.readouterr().err.strip().endswith("argument --jobs: must be >= 1, got 0")
     (tmp_path / "bare").mkdir()
     with pytest.raises(UserError, match="no base/config.json; runs/explore.sh builds the premise world"):
         compare.parse_args(["--world", str(tmp_path / "bare")])

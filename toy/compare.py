@@ -66,7 +66,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from common import atomic_write_json, atomic_write_text, run_main  # noqa: E402
-from guard import UserError, read_jsonl  # noqa: E402
+from guard import UserError, ranged, read_jsonl  # noqa: E402
 
 # name -> (warm-up it starts from, rl.py flags); {T_high} is the rollout temperature + 0.5
 ARMS = {
@@ -605,10 +605,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", default=None, help="run the comparison in this premise world")
     p.add_argument("--out", default=None, help="default: <world>/compare (<world>/compare_quick with --quick)")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--seeds", type=ranged(int, 1), default=5)
+    p.add_argument("--steps", type=ranged(int, 1), default=60)
     p.add_argument("--arms", default=",".join(ARMS), help="a comma-separated subset of the arms")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each")
+    p.add_argument("--jobs", type=ranged(int, 1), default=2, help="runs at once, one CPU thread each")
     p.add_argument("--quick", action="store_true", help="a smoke test: 2 seeds, 8 steps, one lr, no control bar")
     p.add_argument("--summarise", default=None, help="a finished comparison's directory: its report")
     p.add_argument("--publish", action="store_true", help="with --summarise: docs/results/explore.md and the "

@@ -51,7 +51,7 @@ import sft_warmup
 import train_vae
 from common import atomic_write_json, atomic_write_text, run_main
 from diagnostics import prefix_health
-from guard import UserError, read_jsonl
+from guard import SEED, UserError, ranged, read_jsonl
 from data import format_prompt
 from model import PREFIX_FORMS, generate, load_policy, make_prefix_source
 from toy.task import MATH_FAMILIES, STRATEGIES, detect_strategy, grade, make_preamble, math_family, solve
@@ -66,18 +66,18 @@ def parse_args(argv=None):
     p.add_argument("--world", required=True, help="a world from toy.build_world (base/, data/)")
     p.add_argument("--out", default=None, help="default: <world>/premise")
     # Measurement
-    p.add_argument("--problems", type=int, default=200, help="held-out math problems")
-    p.add_argument("--samples", type=int, default=8, help="temperature-1 samples per problem")
-    p.add_argument("--latents", type=int, default=4, help="prefixes per problem and source")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--problems", type=ranged(int, 1), default=200, help="held-out math problems")
+    p.add_argument("--samples", type=ranged(int, 1), default=8, help="temperature-1 samples per problem")
+    p.add_argument("--latents", type=ranged(int, 1), default=4, help="prefixes per problem and source")
+    p.add_argument("--max-new-tokens", type=ranged(int, 1), default=64)
     p.add_argument("--forms", default=",".join(PREFIX_FORMS), help="VAE prefix forms to compare")
     p.add_argument("--temperatures", default="1.0,0.7,0.5,0.3",
                    help="rollout temperatures at which the premise is measured (section 5)")
     # The stages the checks run (the project's own scripts)
-    p.add_argument("--vae-steps", type=int, default=2000, help="train_vae.py --steps")
-    p.add_argument("--warmup-steps", type=int, default=10, help="sft_warmup.py --steps")
-    p.add_argument("--warmup-lr", type=float, default=3e-5, help="sft_warmup.py --lr (runs/toy.sh's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=ranged(int, 1), default=2000, help="train_vae.py --steps")
+    p.add_argument("--warmup-steps", type=ranged(int, 1), default=10, help="sft_warmup.py --steps")
+    p.add_argument("--warmup-lr", type=ranged(float, above=0), default=3e-5, help="sft_warmup.py --lr (runs/toy.sh's)")
+    p.add_argument("--seed", type=SEED, default=0)
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(args.world, "premise")
     args.forms = [f for f in args.forms.split(",") if f]

@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 from common import run_main
+from guard import ranged
 from toy import publish_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,11 +31,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--world", default="runs/toy", help="the world directory of runs/toy.sh")
 # (a) inference
-parser.add_argument("--eval-problems", type=int, default=100)
-parser.add_argument("--n", type=int, default=32, help="candidates per problem")
+parser.add_argument("--eval-problems", type=ranged(int, 1), default=100)
+parser.add_argument("--n", type=ranged(int, 1), default=32, help="candidates per problem")
 # (b) RL
-parser.add_argument("--seeds", type=int, default=3)
-parser.add_argument("--rl-steps", type=int, default=40)
+parser.add_argument("--seeds", type=ranged(int, 1), default=3)
+parser.add_argument("--rl-steps", type=ranged(int, 1), default=40)
 parser.add_argument("--rl-flags", default="--prompts-per-step 16 --group-size 8 --lr 2e-5 --max-new-tokens 64",
                     help="flags shared by every RL run")
 parser.add_argument("--publish", action="store_true",
