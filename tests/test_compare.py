@@ -1,8 +1,9 @@
 """toy/compare.py, the exploration comparison's second protocol, without its RL runs: the 95% t and
 Welch intervals against hand computations, every arm's rl.py command accepted by rl.py, the seeded
-warm-up data, the protocol written before the first run and another one refused in one line, a
-failed run's output kept, the report's cells, the failed control's plain words counted from its
-rollouts, and the results writer touching only its own section.
+warm-up data, the protocol written before the first run and another one refused in one line, the
+follow-up's runs (plain GRPO from the prefix warm-ups) after the arms with its protocol written first,
+a failed run's output kept, the report's cells, contrasts and words, the failed control's plain words
+counted from its rollouts, and the results writer touching only its own section.
 
 Run:  python -m pytest tests/test_compare.py -q        (a few seconds)
 """
