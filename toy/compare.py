@@ -364,9 +364,12 @@ def follow_up_markdown(p):
                       "Fixed after the comparison's arms ran and before any run of its own (toy/compare.py's "
                       "FOLLOW_UP says why): the comparison's problems, steps, lr, temperature and seeds.", "",
                       f"- Hypothesis: {p['hypothesis']}.", "- Contrasts (a - b, Welch's 95% interval): "
-                      + "; ".join(f"{a} - {b}" for a, b in p["contrasts"]) + ".", "",
-                      "| arm | starts from | rl.py flags |", "| --- | --- | --- |",
-                      *[f"| {name} | {start} warm-up | `{flags}` |" for name, (start, flags) in p["arms"].items()]]) + "\n"
+                      + "; ".join(f"{a} - {b}" for a, b in p["contrasts"]) + ".", "", *arm_table(p["arms"])]) + "\n"
+
+
+def arm_table(arms):
+    return ["| arm | starts from | rl.py flags |", "| --- | --- | --- |",
+            *[f"| {name} | {start} warm-up | `{flags}` |" for name, (start, flags) in arms.items()]]
 
 
 def protocol_markdown(p):
@@ -386,8 +389,7 @@ def protocol_markdown(p):
              f"- Primary metrics: held-out greedy pass@1 (no prefix), ripple and all, on {p['eval_problems']} "
              "problems; secondary: pass@8 at the rollout temperature, the minority share trained on, ripple "
              "rollouts solved in training, rollouts generated, curves.", "",
-             "| arm | starts from | rl.py flags |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {start} warm-up | `{flags}` |" for name, (start, flags) in p["arms"].items()]
+             *arm_table(p["arms"])]
     return "\n".join(lines) + "\n"
 
 
@@ -437,12 +439,21 @@ def summary(state):
     return "\n".join(lines)
 
 
+def values(runs, name, key):
+    """One arm's values of `key`, in seed order."""
+    return [r[key] for r in sorted(runs, key=lambda r: r["seed"]) if r["name"] == name]
+
+
+def first_step_minority(runs, name):
+    """The share of an arm's rollouts that were round or split at its first step, mean over seeds."""
+    return mean_ci([c[0] for c in values(runs, name, "minority_curve") if c])[0]
+
+
 def follow_up_words(runs, palette, grpo, d_ci, steps):
     """The follow-up in words: from one warm-up, how often each arm's first rollouts left the dominant
     strategy, where they ended, seed by seed."""
-    of = lambda name, key: [r[key] for r in sorted(runs, key=lambda r: r["seed"]) if r["name"] == name]
-    first = lambda name: 100 * mean_ci([c[0] for c in of(name, "minority_curve") if c])[0]
-    seeds = lambda name: ", ".join(f"{100 * v:.0f}" for v in of(name, "pass1_ripple"))
+    first = lambda name: 100 * first_step_minority(runs, name)
+    seeds = lambda name: ", ".join(f"{100 * v:.0f}" for v in values(runs, name, "pass1_ripple"))
     return (f"**In words.** From the same warm-up, at the first step, before any update, {first(grpo):.0f}% of "
             f"plain GRPO's rollouts were round or split and {first(palette):.0f}% of the palette's ({palette}). After "
             f"{steps} steps the palette minus plain GRPO is {100 * d_ci[0]:+.1f} ± {100 * d_ci[1]:.1f} points of "
@@ -465,7 +476,7 @@ def arm_row(name, runs):
 
 def difference(runs, a, b, key="pass1_ripple"):
     """(mean of a - mean of b, Welch's 95% half-width) over seeds; None with fewer than two seeds on a side."""
-    va, vb = ([r[key] for r in runs if r["name"] == name] for name in (a, b))
+    va, vb = values(runs, a, key), values(runs, b, key)
     return welch(va, vb) if min(len(va), len(vb)) > 1 else None
 
 
@@ -489,10 +500,10 @@ def in_words(state, d, ci):
     """What the arms say about claim (b), and the number that explains it: how often the rollouts of
     plain GRPO and of the palette left the dominant strategy at their first step, before any update."""
     runs, control, start = state["runs"], state["control"], state["start"]
-    of = lambda name, key: [r[key] for r in runs if r["name"] == name]
-    first = lambda name: mean_ci([c[0] for c in of(name, "minority_curve") if c])[0]
+    of = lambda name, key: values(runs, name, key)
+    first = lambda name: first_step_minority(runs, name)
     better = [n for n in state["protocol"]["arms"] if n != "grpo"
-              and verdict(difference(runs, n, "grpo") or (0, 0), True, False)]
+              and (d_ci := difference(runs, n, "grpo")) and verdict(d_ci, True, False)]
     scarce = first("grpo") < 0.1      # the premise checks' bar for "sampling rarely leaves the dominant strategy"
     plain = [mean_ci(of(n, "pass1_plain"))[0] for n in state["protocol"]["arms"] if of(n, "pass1_plain")]
     return (f"**In words.** In this world, at this budget ({control['problems']} problems, {control['steps']} steps, "
@@ -521,14 +532,14 @@ def draw(state, path):
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     follow_up = state.get("follow_up") or []                       # dashed
-    for name in [*state["protocol"]["arms"], *{r["name"]: 0 for r in follow_up}]:
+    for name in [*state["protocol"]["arms"], *dict.fromkeys(r["name"] for r in follow_up)]:
         mine = [r for r in state["runs"] + follow_up if r["name"] == name]
         if not mine:
             continue
         steps = [s for s, _ in mine[0]["eval_curve"]]
         stats = [mean_ci([dict(map(tuple, r["eval_curve"])).get(s) for r in mine]) for s in steps]
         line, = left.plot(steps, [100 * m for m, _ in stats], marker="o", ms=3, label=name,
-                          ls="--" if mine[0] in follow_up else "-")
+                          ls="-" if name in state["protocol"]["arms"] else "--")
         left.fill_between(steps, [100 * (m - c) for m, c in stats], [100 * (m + c) for m, c in stats],
                           color=line.get_color(), alpha=0.12)
     for s in state["lr_sweep"] if not state["runs"] else ():
