@@ -7,6 +7,8 @@ gradient sync. Every script works unchanged with or without torchrun:
 """
 
 import contextlib
+import datetime
+import hashlib
 import json
 import os
 import random
@@ -23,7 +25,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from guard import UserError, check_same_run, read_json, read_jsonl, read_safetensors_file, stop
+from safetensors import SafetensorError
+
+from guard import UserError, check_same_run, one_line, read_json, read_jsonl, read_safetensors_file, stop
 
 # -----------------------------------------------------------------------------
 # Distributed set-up
@@ -38,10 +42,16 @@ def compute_init():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # cuDNN's attention backward gives NaN with a mask at some lengths on torch 2.11 (pytorch#196678):
+        # training attention is unmasked, and any masked call takes the flash or efficient kernels
+        torch.backends.cuda.enable_cudnn_sdp(False)
     else:
         device = torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # an hour: ranks wait at a collective while another generates longer completions or rank 0
+        # writes a checkpoint of tens of GB (NCCL's default is 10 minutes)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
+                                device_id=device if device.type == "cuda" else None)
     return ddp, rank, world_size, device
 
 
@@ -99,13 +109,27 @@ def on_master(fn):
     return result
 
 
-def all_reduce_mean(values, device):
-    """A list of floats averaged over ranks (unchanged without a process group)."""
+def all_reduce_sum(values, device):
+    """A list of floats summed over ranks (unchanged without a process group)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
-        t /= dist.get_world_size()
     return t.tolist()
+
+
+def all_reduce_mean(values, device):
+    """A list of floats averaged over ranks (unchanged without a process group)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return [v / world for v in all_reduce_sum(values, device)]
+
+
+def gather_objects(items):
+    """Every rank's list of items (small, picklable records), joined in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
 
 
 def sync_gradients(model, bucket_numel=2**26):
@@ -155,7 +179,7 @@ def progress(iterable, desc, total=None, initial=0):
 
 
 # -----------------------------------------------------------------------------
-# Seeding and RNG state (a resumed run continues every random stream exactly)
+# Seeding: random streams derived from the seed alone (a resumed run continues them exactly)
 
 def seed_everything(seed):
     random.seed(seed)
@@ -163,21 +187,10 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state):
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+def derived_seed(*parts):
+    """A 63-bit seed that is a function of `parts` alone (the run's seed, the step, a group's index,
+    a name): every rank, batch size and resumed run derives the same random stream for the same draw."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 def to_json(obj, **kwargs):
@@ -188,16 +201,36 @@ def to_json(obj, **kwargs):
 # -----------------------------------------------------------------------------
 # Writing: a file or directory appears complete under its name, or not at all
 
+def _umask_mode(mode):
+    """`mode` as the user's umask lets a new file have it (mkstemp and mkdtemp make 0600 and 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def _write_failed(path, e):
+    """A write that failed (a full disk, no permission) as one line; what was at `path` is kept."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+    return UserError(f"could not write {path} ({reason}); what was there before is kept")
+
+
 def atomic_write_text(path, text):
     """Write a file under a temporary name, then rename it into place."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, _umask_mode(0o666))
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_failed(path, e) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def atomic_write_json(path, obj):
@@ -207,20 +240,27 @@ def atomic_write_json(path, obj):
 @contextlib.contextmanager
 def atomic_dir(path):
     """Yield a temporary sibling directory to fill; it is fsynced and renamed to `path` when the
-    block ends (a directory already at `path` is removed first), and removed if the block fails."""
+    block ends, and removed if the block fails (a failed write is one line, a UserError). A
+    directory already at `path` is first renamed to a temporary name, removed once the new one is in."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".tmp-{os.path.basename(path)}-")
+    old = f"{tmp}-old"
     try:
+        os.chmod(tmp, _umask_mode(0o777))
         yield tmp
         for root, _, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:
                     os.fsync(f.fileno())
-        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path):
+            os.rename(path, old)
         os.rename(tmp, path)
+    except (OSError, SafetensorError) as e:
+        raise _write_failed(path, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def command_line(resume=False):
@@ -262,17 +302,36 @@ class RunDir:
                             "another --out") from None
         for leftover in os.listdir(self.path):          # what a killed write left: never complete
             if leftover.startswith(".tmp-"):
-                shutil.rmtree(self.file(leftover), ignore_errors=True)
+                remove(self.file(leftover))
         written = [n for n in os.listdir(self.path) if n in ("metrics.jsonl", "model") or n.startswith("checkpoint-")]
         if written and not resume:
             raise UserError(f"{self.path} already holds a run ({', '.join(sorted(written))}): "
                             + ("add --resume to continue it, or choose a new --out" if hasattr(self.args, "resume")
                                else "choose a new --out, or delete it to start over"))
-        if resume and os.path.exists(self.file("args.json")):
+        if not resume:
+            atomic_write_json(self.file("args.json"), vars(self.args))
+            return None
+        if os.path.exists(self.file("args.json")):
             check_same_run(read_json(self.file("args.json"), "the run's flags"), json.loads(to_json(vars(self.args))),
                            self.file("args.json"))
-        atomic_write_json(self.file("args.json"), vars(self.args))
-        return latest_checkpoint(self.path) if resume else None
+        for name in sorted(n for n in os.listdir(self.path) if n.startswith("checkpoint-")):
+            if not is_complete(self.file(name)):
+                print(f"warning: {self.file(name)} is not a complete checkpoint; it is not resumed from", flush=True)
+        last = latest_checkpoint(self.path)
+        if last is None:
+            raise UserError(f"--resume: {self.path} holds no complete checkpoint to continue from (the run stopped "
+                            "before its first one); delete it or choose a new --out, and start without --resume")
+        return last
+
+    def begin(self, step):
+        """A resumed run, its checkpoint loaded: args.json takes the flags it runs with (a resume that
+        was refused leaves it alone), and the logs keep only the steps before `step`."""
+        if self.master:
+            atomic_write_json(self.file("args.json"), vars(self.args))
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            if self.master and os.path.exists(self.file(name)):
+                kept = [r for r in read_jsonl(self.file(name)) if r.get("step", -1) < step]
+                atomic_write_text(self.file(name), "".join(json.dumps(r) + "\n" for r in kept))
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -288,43 +347,58 @@ class RunDir:
                     self.board.add_scalar(key, value, record["step"])
             self.board.flush()
 
-    def restart_logs_at(self, step):
-        """On resume: keep only the records of the steps before `step` (each step is logged once)."""
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            if self.master and os.path.exists(self.file(name)):
-                kept = [r for r in read_jsonl(self.file(name)) if r.get("step", -1) < step]
-                atomic_write_text(self.file(name), "".join(json.dumps(r) + "\n" for r in kept))
-
     def interrupted(self):
         last = latest_checkpoint(self.path)
         return f"{self.path}: last checkpoint {last}; continue with: {command_line(resume=True)}" if last else \
             f"{self.path}: no checkpoint was written yet; start again with: {command_line()}"
 
 
+def remove(path):
+    """A file or a directory tree, if there."""
+    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.safetensors", "model/config.json", "model/model.safetensors")
+
+
+def is_complete(path):
+    return all(os.path.isfile(os.path.join(path, name)) for name in CHECKPOINT_FILES)
+
+
 def latest_checkpoint(out):
-    """The newest complete checkpoint-NNNNNN directory in `out` (renamed in only once whole), or None."""
+    """The newest complete checkpoint-NNNNNN directory in `out`, or None. Checkpoints are renamed in
+    only once whole; one damaged later (an empty directory left by hand) is passed over."""
     found = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) if os.path.isdir(out) else []
-    return os.path.join(out, found[-1]) if found else None
+    complete = [n for n in found if is_complete(os.path.join(out, n))]
+    return os.path.join(out, complete[-1]) if complete else None
 
 
-def save_checkpoint(out, step, model, opt_state, trainer_state, keep=1):
+def save_checkpoint(out, step, model, opt_state, trainer_state=None, keep=1):
     """Write out/checkpoint-{step:06d}/: model/ (a Hugging Face directory), optimizer.safetensors
     (the optimiser's tensors, keyed "param.name") and trainer_state.json (the step, the optimiser's
-    other entries, RNG states). Written under a temporary name and renamed into place, so a kill at
-    any moment leaves the previous checkpoints whole; then all but the newest `keep` are removed."""
+    other entries, `trainer_state`). Written under a temporary name and renamed into place, so a kill
+    at any moment leaves the previous checkpoints whole; then all but the newest `keep` are removed.
+    A complete checkpoint of that step already there (a resumed run reaching it again) is kept as it
+    is: nothing is rewritten in place. A failed write is one line naming the checkpoint kept."""
     path = os.path.join(out, f"checkpoint-{step:06d}")
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(os.path.join(tmp, "model"))
-        tensors, layout = {}, {}
-        for param, state in opt_state["state"].items():
-            layout[param] = sorted(state)
-            for key, value in state.items():
-                tensors[f"{param}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-        atomic_write_json(os.path.join(tmp, "trainer_state.json"), {
-            "step": step, "param_groups": opt_state["param_groups"], "state_layout": layout, **trainer_state})
+    if is_complete(path):
+        return path
+    try:
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(os.path.join(tmp, "model"))
+            tensors, layout = {}, {}
+            for param, state in opt_state["state"].items():
+                layout[param] = sorted(state)
+                for key, value in state.items():
+                    tensors[f"{param}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+            atomic_write_json(os.path.join(tmp, "trainer_state.json"), {
+                "step": step, "param_groups": opt_state["param_groups"], "state_layout": layout, **(trainer_state or {})})
+    except UserError as e:
+        last = latest_checkpoint(out)
+        raise UserError(f"{e}; " + (f"the last checkpoint, {last}, is kept" if last else "no checkpoint was written yet")) from None
     for old in sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))[:-keep]:
-        shutil.rmtree(os.path.join(out, old), ignore_errors=True)
+        remove(os.path.join(out, old))
     return path
 
 
@@ -333,8 +407,9 @@ def load_checkpoint(path, key=int):
     trainer = read_json(os.path.join(path, "trainer_state.json"), "checkpoint state")
     tensors = read_safetensors_file(os.path.join(path, "optimizer.safetensors"))
     try:
+        trainer["step"] = int(trainer["step"])
         state = {key(p): {k: tensors[f"{p}.{k}"] for k in keys} for p, keys in trainer["state_layout"].items()}
         return trainer, {"state": state, "param_groups": trainer["param_groups"]}
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: the checkpoint is incomplete ({type(e).__name__}: {e}); start again "
-                        "in a new --out") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path}: the checkpoint is incomplete or damaged ({type(e).__name__}: {e}); resume from "
+                        "an older checkpoint (move this one away) or start again in a new --out") from None

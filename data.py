@@ -142,6 +142,12 @@ def _read_hub(source, split):
     return rows
 
 
+# Held-out problems (rl.py's and sft_warmup.py's --eval-data, evaluate.py's --limit) are chosen with
+# this seed, never the run's: every --seed scores the same problems, so a spread over seeds is the
+# spread of training alone.
+HELD_OUT_SEED = 0
+
+
 def load_rows(source, domain=None, split="train", limit=None, seed=0):
     """Rows of one source in the common schema. `source` is a local .jsonl file or a hub
     dataset id; `domain` overrides the rows' own `domain` field (required if they have

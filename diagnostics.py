@@ -22,13 +22,10 @@ def is_broken(token_ids, text):
 
 
 def greedy_answers(model, tokenizer, prompts, prefixes, max_new_tokens):
-    """Greedy completions (token lists without eos) of prompts under prefixes, in eval mode; the
-    model's mode is restored."""
-    was_training = model.training
-    model.eval()
+    """Greedy completions (token lists without eos) of prompts under prefixes, and whether each
+    ended on eos (False: cut off at max_new_tokens)."""
     out = generate(model, prompts, prefixes, max_new_tokens, temperature=0, stop_tokens=[tokenizer.eos_token_id])
-    model.train(was_training)
-    return [[t for t in ids if t != tokenizer.eos_token_id] for ids in out.token_lists()]
+    return [[t for t in ids if t != tokenizer.eos_token_id] for ids in out.token_lists()], out.stopped.tolist()
 
 
 @torch.no_grad()
@@ -60,7 +57,7 @@ def prefix_health(source, model=None, prompts=None, tokenizer=None, L=1, n_prefi
     if model is not None and prompts:
         device = model.embed_tokens.weight.device
         answers = [greedy_answers(model, tokenizer, prompts, list(source.sample(len(prompts), L, g).to(device)),
-                                  max_new_tokens) for _ in range(2)]
+                                  max_new_tokens)[0] for _ in range(2)]
         broken = [is_broken(ids, tokenizer.decode(ids, skip_special_tokens=True)) for draw in answers for ids in draw]
         health["frac_answers_change"] = sum(a != b for a, b in zip(*answers)) / len(prompts)
         health["frac_broken"] = sum(broken) / len(broken)
@@ -90,16 +87,31 @@ def prefix_sensitivity(model, tokenizer, rows, source, L, template, max_new_toke
     prompts = [tokenizer(format_prompt(r["problem"], template, tokenizer), add_special_tokens=False)["input_ids"]
                for r in rows]
     device = model.embed_tokens.weight.device
-    pass1 = lambda answers: sum(grade(tokenizer.decode(a, skip_special_tokens=True), r["answer"], r["grading_kind"])
-                                for a, r in zip(answers, rows)) / len(rows)
-    result = {"pass1_no_prefix": pass1(greedy_answers(model, tokenizer, prompts, None, max_new_tokens))}
+    # a cut-off answer counts 0, as in rl.py and evaluate.py: its last line is wherever the cut fell
+    pass1 = lambda answers, stopped: sum(grade(tokenizer.decode(a, skip_special_tokens=True), r["answer"], r["grading_kind"])
+                                         * done for a, r, done in zip(answers, rows, stopped)) / len(rows)
+    result = {"pass1_no_prefix": pass1(*greedy_answers(model, tokenizer, prompts, None, max_new_tokens))}
     if source.name != "none" and L > 0:
         g = torch.Generator().manual_seed(12345)
         answers = [greedy_answers(model, tokenizer, prompts, list(source.sample(len(rows), L, g).to(device)),
                                   max_new_tokens) for _ in range(2)]
-        result["pass1_with_prefix"] = pass1(answers[0])
-        result["frac_differ_between_prefixes"] = sum(a != b for a, b in zip(*answers)) / len(rows)
+        result["pass1_with_prefix"] = pass1(*answers[0])
+        result["frac_differ_between_prefixes"] = sum(a != b for a, b in zip(answers[0][0], answers[1][0])) / len(rows)
     return result
+
+
+def warmup_notes(warmup, source, L):
+    """Lines to print when an RL run gives the policy other prefixes than its warm-up taught it to
+    read (warmup: the checkpoint's config.warmup, written by sft_warmup.py, or None)."""
+    if source == "none":
+        return []
+    if warmup is None:
+        return [f"note: the policy records no prefix warm-up (sft_warmup.py), so nothing taught it to read "
+                f"--prefix-source {source} prefixes"]
+    if (warmup["prefix_source"], warmup["L"]) != (source, L):
+        return [f"note: the policy was warmed up with --prefix-source {warmup['prefix_source']} --L {warmup['L']}; "
+                f"this run gives it {source} prefixes of L = {L}"]
+    return []
 
 
 def training_warnings(history):

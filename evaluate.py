@@ -12,9 +12,9 @@ pass@1 is the mean accuracy over all candidates; pass@k is the unbiased estimato
 (2021), 1 - C(n - c, k) / C(n, k) for c correct of n, averaged over problems. A candidate cut off
 at --max-new-tokens (no eos) counts as wrong, as in rl.py's default. Beside them, the mean number
 of distinct answers the n candidates of a problem state (data.answer_of; a cut-off candidate
-states none): diversity, whether or not it is right. Latents of problem
-i come from a generator seeded by (--seed, problem id), so they do not depend on batching,
-sharding or resuming.
+states none): diversity, whether or not it is right. The latents and the sampling noise of a
+problem's candidates come from seeds derived from (--seed, problem id), so a candidate is the same
+whatever the batch, the number of ranks or a resume; --limit takes the same problems for every --seed.
 
 Outputs in --out (several invocations with different --config-name build one table):
     <benchmark>.jsonl  one line per (configuration, problem): every completion and its verdict;
@@ -50,10 +50,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from common import atomic_write_json, atomic_write_text, compute_init, on_master, print0, progress, run_main
-from data import (BENCHMARKS, GRADER, TEMPLATES, answer_of, format_prompt, grade, load_benchmark, load_rows,
-                  resolve_benchmark)
-from guard import SEED, ArgumentParser, UserError, check_fits_context, read_json, ranged
+from common import (atomic_write_json, atomic_write_text, compute_init, derived_seed, on_master, print0, progress,
+                    run_main)
+from data import (BENCHMARKS, GRADER, HELD_OUT_SEED, TEMPLATES, answer_of, format_prompt, grade, load_benchmark,
+                  load_rows, resolve_benchmark)
+from guard import (GiB, SEED, ArgumentParser, UserError, check_fits_context, describe_need, free_memory, memory_need,
+                   read_json, ranged, refuse_unused)
 from model import add_prefix_arguments, check_prefix_sources, generate, load_policy, make_prefix_source
 
 MODES = ("sample", "greedy-latent", "latent-sample")
@@ -62,7 +64,7 @@ parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescrip
 # Benchmarks
 parser.add_argument("--benchmarks", required=True,
                     help=f"comma-separated names ({', '.join(BENCHMARKS)}) or JSON-lines paths")
-parser.add_argument("--limit", type=ranged(int, 1), default=None, help="problems per benchmark (seeded subset)")
+parser.add_argument("--limit", type=ranged(int, 1), default=None, help="problems per benchmark (a fixed subset)")
 parser.add_argument("--template", default="plain", choices=TEMPLATES)
 # Model
 parser.add_argument("--model", required=True, help="hub id or checkpoint directory")
@@ -186,6 +188,10 @@ def check_args(args):
     if args.mode != "sample" and (args.prefix_source == "none" or args.L == 0):
         raise UserError(f"--mode {args.mode} gives each candidate its own latent: it needs a --prefix-source "
                         "and --L >= 1")
+    unused = {} if args.mode != "greedy-latent" else dict.fromkeys(("temperature", "top_p"), "greedy-latent decodes greedily")
+    if args.prefix_source == "none":
+        unused.update(dict.fromkeys(("L", "tie", "vae", "region"), "--prefix-source none draws no prefix"))
+    refuse_unused(args, parser, unused)
     check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file, not a directory; choose another --out")
@@ -237,12 +243,11 @@ def main(argv=None):
     settings = {k: getattr(args, k) for k in ("model", "template", "mode", "n", "top_p", "max_new_tokens",
                                               "seed", "prefix_source", "vae", "region", "L", "tie", "dtype")}
     settings["temperature"] = temperature
-    g_sample = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + rank)
     entry = {"settings": settings, "k": ks, "benchmarks": {}}
 
     for bench, path in specs:
-        rows = load_benchmark(bench, limit=args.limit, seed=args.seed) if path is None else \
-            load_rows(path, domain="math", limit=args.limit, seed=args.seed)
+        rows = load_benchmark(bench, limit=args.limit, seed=HELD_OUT_SEED) if path is None else \
+            load_rows(path, domain="math", limit=args.limit, seed=HELD_OUT_SEED)
         rows = [r for r in rows if r.get("answer") is not None]
         if not rows:
             raise UserError(f"{path or bench}: no problems with an answer to grade against")
@@ -250,8 +255,14 @@ def main(argv=None):
         for r in rows:
             r["prompt_ids"] = tokenizer(format_prompt(r["problem"], args.template, tokenizer),
                                         add_special_tokens=False)["input_ids"]
-        check_fits_context(rows, source.rows(args.L) + args.max_new_tokens, f"prompt + {source.rows(args.L)}-row "
-                           f"prefix (--L {args.L}) + --max-new-tokens", bench, model.config.max_position_embeddings)
+        longest = check_fits_context(rows, source.rows(args.L) + args.max_new_tokens, f"prompt + {source.rows(args.L)}-row "
+                                     f"prefix (--L {args.L}) + --max-new-tokens", bench, model.config.max_position_embeddings)
+        need = memory_need(model.config, args.dtype == "bfloat16", gen_rows=args.batch_size,
+                           gen_len=longest + source.rows(args.L) + args.max_new_tokens)
+        if need["total"] - need["weights"] > free_memory(device):                  # the weights are loaded
+            raise UserError(f"{bench}: --batch-size {args.batch_size} rows of up to {longest} + {args.max_new_tokens} "
+                            f"tokens need {need['total'] / GiB:.3g} GiB ({describe_need(need)} GiB), more than the "
+                            f"{(free_memory(device) + need['weights']) / GiB:.3g} GiB free; lower --batch-size")
 
         # -- resume: records of this configuration already written (merged or per-rank parts)
         paths = sorted(glob.glob(os.path.join(args.out, f"{bench}.jsonl")) +
@@ -278,19 +289,20 @@ def main(argv=None):
         with open(os.path.join(args.out, f"{bench}.rank{rank}.jsonl"), "a", encoding="utf-8") as part:
             for c in progress(range(0, len(mine), per_chunk), f"{bench} (chunks of {per_chunk} problems)"):
                 chunk = mine[c:c + per_chunk]
-                prompts, prefixes = [], []
+                prompts, prefixes, noise = [], [], []
                 for i in chunk:
                     prompts += [rows[i]["prompt_ids"]] * args.n
-                    # latents of a problem depend on (seed, problem) only: not on batch, rank or resume
-                    key_hash = int(hashlib.sha1(keys[i].encode()).hexdigest()[:12], 16)
-                    g_latent = torch.Generator().manual_seed(args.seed * 1_000_003 + key_hash)
+                    # a problem's latents and sampling noise depend on (seed, problem) only: not on
+                    # the batch, the rank or a resume
+                    g_latent = torch.Generator().manual_seed(derived_seed(args.seed, keys[i], "latents"))
                     drawn = source.sample(args.n, args.L, generator=g_latent)      # (n, rows, d) or None
                     prefixes += [None] * args.n if drawn is None else list(drawn.to(device))
+                    noise += [derived_seed(args.seed, keys[i], j) for j in range(args.n)]
                 texts, stopped = [], []
                 for s in range(0, len(prompts), args.batch_size):
                     out = generate(model, prompts[s:s + args.batch_size], prefixes[s:s + args.batch_size],
                                    args.max_new_tokens, temperature, top_p=args.top_p,
-                                   stop_tokens=[tokenizer.eos_token_id], generator=g_sample)
+                                   stop_tokens=[tokenizer.eos_token_id], keys=noise[s:s + args.batch_size])
                     texts += tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)
                     stopped += out.stopped.tolist()
                 for j, i in enumerate(chunk):

@@ -22,12 +22,15 @@ def units(model):
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def shard(model):
-    """Shard a Transformer in place over all ranks. Build the optimiser after this."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model, bf16=False):
+    """Shard a Transformer in place over all ranks. Build the optimiser after this. bf16: the
+    parameters are gathered in bf16 for compute, and gradients reduced in fp32 into the fp32 shards
+    the optimiser holds (FSDP2's MixedPrecisionPolicy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for block in model.model.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     # The first forward decides which unit is the root: make it the whole model, not a layer
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.inv_freq.device))

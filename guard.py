@@ -220,7 +220,7 @@ def check_state(module, state, file):
 
 
 # -----------------------------------------------------------------------------
-# Does a run fit: prompts in the context, the KV cache of a rank's rollouts in memory
+# Does a run fit the model's context
 
 def problem_name(row):
     return repr(row.get("id") or row["problem"][:40])
@@ -237,30 +237,118 @@ def check_fits_context(rows, extra, what, flag, context):
     return len(longest["prompt_ids"])
 
 
-def check_fits_memory(config, bytes_per_value, batches, device):
-    """batches: (rollouts, tokens each, which flags to lower). The KV cache of each batch must fit
-    the device's memory: refused at start-up, not found out of memory at the first step."""
-    import torch
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * bytes_per_value
-    have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for rollouts, length, flags in batches:
-        need = rollouts * length * per_token
-        if need > have:
-            raise UserError(f"{rollouts} rollouts per rank of up to {length} tokens need {need / 2**30:.3g} "
-                            f"GiB of KV cache, more than the {have / 2**30:.3g} GiB of the {device.type} "
-                            f"device; lower {flags} or --max-new-tokens, or use more ranks")
+# -----------------------------------------------------------------------------
+# Does a run fit: one model of the memory a rank holds at its peak, checked before the model loads
+
+GiB = 2**30
 
 
-# Flags a resumed run may change: how often it logs, evaluates or saves, and --steps upward.
+def parameter_count(c):
+    """Parameters of a ModelConfig c (tied embeddings counted once)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    layer += (q + 2 * kv + (c.hidden_size if c.model_type != "qwen2" else 0)) * bool(c.attention_bias or c.model_type == "qwen2")
+    layer += 2 * c.head_dim * (c.model_type == "qwen3")                                  # q_norm, k_norm
+    return c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
+
+
+def activation_bytes(c, bf16):
+    """Bytes autograd keeps per token and layer in a training forward (model.Block), as counted with
+    torch.autograd.graph.saved_tensors_hooks (tests/test_memory.py): the residual stream, the norms'
+    inputs and outputs in fp32; the projections' inputs (under autocast, one bf16 copy per
+    projection), q, k, v, the attention output and the MLP's four intermediates in the compute
+    dtype; Qwen3's q/k norms keep fp32 copies too."""
+    b = 2 if bf16 else 4
+    d, q, kv, heads = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_attention_heads
+    saved = 16 * d + 8 + (10 if bf16 else 8) * d + b * (2 * q + 2 * kv) + 4 * heads + 4 * b * c.intermediate_size
+    if c.model_type == "qwen3":
+        saved += (4 + b) * (q + kv) + 4 * (heads + c.num_key_value_heads)
+    return saved
+
+
+def memory_need(c, bf16=False, ranks=1, fsdp=False, sampler_copy=False, ref=False, train_rows=0, train_len=0,
+                checkpointing=False, gen_rows=0, gen_len=0, chunk=2048, kv_held=()):
+    """Bytes one rank holds at its peak, by part; "total" is the peak. c: ModelConfig; bf16: fp32
+    master weights with bf16 compute (autocast, or FSDP's bf16 parameters); ranks and fsdp: replicated
+    or sharded weights, gradients and AdamW moments; sampler_copy: a bf16 copy of the policy for
+    generation; ref: a frozen reference model. A training micro-batch of train_rows rows of train_len
+    tokens, with or without activation checkpointing; generation of gen_rows rows of gen_len tokens.
+    The peak is the larger of generation (no gradients) and training (gradients, saved activations,
+    the bf16 weights autocast keeps for the backward, a logits chunk). Without train_rows: inference
+    alone, weights in their own dtype. kv_held: (rows, tokens) of the KV caches a compiled decode
+    keeps from one call to the next (model.bucketed_cache), held throughout instead."""
+    P, b, layers, V = parameter_count(c), 2 if bf16 else 4, c.num_hidden_layers, c.vocab_size
+    shard = ranks if fsdp else 1
+    part = {"weights": (4 if train_rows else b) * P / shard}
+    if train_rows:
+        part["optimizer"] = 8 * P / shard                                        # AdamW's two moments
+        part["gradients"] = 4 * P / shard + (4 * min(P, 2**26) if ranks > 1 and not fsdp else 0)  # + the sync bucket
+    part["sampler copy"] = 2 * P if sampler_copy and bf16 else 0
+    part["reference model"] = b * P if ref else 0
+    tokens, layer_bytes = train_rows * train_len, activation_bytes(c, bf16)
+    if checkpointing:   # each layer's input kept; one layer's activations alive again in the backward
+        part["activations"] = tokens * (4 * c.hidden_size * layers + layer_bytes)
+    else:
+        part["activations"] = tokens * layer_bytes * layers
+    part["activations"] += tokens * 12 * c.hidden_size * b                     # gradients in flight
+    part["logits chunk"] = 6 * 4 * min(chunk, tokens) * V if train_rows else 0     # fp32, recomputed
+    part["autocast weights"] = (2 * P / (layers if fsdp else 1)) if bf16 and train_rows else 0
+    kv_bytes = 2 * layers * c.num_key_value_heads * c.head_dim * b
+    part["KV cache"] = kv_bytes * gen_rows * gen_len if not kv_held else 0
+    part["KV caches held"] = kv_bytes * sum(rows * tokens for rows, tokens in kv_held)
+    part["decoding"] = gen_rows * (5 * 4 * V + gen_len * (gen_len + (3 * c.intermediate_size + 6 * c.hidden_size) * b))
+    part["gathered weights"] = (2 if bf16 else 4) * P if fsdp and gen_rows else 0
+    common = part["weights"] + part.get("optimizer", 0) + part["sampler copy"] + part["reference model"] + part["KV caches held"]
+    generation = part["KV cache"] + part["decoding"] + part["gathered weights"]
+    training = part.get("gradients", 0) + part["activations"] + part["logits chunk"] + part["autocast weights"]
+    part["total"] = common + max(generation, training)
+    return part
+
+
+def free_memory(device):
+    """Bytes free on the device: CUDA's free memory, else the host's available memory."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def describe_need(part):
+    return ", ".join(f"{k} {v / GiB:.3g}" for k, v in part.items() if v and k != "total")
+
+
+# Flags a resumed run may change: how often it logs, evaluates or saves, --steps upward, and how the
+# memory is used (micro-batches and recomputation change the order of float sums, not the objective).
 MAY_CHANGE = {"resume", "eval_every", "save_every", "sample_every", "samples_per_step", "keep_checkpoints",
-              "tensorboard"}
+              "tensorboard", "micro_batch_size", "activation_checkpointing"}
+
+
+def same_paths(value):
+    """A flag's value with every path in it spelt one way (absolute, links resolved): '--out runs/a'
+    and '--out /home/me/runs/a' are the same run. Data specs (domain=path,...) are read part by part."""
+    if not isinstance(value, str):
+        return value
+    parts = [item.rpartition("=") for item in value.split(",")]
+    return ",".join(f"{d}{eq}{os.path.realpath(p) if os.path.exists(p) else p}" for d, eq, p in parts)
 
 
 def check_same_run(saved, now, path):
     """On --resume the flags that define the run must be the ones in args.json."""
     differ = [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in sorted(set(saved) & set(now))
-              if saved[k] != now[k] and k not in MAY_CHANGE and not (k == "steps" and now[k] >= saved[k])]
+              if same_paths(saved[k]) != same_paths(now[k]) and k not in MAY_CHANGE
+              and not (k == "steps" and now[k] >= saved[k])]
     if differ:
         raise UserError(f"--resume: flags that define the run differ from {path}: {', '.join(differ)}; "
                         "resume with the original flags, or choose a new --out")
+
+
+def refuse_unused(args, parser, unused):
+    """Refuse in one line a flag set away from its default where this run would ignore it.
+    unused: {argparse dest: why it has no effect here}."""
+    for dest, why in unused.items():
+        value = getattr(args, dest)
+        if value != parser.get_default(dest):
+            flag = f"--{dest.replace('_', '-')}" + ("" if isinstance(value, bool) else f" {value}")
+            raise UserError(f"{flag} has no effect here ({why}); leave it out")

@@ -30,9 +30,9 @@ import os
 
 import torch
 
-from common import compute_init, run_main
+from common import compute_init, derived_seed, run_main
 from data import TEMPLATES, format_prompt, load_rows
-from guard import SEED, ArgumentParser, UserError, check_fits_context, ranged
+from guard import SEED, ArgumentParser, UserError, check_fits_context, ranged, refuse_unused
 from model import add_prefix_arguments, check_prefix_sources, generate, load_policy, make_prefix_source
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +72,10 @@ def read_prompts(path):
 
 def check_args(args):
     """The rules between flags, before anything is loaded."""
+    unused = {} if args.temperature else {"top_p": "--temperature 0 decodes greedily"}
+    if args.prefix_source == "none":
+        unused.update(dict.fromkeys(("L", "tie", "vae", "region"), "--prefix-source none draws no prefix"))
+    refuse_unused(args, parser, unused)
     check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie)
     if args.out and os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a directory; give a file name for the JSON lines")
@@ -102,7 +106,6 @@ def main(argv=None):
     # All latents up front from one seeded generator: latent i is the same whatever the prompts.
     g_latent = torch.Generator().manual_seed(args.seed)
     latents = source.sample(args.num_latents, args.L, generator=g_latent)      # (N, rows, d) or None
-    g_sample = torch.Generator(device=device).manual_seed(args.seed + 1)
     label = "none" if latents is None else \
         f"{source.name}{':' + args.region if args.region else ''}, L={args.L}"
     out_file = None
@@ -118,8 +121,8 @@ def main(argv=None):
             for s in range(0, len(prompts), args.batch_size):
                 batch = prompts[s:s + args.batch_size]
                 out = generate(model, batch, None if prefix is None else [prefix] * len(batch),
-                               args.max_new_tokens, args.temperature, top_p=args.top_p,
-                               stop_tokens=[tokenizer.eos_token_id], generator=g_sample)
+                               args.max_new_tokens, args.temperature, top_p=args.top_p, stop_tokens=[tokenizer.eos_token_id],
+                               keys=[derived_seed(args.seed, s + j, i) for j in range(len(batch))])  # (prompt, latent)
                 completions = tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)
                 for j, completion in enumerate(completions):
                     p = s + j

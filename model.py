@@ -13,6 +13,7 @@ a row's positions count its real positions from 0, so padding never shifts RoPE 
 gives the logits it would give alone.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -58,6 +59,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
+    warmup: dict | None = None            # the prefixes sft_warmup.py taught: {"prefix_source", "L", "steps"}
 
     @classmethod
     def from_hf(cls, d, source="config.json"):
@@ -80,11 +82,13 @@ class ModelConfig:
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"))
+            pad_token_id=d.get("pad_token_id"), warmup=d.get("nanopalette_warmup"))
 
     def to_hf(self):
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         rope_scaling = d.pop("rope_scaling")
+        if d.pop("warmup") is not None:       # transformers keeps unknown keys of config.json as they are
+            d["nanopalette_warmup"] = self.warmup
         d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default",
                                 **(rope_scaling or {})}
         d["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -163,10 +167,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)   # (B, Hkv, S, hd): all cached keys
-        # mask: (B, 1, T, S) bool, True = may attend. GQA shares each kv head over n_heads/n_kv.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+            k, v = kv_cache.update(self.layer_idx, k, v)   # (B, Hkv, S, hd): every slot of the cache
+        gqa = self.n_kv_heads != self.n_heads                # each kv head serves n_heads / n_kv heads
+        if mask is None:   # right-padded training rows: plain causal attention, no mask to build or save
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:              # (B, 1, T, S) bool, True = may attend: left-padded rows, a KV cache
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -237,23 +243,27 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden_states(self, inputs_embeds, attention_mask=None, kv_cache=None):
-        """inputs_embeds (B, T, d), attention_mask (B, T) bool -> final-norm hidden (B, T, d)."""
+        """inputs_embeds (B, T, d) -> final-norm hidden (B, T, d). Without attention_mask the rows are
+        right padded (training: padding follows every real position, so causal attention is exact and
+        needs no mask); with it, (B, T) bool marks the real positions of left-padded rows, which a
+        KV cache (generation) records."""
         B, T, _ = inputs_embeds.shape
         device = inputs_embeds.device
+        mask = None
         if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-        if kv_cache is None:
-            positions = (attention_mask.cumsum(1) - 1).clamp(min=0)                  # (B, T)
-            key_valid, query_slots = attention_mask, torch.arange(T, device=device)   # (B, S=T)
+            positions = torch.arange(T, device=device).expand(B, T)                     # (B, T)
         else:
-            positions, key_valid, query_slots = kv_cache.prepare(attention_mask)
-        # A query may see real keys at or before its own slot. Padded queries also see their own
-        # slot, only so that no softmax row is empty (NaN); their outputs are never used.
-        key_slots = torch.arange(key_valid.shape[1], device=device)
-        causal = key_slots[None, :] <= query_slots[:, None]                          # (T, S)
-        own = key_slots[None, :] == query_slots[:, None]                             # (T, S)
-        mask = (causal[None] & key_valid[:, None, :]) | own[None]                    # (B, T, S)
-        mask = mask[:, None]                                                         # (B,1,T,S)
+            if kv_cache is None:
+                positions = (attention_mask.cumsum(1) - 1).clamp(min=0)                  # (B, T)
+                key_valid, query_slots = attention_mask, torch.arange(T, device=device)   # (B, S=T)
+            else:
+                positions, key_valid, query_slots = kv_cache.prepare(attention_mask)
+            # A query may see real keys at or before its own slot. Padded queries also see their own
+            # slot, only so that no softmax row is empty (NaN); their outputs are never used.
+            key_slots = torch.arange(key_valid.shape[1], device=device)
+            causal = key_slots[None, :] <= query_slots[:, None]                          # (T, S)
+            own = key_slots[None, :] == query_slots[:, None]                             # (T, S)
+            mask = ((causal[None] & key_valid[:, None, :]) | own[None])[:, None]         # (B,1,T,S)
         freqs = positions[..., None].float() * self.inv_freq                          # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]                           # (B,1,T,D)
         cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
@@ -325,38 +335,47 @@ class Transformer(nn.Module):
                     shutil.copy(src, os.path.join(tmp, name))
 
 
-def load_policy(path_or_id, device="cpu", dtype=torch.float32):
-    """The policy and its tokenizer, as every stage loads them. The tokenizer must have an eos
-    token: generation stops at it and the warm-up ends every answer with it."""
+def load_tokenizer(path, vocab_size):
+    """The tokenizer of a checkpoint directory, checked: it loads, encodes text into this model's
+    vocabulary and has an eos token (generation stops at it; the warm-up ends every answer with it)."""
     from transformers import AutoTokenizer
-    model = Transformer.from_pretrained(path_or_id, device=device, dtype=dtype)
-    path = model.source_dir
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # a corrupt file surfaces as a JSON, tokenizers or OS error
         tokenizer = e
-    check_tokenizer(tokenizer, path, TOKENIZER_FILES, model.config.vocab_size)
-    return model, tokenizer
+    check_tokenizer(tokenizer, path, TOKENIZER_FILES, vocab_size)
+    return tokenizer
+
+
+def load_policy(path_or_id, device="cpu", dtype=torch.float32):
+    """The policy and its tokenizer, as the inference stages load them."""
+    model = Transformer.from_pretrained(path_or_id, device=device, dtype=dtype)
+    return model, load_tokenizer(model.source_dir, model.config.vocab_size)
 
 
 def _chunk_logprobs(hidden, targets, weight, temperature):
-    # float32 at least (a bf16 model's loss is taken in float32), float64 for a float64 model
-    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))  # (n, V)
+    # logits in float32 (float64 for a float64 model) and outside autocast: bf16 logits are rounded
+    # to about 3 significant digits, so pi and pi_old of one token, from micro-batches padded
+    # differently, would disagree and the PPO ratio would clip on rounding noise
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden.to(dtype) @ weight.to(dtype).t()                                   # (n, V)
     logp = (logits / temperature).log_softmax(-1)
     entropy = -(logp.exp() * logp).sum(-1)                                                # (n,)
     return logp.gather(-1, targets[:, None]).squeeze(-1), entropy
 
 
-def token_logprobs(model, inputs_embeds, attention_mask, targets, loss_mask, temperature=1.0, chunk=2048):
+def token_logprobs(model, inputs_embeds, targets, loss_mask, temperature=1.0, chunk=2048):
     """The training path, for the warm-up's loss and the policy update: log p(target_t | context) at
     temperature, and the entropy of the next-token distribution (its graph kept, so an entropy
     bonus has a gradient), at the positions where loss_mask is True; each (B, T), zero elsewhere.
 
-    inputs_embeds (B, T, d), targets (B, T) = the token that follows each position, loss_mask (B, T)
-    bool. Logits are taken only at loss positions, in chunks recomputed in the backward pass, so a
-    150K vocabulary never materialises (B, T, V). A batch without a loss position still returns
-    tensors on the graph (backward() then gives zero gradients instead of failing)."""
-    hidden = model.hidden_states(inputs_embeds, attention_mask)                  # (B, T, d)
+    inputs_embeds (B, T, d) right padded (completion_batch), targets (B, T) = the token that follows
+    each position, loss_mask (B, T) bool. Logits are taken only at loss positions, in chunks
+    recomputed in the backward pass, so a 150K vocabulary never materialises (B, T, V). A batch
+    without a loss position still returns tensors on the graph (backward() then gives zero
+    gradients instead of failing)."""
+    hidden = model.hidden_states(inputs_embeds)                                  # (B, T, d)
     picked, picked_targets = hidden[loss_mask], targets[loss_mask]                # (N, d), (N,)
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     logprobs, entropy = [], []
@@ -469,10 +488,12 @@ def short_hash(values):
 
 
 # -----------------------------------------------------------------------------
-# 2. Prefixed, left-padded inputs
+# 2. Prefixed inputs: left padded for generation, right padded for training
 
-def embed_rows(model, token_rows, prefixes=None):
-    """Build the batch [prefix_i; E(tokens_i)], left padded to a common length.
+def embed_rows(model, token_rows, prefixes=None, left_pad=True):
+    """Build the batch [prefix_i; E(tokens_i)], padded to a common length: on the left for
+    generation (the newest token of every row in the last column), on the right for training
+    (every row starts at position 0 and causal attention needs no mask).
 
     token_rows: B lists of token ids; prefixes: None or B entries, each None, embeddings (L_i, d),
     or token ids (L_i,) of a text prefix (embedded by `model` like the prompt). Returns
@@ -489,13 +510,14 @@ def embed_rows(model, token_rows, prefixes=None):
     ids = torch.zeros(B, T, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.bool)
     vectors = []                                    # (row, first slot, (L, d)) of embedding prefixes
-    for i, (tokens, p, n) in enumerate(zip(token_rows, prefixes, lengths)):
-        ids[i, T - len(tokens):] = torch.as_tensor(tokens, dtype=torch.long)
-        mask[i, T - n:] = True
+    for i, (tokens, p, pl, n) in enumerate(zip(token_rows, prefixes, prefix_lens, lengths)):
+        start = T - n if left_pad else 0
+        ids[i, start + pl:start + n] = torch.as_tensor(tokens, dtype=torch.long)
+        mask[i, start:start + n] = True
         if p is not None and not p.is_floating_point():
-            ids[i, T - n:T - n + len(p)] = p.cpu()                      # text: tokens like the prompt's
+            ids[i, start:start + pl] = p.cpu()                          # text: tokens like the prompt's
         elif p is not None:
-            vectors.append((i, T - n, p))
+            vectors.append((i, start, p))
     embeds = E(ids.to(device))                                                  # (B, T, d)
     if vectors:
         block = torch.zeros_like(embeds)
@@ -508,97 +530,90 @@ def embed_rows(model, token_rows, prefixes=None):
 
 
 def completion_batch(model, prompts, completions, prefixes=None):
-    """The training layout: rows [prefix_i; prompt_i; completion_i], left padded.
+    """The training layout: rows [prefix_i; prompt_i; completion_i], right padded.
 
-    Returns inputs_embeds (B, T, d), attention_mask (B, T), targets (B, T) and loss_mask (B, T):
-    position t predicts targets[:, t], and loss_mask is True exactly at the positions that predict
-    a completion token, so prefix, prompt and padding never carry loss.
+    Returns inputs_embeds (B, T, d), targets (B, T) and loss_mask (B, T): position t predicts
+    targets[:, t], and loss_mask is True exactly at the positions that predict a completion token,
+    so prefix, prompt and padding never carry loss.
     """
     rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    embeds, mask = embed_rows(model, rows, prefixes)
+    embeds, mask = embed_rows(model, rows, prefixes, left_pad=False)
     B, T = mask.shape
     targets = torch.zeros(B, T, dtype=torch.long)
     loss_mask = torch.zeros(B, T, dtype=torch.bool)
-    for i, c in enumerate(completions):
-        n = len(c)
-        if n:
-            targets[i, T - n - 1:T - 1] = torch.as_tensor(c, dtype=torch.long)
-            loss_mask[i, T - n - 1:T - 1] = True
-    return embeds, mask, targets.to(mask.device), loss_mask.to(mask.device)
+    for i, (c, n) in enumerate(zip(completions, mask.sum(1).tolist())):
+        if c:   # row i is real at 0 .. n - 1; positions n - |c| - 1 .. n - 2 predict its completion
+            targets[i, n - len(c) - 1:n - 1] = torch.as_tensor(c, dtype=torch.long)
+            loss_mask[i, n - len(c) - 1:n - 1] = True
+    return embeds, targets.to(mask.device), loss_mask.to(mask.device)
 
 
 # -----------------------------------------------------------------------------
 # 3. KV cache and generation
 
-class KVCache(nn.Module):
-    """Keys and values for every layer, preallocated for the batch and the maximum length.
-
-    Slots fill left to right for all rows at once (rows are left padded, so they stay aligned);
-    `key_valid` marks which slots hold a real position of each row, `seen` counts each row's
-    real positions so far (its next RoPE position). Two modes:
-      dynamic  slot counter `length` is a Python int and attention reads slots [0, length);
-      static   the counter is a tensor and attention reads all slots under a mask, so the decode
-               step has fixed shapes and can be captured in a CUDA graph.
-    An nn.Module only so that torch.compile treats the buffers as static addresses.
-    """
+class KVCache:
+    """Keys and values of every layer, preallocated for the batch and the longest sequence, one
+    buffer per layer so that a compiled decode step updates each in place. The prompts fill slots
+    [0, T) (the prefill); each decode step writes slot `slot`, a tensor, so the step's shapes never
+    change. Attention reads every slot under a mask: `key_valid` marks the slots that hold a real
+    position of each row, `seen` counts each row's real positions so far (its next RoPE position)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        super().__init__()
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
-                 config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype))
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype))
-        self.register_buffer("key_valid", torch.zeros(batch_size, max_len, dtype=torch.bool,
-                                                      device=device))
-        self.register_buffer("seen", torch.zeros(batch_size, dtype=torch.long, device=device))
-        self.register_buffer("slot", torch.zeros(1, dtype=torch.long, device=device))
-        self.length = 0
-        self.static = False
-        self.max_len = max_len
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        for buffer in self.k + self.v:      # a CUDA graph reads them where they are, without a copy
+            torch._dynamo.mark_static_address(buffer)
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+
+    def reset(self):
+        """Empty, for the next generate() call: the slots are overwritten, only the counters restart."""
+        self.key_valid.zero_()
+        self.seen.zero_()
+        self.slot.zero_()
+        return self
+
+    def slots(self, T):
+        return self.slot + torch.arange(T, device=self.slot.device)                      # (T,)
 
     def prepare(self, attention_mask):
-        """Record the new positions; returns (positions (B,T), key_valid (B,S), query_slots (T,))."""
-        T = attention_mask.shape[1]
+        """Record the new positions; returns (positions (B, T), key_valid (B, S), query_slots (T,))."""
+        slots = self.slots(attention_mask.shape[1])
+        self.key_valid.index_copy_(1, slots, attention_mask)
         positions = self.seen[:, None] + attention_mask.cumsum(1) - 1
-        if self.static:                                   # T == 1, write at tensor slot
-            self.key_valid.index_copy_(1, self.slot, attention_mask)
-            return positions.clamp(min=0), self.key_valid, self.slot
-        if self.length + T > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {self.length} + {T} > {self.max_len}")
-        self.key_valid[:, self.length:self.length + T] = attention_mask
-        query_slots = torch.arange(self.length, self.length + T, device=attention_mask.device)
-        return positions.clamp(min=0), self.key_valid[:, :self.length + T], query_slots
+        return positions.clamp(min=0), self.key_valid, slots
 
     def update(self, layer, k, v):
-        """Store this step's k, v (B, Hkv, T, hd) and return all keys and values attended to."""
-        if self.static:
-            self.k[layer].index_copy_(2, self.slot, k)
-            self.v[layer].index_copy_(2, self.slot, v)
-            return self.k[layer], self.v[layer]
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store this step's k, v (B, Hkv, T, hd); returns every slot's keys and values (B, Hkv, S, hd)."""
+        slots = self.slots(k.shape[2])
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
 
     def advance(self, attention_mask):
         self.seen += attention_mask.sum(1)
-        if self.static:
-            self.slot += 1
-        else:
-            self.length += attention_mask.shape[1]
-            self.slot.fill_(self.length)
-
-    def keep_rows(self, rows):
-        """Drop finished rows (dynamic mode): later steps cost only what is still running."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
-        self.key_valid = self.key_valid.index_select(0, rows)
-        self.seen = self.seen.index_select(0, rows)
+        self.slot += attention_mask.shape[1]
 
 
-def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
+def keyed_uniform(keys, t, V):
+    """Uniform noise in (0, 1), (B, V), a function of (keys[b], t, v) alone: a counter-based
+    generator (a 32-bit integer hash, computed in int64 without overflow), so that a row's sampling
+    noise does not depend on the batch, the rank or the process that draws it. keys (B,) int64."""
+    def mix(x):                      # avalanche hash of 32-bit values (products stay below 2^59)
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    row = mix(mix(keys) ^ t)                                                             # (B,)
+    x = mix((row[:, None] + 0x9E3779B9 * torch.arange(V, device=keys.device)) & 0xFFFFFFFF)  # (B, V)
+    return ((x >> 8).float() + 0.5) / 2**24                                # 24 bits, like a float
+
+
+def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, keys=None, t=0):
     """logits (B, V) -> next tokens (B,). temperature 0 is greedy. No host synchronisation:
-    the exponential-race trick, argmax(p / q) with q ~ Exp(1), draws from p on the device."""
+    the exponential-race trick, argmax(p / q) with q ~ Exp(1), draws from p on the device. q comes
+    from keyed_uniform(keys, t) when keys are given, else from generator."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -610,7 +625,8 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(-1)
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    q = -keyed_uniform(keys, t, probs.shape[1]).log() if keys is not None else \
+        torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / q).argmax(-1)
 
 
@@ -628,70 +644,90 @@ def _decode_step(model, tokens, cache):
     """One decode step for every row: tokens (B,) -> logits (B, V)."""
     embeds = model.embed_tokens(tokens[:, None])                                 # (B, 1, d)
     mask = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
-    return model(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)[:, -1]
+    return model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])
 
 
-_compiled_decode_step = None
+@functools.cache
+def compiled_decode_step(device_type):
+    """_decode_step under torch.compile, built once per process: symbolic batch and cache sizes, so
+    that one graph serves every call; on a GPU captured in CUDA graphs (one recording per bucket)."""
+    return torch.compile(_decode_step, fullgraph=True, dynamic=True,
+                         mode="reduce-overhead" if device_type == "cuda" else None)
+
+
+def decode_buckets(batch, length):
+    """The shapes a compiled step runs at: the batch rounded up to a power of two (at least 2: a batch
+    of 1 would compile a graph of its own), the cache length to a multiple of 256, so that a run's
+    varied batches share a few graphs."""
+    return max(2, 1 << (batch - 1).bit_length()), -(-length // 256) * 256
+
+
+_CACHES = {}      # bucketed shape -> the KVCache a compiled step reuses (CUDA graphs keep its address)
+
+
+def bucketed_cache(config, batch, length, device, dtype):
+    """The KV cache of one bucketed shape, made once and reused by every later call of that shape:
+    a CUDA graph recorded on its buffers replays without a copy and without recording again (torch
+    stops using graphs for a function recorded too often). It stays allocated between calls;
+    guard.memory_need counts it as held throughout a run."""
+    key = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, batch, length, dtype, str(device))
+    if key not in _CACHES:
+        _CACHES[key] = KVCache(config, batch, length, device, dtype)
+    return _CACHES[key].reset()
 
 
 @torch.inference_mode()
 def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0, top_p=1.0, stop_tokens=(),
-             generator=None, pad_id=0, static=False):
-    """Batched sampling with a KV cache.
+             keys=None, generator=None, pad_id=0, compile=None, check_every=16):
+    """Batched sampling with a KV cache: the one decode path of every script and of the benchmarks.
 
     prompts: B lists of token ids; prefixes: None or B prefixes (embed_rows), each placed before its
-    prompt. temperature 0 = greedy. A row stops at its first token in stop_tokens or
-    after max_new_tokens. generator: a torch.Generator on the model's device, for reproducible
-    sampling. static=True decodes with fixed shapes and torch.compile(mode="reduce-overhead")
-    (CUDA graphs) on a GPU; finished rows are then masked instead of dropped.
+    prompt. temperature 0 = greedy. A row stops at its first token in stop_tokens or after
+    max_new_tokens. Sampling noise: with keys (B ints), row b's noise at its t-th new token is
+    keyed_uniform(keys[b], t), so a row samples the same tokens in any batch, on any rank, in any
+    run; without keys it comes from generator (a torch.Generator on the model's device).
+    Decoding keeps fixed shapes: a finished row stays in the batch (masked), and whether every row
+    has finished is read only every check_every tokens, the one host synchronisation. compile
+    (default: on CUDA) runs the decode step compiled (compiled_decode_step), at bucketed shapes
+    (decode_buckets) on a cache kept for its shape (bucketed_cache): the batch is padded with copies
+    of row 0 that count as finished from the start.
     """
-    global _compiled_decode_step
     device = model.embed_tokens.weight.device
+    compile = device.type == "cuda" if compile is None else compile
     B = len(prompts)
-    embeds, mask = embed_rows(model, prompts, prefixes)                          # (B, T, d)
-    cache = KVCache(model.config, B, embeds.shape[1] + max_new_tokens, device, embeds.dtype)
+    padded_batch = decode_buckets(B, 0)[0] if compile else B
+    if compile:
+        pad = padded_batch - B
+        prompts = list(prompts) + [prompts[0]] * pad
+        prefixes = None if prefixes is None else list(prefixes) + [prefixes[0]] * pad
+        keys = None if keys is None else list(keys) + [0] * pad
+    embeds, mask = embed_rows(model, prompts, prefixes)                          # (B', T, d)
+    length = embeds.shape[1] + max_new_tokens
+    cache = bucketed_cache(model.config, padded_batch, decode_buckets(B, length)[1], device, embeds.dtype) \
+        if compile else KVCache(model.config, B, length, device, embeds.dtype)
     # The prefill needs the next-token logits of the last position only: the full (B, T, V) would
     # be 4 GB for 64 prompts of 300 tokens with a 49K vocabulary, and a fifth of the prefill's work.
-    hidden = model.hidden_states(embeds, mask, kv_cache=cache)                  # (B, T, d)
-    logits = model.lm_head(hidden[:, -1])                                        # (B, V)
+    logits = model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])    # (B', V)
 
+    key_tensor = None if keys is None else torch.tensor([k % 2**32 for k in keys], device=device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)   # per original row
-    stopped = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-    active = torch.arange(B, device=device)      # original index of each row still in the cache
-    step_fn = _decode_step
-    if static:
-        cache.static = True
-        if device.type == "cuda":
-            if _compiled_decode_step is None:
-                _compiled_decode_step = torch.compile(_decode_step, mode="reduce-overhead",
-                                                      fullgraph=True)
-            step_fn = _compiled_decode_step
+    out = torch.full((padded_batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    finished = torch.arange(padded_batch, device=device) >= B      # the bucket's padding rows
+    stopped = torch.zeros(padded_batch, dtype=torch.bool, device=device)
+    lengths = torch.zeros(padded_batch, dtype=torch.long, device=device)
+    step = compiled_decode_step(device.type) if compile else _decode_step
     for t in range(max_new_tokens):
-        tokens = sample_next(logits, temperature, top_p, generator)              # (b,)
-        live = ~finished[active]
-        out[active, t] = torch.where(live, tokens, pad_id)
-        lengths[active] += live.long()
+        tokens = sample_next(logits, temperature, top_p, generator, key_tensor, t)  # (B',)
+        live = ~finished
+        out[:, t] = torch.where(live, tokens, pad_id)
+        lengths += live.long()
         hit_stop = live & torch.isin(tokens, stop)
-        stopped[active] |= hit_stop
-        finished[active] |= hit_stop
-        if t == max_new_tokens - 1:
+        stopped |= hit_stop
+        finished |= hit_stop
+        if t == max_new_tokens - 1 or (t % check_every == check_every - 1 and bool(finished.all())):
             break
-        if static:
-            if t % 16 == 15 and bool(finished.all()):   # sync only now and then
-                break
-        else:
-            n_live = int((~finished[active]).sum())
-            if n_live == 0:
-                break
-            if n_live <= active.numel() // 2:             # drop finished rows from the batch
-                keep = (~finished[active]).nonzero().squeeze(1)
-                active, tokens = active[keep], tokens[keep]
-                cache.keep_rows(keep)
-        logits = step_fn(model, tokens, cache)
-    return Generation(tokens=out, lengths=lengths, stopped=stopped)
+        logits = step(model, tokens, cache)
+    return Generation(tokens=out[:B], lengths=lengths[:B], stopped=stopped[:B])
 
 
 # -----------------------------------------------------------------------------
@@ -764,11 +800,11 @@ class PaletteVAE(nn.Module):
         """z (..., k) -> h_hat (..., d) in the (unstandardised) space of h."""
         return self.decoder(z) * self.h_std + self.h_mean
 
-    def forward(self, h, beta, generator=None):
+    def forward(self, h, beta, eps):
         """The training loss: negative ELBO pieces, averaged over the batch: recon + beta * KL.
-        recon = ||h_hat - h||^2 in standardised units; KL(N(mu, sigma^2) || N(0, I)) closed form."""
+        recon = ||h_hat - h||^2 in standardised units; KL(N(mu, sigma^2) || N(0, I)) closed form.
+        eps (N, k): the standard normal noise of the reparameterisation."""
         mu, logvar = self.encode(h)                                              # (N, k) each
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device)
         z = mu + (0.5 * logvar).exp() * eps                                      # reparameterised
         recon = ((self.decoder(z) - (h - self.h_mean) / self.h_std) ** 2).sum(-1).mean()
         kl = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(-1)).mean()
@@ -821,12 +857,19 @@ def load_vae(vae_dir, E=None):
 
 class PrefixSource:
     """The interface of every prefix source: sample(n, L, generator) -> n prefixes, as embeddings
-    (n, L, d) at the mean token-embedding norm or, for a text source, token ids (n, rows); None when
-    L == 0. Each source class says what it needs and allows (the class attributes below), so that
-    check_prefix_sources refuses a misuse before anything is loaded and no other file tests names.
-    A new source is one class here and one entry in PREFIX_SOURCES (argparse's choices come from it).
-    Each of the L prefix vectors is an independent draw unless tie=True repeats one draw L times."""
+    (n, L, d) or, for a text source, token ids (n, rows); None when L == 0. Each source class says
+    what it needs and allows (the class attributes below), so that check_prefix_sources refuses a
+    misuse before anything is loaded and no other file tests names, and what it is (`summary`, which
+    --prefix-source --help prints). A new source is one class here and one entry in PREFIX_SOURCES
+    (argparse's choices come from it). Each of the L prefix vectors is an independent draw unless
+    tie=True repeats one draw L times. The norms differ by design: vae (centred, rescaled), noise and
+    random_decoder give vectors at the mean token-embedding norm (vae times its prefix_scale); vae's
+    paper form keeps the decoder's own norm, far shorter; rsp's entries are drawn like the table's,
+    so its norm is sqrt(d (var + mean^2)) of the table's entries, that of a typical row rather than
+    the mean of the rows' norms; lorem's rows are real token embeddings."""
     name = "none"
+    summary = "no prefix"
+    norm = None             # "token": vectors at the mean token-embedding norm; "table": a typical row's
     needs_vae = False       # built from --vae (and --region: the VAE's latent regions)
     tieable = True          # --tie has a meaning
 
@@ -865,6 +908,8 @@ class VAEPrefix(PrefixSource):
     """The method: z ~ N(0, I) (the prior) or z ~ N(mean_d, cov_d) (domain d's region), decoded by
     the VAE into a prefix embedding (PaletteVAE.prefix)."""
     name, needs_vae = "vae", True
+    summary = "the method: z from the VAE's prior (or --region's), decoded into a prefix vector"
+    norm = "token"          # times the VAE's prefix_scale (the paper form: the decoder's own)
 
     def __init__(self, E, vae=None, region=None, tie=False, **context):
         super().__init__(E, tie)
@@ -888,6 +933,8 @@ class VAEPrefix(PrefixSource):
 class NoisePrefix(PrefixSource):
     """A raw Gaussian vector scaled to the mean token-embedding norm: the paper's noise baseline."""
     name = "noise"
+    summary = "a Gaussian vector at the mean token-embedding norm (the paper's noise baseline)"
+    norm = "token"
 
     def _draw(self, n, L, generator):
         return self._to_token_norm(self._noise(n, L, self.dim, generator))
@@ -898,6 +945,8 @@ class RandomDecoderPrefix(PrefixSource):
     embeddings (the paper's VLM variant). Its weights come from the seed, so every rank and every
     later stage that names the same seed gets the same decoder."""
     name = "random_decoder"
+    summary = "noise through an untrained small decoder (the paper's VLM variant)"
+    norm = "token"
 
     def __init__(self, E, tie=False, seed=0, width=64, layers=2, **context):
         super().__init__(E, tie)
@@ -920,6 +969,8 @@ class RSPPrefix(PrefixSource):
     Gaussian with the mean and variance of the embedding table's entries, fresh for every draw; no
     training and no rescaling, so its norm is that of a typical embedding row, not the mean one."""
     name = "rsp"
+    summary = "random soft prompts: entries drawn with the embedding table's mean and variance"
+    norm = "table"
 
     def __init__(self, E, tie=False, **context):
         super().__init__(E, tie)
@@ -954,6 +1005,7 @@ class LoremPrefix(PrefixSource):
     draws from Python's global random, which a resumed run would not continue exactly), a period
     after about one word in eight and a comma after one in twelve, and cut to exactly L tokens."""
     name, tieable = "lorem", False
+    summary = "L tokens of pseudo-Latin text, then a boundary instruction (LoPE's perturbation)"
 
     def __init__(self, E, tokenizer=None, **context):
         super().__init__(E)
@@ -988,7 +1040,8 @@ def make_prefix_source(name, E, tokenizer=None, vae=None, region=None, tie=False
 
 def add_prefix_arguments(parser, source="vae", L=1, L_help="prefix tokens (lorem: text tokens, then the boundary)"):
     """The palette's flags, the same in every stage that draws prefixes."""
-    parser.add_argument("--prefix-source", default=source, choices=list(PREFIX_SOURCES))
+    parser.add_argument("--prefix-source", default=source, choices=list(PREFIX_SOURCES),
+                        help="; ".join(f"{name}: {cls.summary}" for name, cls in PREFIX_SOURCES.items()))
     parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
     parser.add_argument("--region", default=None, help="sample z from this domain's region of the VAE, not the prior")
     parser.add_argument("--L", type=ranged(int, 0), default=L, help=L_help)
@@ -1003,6 +1056,8 @@ def check_prefix_sources(used, vae, region, tie):
             raise UserError(f"{flag} {name} needs --vae DIR (a directory written by train_vae.py)")
         if tie and not PREFIX_SOURCES[name].tieable:
             raise UserError(f"--tie has no meaning for {flag} {name} (it draws no vectors to repeat); leave --tie out")
+    if vae is not None and not any(PREFIX_SOURCES[name].needs_vae for _, name in used):
+        raise UserError("--vae has no effect here: no prefix source of this run reads a VAE; leave it out")
     if region is not None and not any(PREFIX_SOURCES[name].needs_vae for _, name in used):
         raise UserError("--region needs a VAE source (--prefix-source vae or --resample-source vae): "
                         "regions are areas of the VAE's latent space")
@@ -1011,21 +1066,25 @@ def check_prefix_sources(used, vae, region, tie):
 # -----------------------------------------------------------------------------
 # 5. RL: group advantages and the clipped policy-gradient loss
 
-ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "drgrpo")
+# name -> advantages (P, G) of the rewards (P, G) of G rollouts of each of P prompts, before the
+# zero-variance rule below. argparse takes its choices from here; a new estimator is one entry.
+ADVANTAGE_ESTIMATORS = {
+    "grpo": lambda r, eps: (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps),   # Bessel's std
+    "rloo": lambda r, eps: (r - r.mean(1, keepdim=True)) * r.shape[1] / (r.shape[1] - 1),     # leave-one-out
+    "drgrpo": lambda r, eps: r - r.mean(1, keepdim=True),                                     # Dr. GRPO
+}
 
 
 def group_advantages(rewards, estimator="grpo", eps=1e-6):
-    """rewards (P, G): G rollouts of each of P prompts -> advantages (P, G).
+    """rewards (P, G): G rollouts of each of P prompts -> advantages (P, G), float32 or wider.
     grpo    (r - mean) / (std + eps), std with Bessel's correction (as in DeepSeekMath's GRPO)
     rloo    r_i - mean of the other G - 1 rewards = G / (G - 1) * (r_i - mean)
     drgrpo  r - mean, no std scaling (Dr. GRPO)
     A group whose rewards are all equal carries no signal: its advantages are exactly zero."""
-    rewards, G = rewards.float(), rewards.shape[1]
-    if G == 1:
+    rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+    if rewards.shape[1] == 1:
         return torch.zeros_like(rewards)
-    centred = rewards - rewards.mean(1, keepdim=True)
-    adv = {"grpo": lambda: centred / (rewards.std(1, keepdim=True) + eps),
-           "rloo": lambda: centred * G / (G - 1), "drgrpo": lambda: centred}[estimator]()
+    adv = ADVANTAGE_ESTIMATORS[estimator](rewards, eps)
     return adv.masked_fill((rewards == rewards[:, :1]).all(1, keepdim=True), 0.0)
 
 
@@ -1057,10 +1116,11 @@ def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_
     H = -sum_v pi(v) log pi(v), the entropy of the policy's next-token distribution at that
     position (it must keep its graph for the bonus to have a gradient: token_logprobs). Rows where
     shaped (B,) is True take LoPE's shaped term -f(ratio) * A, f(r) = r / (r + 0.1), unclipped (f < 1
-    bounds it), in place of the clipped one (resample.py's naive-shaped credit). Returns (loss, stats) with loss = sum(weights * per_token); padding has weight 0. stats: the
-    number of weighted tokens and, over those tokens, the clipped fraction, the mean k3 (when a
-    reference is given) and the mean entropy (when given), so that callers can combine
-    micro-batches by their token counts.
+    bounds it), in place of the clipped one (credit.py's naive-shaped). Padding has weight 0.
+    Returns (loss = sum(weights * per_token), per-row sums (B,) over the weighted tokens: "loss"
+    (each row's share of the loss), "tokens", "clipped" (tokens whose clip is active), "kl" (of k3,
+    with a reference) and "entropy" (when given)), so that callers can add up micro-batches, ranks
+    and updates and divide by the tokens.
     """
     ratio = (logprobs - old_logprobs).exp()
     A = advantages[:, None]
@@ -1071,18 +1131,17 @@ def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_
     if shaped is not None and shaped.any():
         per_token = torch.where(shaped[:, None], -ratio / (ratio + 0.1) * A, per_token)
         is_clipped &= ~shaped[:, None]
-    mask = weights > 0
-    n = int(mask.sum())
-    mean = lambda x: (x.detach() * mask).sum().item() / max(n, 1)
-    stats = {"tokens": n, "clip_frac": mean(is_clipped.float())}
+    counted = weights > 0
+    row_sum = lambda x: (x.detach() * counted).sum(1).double()                               # (B,)
+    stats = {"tokens": row_sum(torch.ones_like(weights)), "clipped": row_sum(is_clipped)}
     if ref_logprobs is not None and kl_coef > 0:
         log_ratio = ref_logprobs - logprobs
         k3 = log_ratio.exp() - log_ratio - 1
         per_token = per_token + kl_coef * k3
-        stats["kl"] = mean(k3)
+        stats["kl"] = row_sum(k3)
     if entropy is not None:
         if entropy_coef > 0:      # else no gradient through the (N, V) entropy at all
             per_token = per_token - entropy_coef * entropy
-        stats["entropy"] = mean(entropy)
-    loss = (weights * per_token).sum()
-    return loss, stats
+        stats["entropy"] = row_sum(entropy)
+    stats["loss"] = (weights * per_token).detach().sum(1).double()
+    return (weights * per_token).sum(), stats

@@ -8,7 +8,11 @@ make the model read prefixes, too few to learn to ignore them or to memorise ans
 frozen. With --prefix-source none this is the plain SFT given to the baselines, so that RL
 comparisons start from equally fine-tuned models; the other sources warm a policy up for those
 baselines' prefixes (lorem: L tokens of fresh pseudo-Latin text, then a boundary instruction).
-The loss is a token mean over the whole batch, however it is split over ranks and micro-batches.
+The loss is a token mean over the whole batch, however it is split over ranks and micro-batches,
+and step s draws the prefixes of its whole batch from a seed derived from (--seed, s), so a run
+gives the same model on any number of ranks. --dtype bfloat16 computes under autocast with fp32
+master weights and optimiser state. The policy records the prefixes it was taught (source and L,
+in config.json), and rl.py says so when it is given others.
 
 Before and after training it measures, on --eval-problems held-out problems: greedy pass@1 with
 no prefix (the warm-up must not damage the model) and the fraction of problems whose greedy
@@ -18,7 +22,7 @@ Toy world:
     python sft_warmup.py --model runs/toy/base --vae runs/toy/vae --out runs/toy/sft \
         --data runs/toy/data/math_train.jsonl --eval-data runs/toy/data/math_test.jsonl
     python sft_warmup.py --prefix-source none ... --out runs/toy/sft_plain     # the baseline's SFT
-A real model, 8 GPUs:
+A real model, 8 GPUs of 80 GB:
     torchrun --nproc_per_node 8 sft_warmup.py --model Qwen/Qwen3-4B-Base --vae runs/vae-qwen3-4b \
         --data math=meta-math/MetaMathQA --template math --batch-size 64 --lr 1e-5 \
         --dtype bfloat16 --out runs/sft-qwen3-4b
@@ -32,12 +36,13 @@ import torch
 
 import diagnostics
 import fsdp
-from common import (RunDir, all_reduce_mean, check_ranks_in_sync, compute_init, print0, progress,
+from common import (RunDir, all_reduce_mean, check_ranks_in_sync, compute_init, derived_seed, print0, progress,
                     run_main, seed_everything, sync_gradients)
-from data import TEMPLATES, format_prompt, load_mixture
-from guard import SEED, ArgumentParser, UserError, check_fits_context, ranged
-from model import (add_prefix_arguments, check_prefix_sources, completion_batch, load_policy,
-                   make_prefix_source, token_logprobs)
+from data import HELD_OUT_SEED, TEMPLATES, format_prompt, load_mixture
+from guard import (GiB, SEED, ArgumentParser, UserError, check_fits_context, describe_need, free_memory, memory_need,
+                   ranged, refuse_unused)
+from model import (Transformer, add_prefix_arguments, check_prefix_sources, completion_batch, load_config,
+                   load_embedding_matrix, load_tokenizer, make_prefix_source, resolve_checkpoint, token_logprobs)
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Data
@@ -50,7 +55,8 @@ parser.add_argument("--eval-problems", type=ranged(int, 1), default=200)
 parser.add_argument("--eval-max-new-tokens", type=ranged(int, 1), default=128)
 # Model
 parser.add_argument("--model", required=True, help="hub id or checkpoint directory")
-parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16: bf16 compute, fp32 master weights and optimiser state")
 parser.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser state "
                     "over ranks (FSDP2, fsdp.py; docs/fsdp.md gives the memory per GPU)")
 # Palette
@@ -78,6 +84,10 @@ def check_args(args, world_size=1):
     if args.batch_size % (world_size * args.micro_batch_size):
         raise UserError(f"--batch-size {args.batch_size} must split into micro-batches of "
                         f"{args.micro_batch_size} over {world_size} ranks")
+    unused = {} if args.eval_data else dict.fromkeys(("eval_problems", "eval_max_new_tokens"), "there is no --eval-data")
+    if args.prefix_source == "none":
+        unused.update(dict.fromkeys(("L", "tie", "vae", "region"), "--prefix-source none draws no prefix"))
+    refuse_unused(args, parser, unused)
     check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie)
 
 
@@ -109,13 +119,21 @@ def main(argv=None):
     seed_everything(args.seed)
     run = RunDir(args.out, args)
 
-    model, tokenizer = load_policy(args.model, device, getattr(torch, args.dtype))
-    context = model.config.max_position_embeddings
-    source = make_prefix_source(args.prefix_source, model.embed_tokens.weight, tokenizer, args.vae, args.region,
+    path = resolve_checkpoint(args.model)
+    config, bf16 = load_config(path), args.dtype == "bfloat16"
+    tokenizer = load_tokenizer(path, config.vocab_size)
+    context = config.max_position_embeddings
+    source = make_prefix_source(args.prefix_source, load_embedding_matrix(path), tokenizer, args.vae, args.region,
                                 args.tie, args.seed)              # L = 0: it draws no prefix (None)
     pairs = load_pairs(args, tokenizer, source.rows(args.L), context)
     print0(f"{len(pairs)} (question, answer) pairs; prefix source {source.name}, L = {args.L}")
-    eval_rows = load_mixture(args.eval_data, seed=args.seed)[:args.eval_problems] if args.eval_data else None
+    need = memory_need(config, bf16, world_size, args.fsdp, train_rows=args.micro_batch_size,
+                       train_len=max(len(p) + len(a) for p, a in pairs) + source.rows(args.L))
+    if need["total"] > free_memory(device):
+        raise UserError(f"a rank needs {need['total'] / GiB:.3g} GiB ({describe_need(need)} GiB), more than the "
+                        f"{free_memory(device) / GiB:.3g} GiB free; lower --micro-batch-size or --max-tokens, or use --fsdp")
+    model = Transformer.from_pretrained(path, device)                      # fp32 master weights
+    eval_rows = load_mixture(args.eval_data, seed=HELD_OUT_SEED)[:args.eval_problems] if args.eval_data else None
     if eval_rows:                      # the check draws prefixes of max(L, 1) tokens
         for r in eval_rows:
             r["prompt_ids"] = tokenizer(format_prompt(r["problem"], args.template, tokenizer),
@@ -131,28 +149,31 @@ def main(argv=None):
     # -- train: the LM loss on the answers, under prior-sampled prefixes
     model.train()
     if args.fsdp:
-        fsdp.shard(model)                # the optimiser below then holds only this rank's shards
+        fsdp.shard(model, bf16)          # the optimiser below then holds only this rank's shards
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     per_rank = args.batch_size // world_size
     order = random.Random(args.seed)                    # the same permutation on every rank
-    g_prefix = torch.Generator().manual_seed(args.seed * 1000 + rank)
     bar = progress(range(args.steps), "sft")
     for step in bar:
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
         for group in opt.param_groups:
             group["lr"] = lr
         batch = order.sample(pairs, args.batch_size)[rank * per_rank:(rank + 1) * per_rank]
+        # prior draws for the whole batch from the step's own seed, this rank's share taken: the
+        # same prefixes whatever the number of ranks
+        drawn = source.sample(args.batch_size, args.L, torch.Generator().manual_seed(derived_seed(args.seed, step)))
+        drawn = None if drawn is None else drawn[rank * per_rank:(rank + 1) * per_rank]           # (b, L, d)
         # the token mean over the whole batch: the count is a mean over ranks, as the gradient is
         n_tokens = all_reduce_mean([sum(len(a) for _, a in batch)], device)[0]
         total_loss = 0.0
         for i in range(0, len(batch), args.micro_batch_size):
             micro = batch[i:i + args.micro_batch_size]
-            prefixes = source.sample(len(micro), args.L, g_prefix)         # prior draws, (b, L, d)
+            prefixes = None if drawn is None else list(drawn[i:i + args.micro_batch_size])
             if args.fsdp:
                 fsdp.gather_root(model)  # embed_rows and the log-probs read the root's weights
-            embeds, mask, targets, loss_mask = completion_batch(
-                model, [p for p, _ in micro], [a for _, a in micro], None if prefixes is None else list(prefixes))
-            logprobs, _ = token_logprobs(model, embeds, mask, targets, loss_mask)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not args.fsdp):
+                embeds, targets, loss_mask = completion_batch(model, [p for p, _ in micro], [a for _, a in micro], prefixes)
+                logprobs, _ = token_logprobs(model, embeds, targets, loss_mask)
             loss = -logprobs.sum() / n_tokens          # this rank's share of the batch's token mean
             loss.backward()
             total_loss += loss.item()
@@ -178,6 +199,7 @@ def main(argv=None):
         run.log({"before": before, "after": after}, name="summary.jsonl")
     if not args.fsdp:                            # sharded ranks hold different parts by design
         check_ranks_in_sync(model)
+    (whole if args.fsdp else model).config.warmup = {"prefix_source": args.prefix_source, "L": args.L, "steps": args.steps}
     if run.master:
         (whole if args.fsdp else model).save_pretrained(run.file("model"))
         print0(f"saved {run.file('model')}")

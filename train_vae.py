@@ -17,20 +17,23 @@ A real model (the paper used about 5K pairs in all):
     python train_vae.py --model Qwen/Qwen3-4B-Base --out runs/vae-qwen3-4b --template math \
         --data math=meta-math/MetaMathQA,code=../shared/data/code_alpaca.jsonl,qa=../shared/data/qa_t0.jsonl \
         --per-domain-cap 2000
-    torchrun --nproc_per_node 8 train_vae.py ...   (batches shard over ranks; the VAE is small)
+    torchrun --nproc_per_node 8 train_vae.py ...   (each rank takes its share of every batch of
+                                                    --batch-size; the result does not depend on the ranks)
 """
 
 import argparse
+import math
 
 import numpy as np
 import torch
 
-from common import RunDir, check_ranks_in_sync, compute_init, print0, progress, run_main, seed_everything, sync_gradients
+from common import (RunDir, all_reduce_mean, check_ranks_in_sync, compute_init, print0, progress, run_main,
+                    seed_everything, sync_gradients)
 from data import TEMPLATES, format_prompt, load_mixture
 from diagnostics import prefix_health
 from guard import SEED, ArgumentParser, UserError, ranged
-from model import (DEFAULT_PREFIX_FORM, PREFIX_FORMS, PaletteVAE, VAEPrefix, embedding_fingerprint,
-                   load_embedding_matrix, mean_pooled_embeddings, resolve_checkpoint, save_vae, short_hash)
+from model import (DEFAULT_PREFIX_FORM, PREFIX_FORMS, PaletteVAE, VAEPrefix, embedding_fingerprint, load_config,
+                   load_embedding_matrix, load_tokenizer, mean_pooled_embeddings, resolve_checkpoint, save_vae, short_hash)
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # Data
@@ -97,8 +100,10 @@ def plot_latents(mu, domains, names, path, title):
     plt.close(fig)
 
 
-def check_vae_size(args, dim, n_pairs):
+def check_vae_size(args, dim, n_pairs, world_size):
     """What can only be checked once the embedding width d and the number of pairs are known."""
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {world_size} ranks")
     if n_pairs < 2:
         raise UserError(f"--data {args.data}: {n_pairs} pair with a solution or answer; the VAE "
                         "standardises h over the pairs and needs at least 2 (a few hundred to learn anything)")
@@ -117,10 +122,9 @@ def main(argv=None):
     run = RunDir(args.out, args)
 
     # -- h = mean over tokens of E([q; o]) for every pair ----------------------------------
-    from transformers import AutoTokenizer
     model_dir = resolve_checkpoint(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     E = load_embedding_matrix(model_dir)                                        # (V, d)
+    tokenizer = load_tokenizer(model_dir, len(E))
     rows = load_mixture(args.data, per_domain_cap=args.per_domain_cap, seed=args.seed)
     rows = [r for r in rows if r.get("solution") or r.get("answer")]
     if not rows:
@@ -132,15 +136,18 @@ def main(argv=None):
     token_rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:args.max_tokens] for t in texts]
     h = mean_pooled_embeddings(E, token_rows)                                   # (N, d)
     print0(f"{len(rows)} pairs from {', '.join(f'{n}: {(domains == i).sum()}' for i, n in enumerate(names))}")
-    check_vae_size(args, E.shape[1], len(rows))
+    check_vae_size(args, E.shape[1], len(rows), world_size)
 
     vae = PaletteVAE(E.shape[1], args.latent_dim, args.hidden_dim, args.depth, args.prefix_form, args.prefix_scale)
     vae.set_statistics(h, E)
     vae.to(device)
     h = h.to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
-    g = torch.Generator(device="cpu").manual_seed(args.seed + rank)             # batches differ per rank
-    g_noise = torch.Generator(device=device).manual_seed(args.seed + 1000 + rank)
+    # one stream of batches and noise on every rank, each rank taking its share of each batch: the
+    # gradient averaged over ranks is the one of the whole batch, whatever the number of ranks
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    g_noise = torch.Generator(device="cpu").manual_seed(args.seed + 1000)
+    share = slice(rank * args.batch_size // world_size, (rank + 1) * args.batch_size // world_size)
 
     # -- train -----------------------------------------------------------------------------
     bar = progress(range(args.steps), "vae")
@@ -149,17 +156,18 @@ def main(argv=None):
         lr = args.lr * 0.5 * (1 + np.cos(np.pi * step / args.steps))           # cosine decay
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(0, len(h), (args.batch_size,), generator=g).to(device)
-        loss, recon, kl = vae(h[idx], beta, g_noise)
-        if not torch.isfinite(loss):
-            raise UserError(f"non-finite VAE loss at step {step}; lower --lr or --beta")
+        idx = torch.randint(0, len(h), (args.batch_size,), generator=g)[share].to(device)
+        eps = torch.randn(args.batch_size, args.latent_dim, generator=g_noise)[share].to(device)
+        loss, recon, kl = vae(h[idx], beta, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sync_gradients(vae)
         opt.step()
-        run.log({"step": step, "loss": loss.item(), "recon": recon.item(), "kl": kl.item(),
-                 "beta": beta, "lr": lr})
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        loss_all, recon_all, kl_all = all_reduce_mean([loss.item(), recon.item(), kl.item()], device)   # the batch's
+        if not math.isfinite(loss_all):
+            raise UserError(f"non-finite VAE loss at step {step}; nothing was saved; lower --lr or --beta")
+        run.log({"step": step, "loss": loss_all, "recon": recon_all, "kl": kl_all, "beta": beta, "lr": lr})
+        bar.set_postfix(loss=f"{loss_all:.4f}")
 
     check_ranks_in_sync(vae)
     if not run.master:

@@ -75,7 +75,7 @@ def run_ours(args, out):
             "--schedule", "none", "--prompts-per-step", str(args.prompts),
             "--group-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
             "--temperature", str(args.temperature), "--dtype", args.dtype, "--lr", str(args.lr),
-            "--warmup-steps", "0", "--steps", str(args.warmup + args.steps), "--eval-every", "0",
+            "--warmup-steps", "0", "--steps", str(args.warmup + args.steps),
             "--save-every", "0", "--sample-every", "0", "--micro-batch-size",
             str(args.prompts * args.group_size), "--seed", str(args.seed), "--out", out]
     rl.main(argv)

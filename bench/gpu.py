@@ -1,38 +1,52 @@
 r"""Every GPU figure of the project in one command, within about 8 minutes on one H200:
 
     bash bench/gpu.sh                # -> docs/results/gpu.md and gpu.json (needs CUDA)
-    bash bench/gpu.sh --smoke        # the same code paths at tiny shapes on the CPU (< 2 minutes;
-                                     # tests/test_gpu_bench.py runs it), into a temporary directory
+    bash bench/gpu.sh --smoke        # the same code paths at tiny shapes on the CPU (under a minute;
+                                     # tests/test_gpu_bench.py runs it)
     python bench/gpu.py --only decode --shapes qwen3-1.7b --batches 1,64    # one figure alone
 
-The figures, each section timed against what is left of --budget seconds (a section that would
-not fit is recorded as skipped, never half run):
-  ceilings    device-to-device copy bandwidth and a bf16 matrix product's rate, measured here:
-              the roofline and MFU below use these, beside the datasheet's 4.8 TB/s and 989 TFLOP/s
-  decode      generate() with the static decode step compiled once (CUDA graphs), random bf16
-              weights of the Qwen3-1.7B and -4B shapes, 512-token prompts, 512 new tokens, batch
-              1, 64 and 256: prefill time apart (a 1-token generate), decode tokens/s, and decode
-              as a fraction of the memory-bandwidth roofline (every weight and the KV cache read
-              once per step)
-  versus_hf   ours against transformers' generate() with its static cache and torch.compile, batch
-              64, same weights and settings, alternated in one run
-  compile     the static decode step: compiled graphs and recompiles over several generate() calls
-              (must be 1 and 0)
-  rl_step     one rl.py step at P = 32, G = 8, 512 new tokens on the Qwen3-1.7B shape: generation /
-              scoring / update split, update MFU, peak memory
-  rl_step_4b  one full-parameter rl.py step on the Qwen3-4B shape: time and peak memory
-  fsdp        rl.py --fsdp against DDP under torchrun (one rank per GPU here): weights after two steps
+The sections, in order of importance, each timed against what is left of --budget seconds (one
+that would not fit is recorded as skipped, never started; one that runs past the budget is stopped
+and recorded as failed). gpu.json and gpu.md are rewritten after every section, so a run cut short
+keeps what it finished, and each section's files (checkpoints, runs) are deleted when it ends:
+  ceilings    device-to-device copy bandwidth and a bf16 matrix product's rate, measured here after
+              about a second of warm-up (an idle GPU runs at a fraction of its clock) over at least
+              100 repeats: the roofline and MFU below use these, beside the datasheet's figures
+  compile     generate()'s compiled decode step from cold: the first call's time, then graphs,
+              compilations and CUDA-graph recordings over calls at several batches and lengths,
+              and again over the same calls repeated (which must compile and record nothing)
+  decode      the sampling path rl.py uses: generate() compiled, keyed sampling at temperature 1,
+              the bf16 weights of a --dtype bfloat16 run's sampler; random weights of the Qwen3-1.7B
+              and -4B shapes, 512-token prompts, 512 new tokens, batch 1, 64 and 256. Decode
+              tokens/s from two lengths in one cache bucket (so the prefill cancels), and the
+              fraction of the memory-bandwidth roofline: each step reads every weight once and
+              every slot of the KV cache it runs with, the bucketed one (model.decode_buckets)
+  rl_step     one rl.py step (after one warm-up step) on the Qwen3-1.7B shape, P = 32, G = 8, 512
+              new tokens, --dtype bfloat16, micro-batch and activation checkpointing chosen by the
+              memory model: generation / scoring / update split, update MFU, and the memory model's
+              predicted peak and its parts beside torch.cuda.max_memory_allocated
+  rl_step_4b  the same on the Qwen3-4B shape (full-parameter, one GPU): whatever setting the memory
+              model finds that fits, or its refusal as the reason for a skip
+  versus_hf   ours against transformers' generate() (static cache, which it compiles itself), batch
+              64, the same bf16 weights and sampling settings, alternated in one run
+  fsdp        rl.py --fsdp against DDP under torchrun (one rank per GPU): weights after two steps
   trl         bench/bench_rl_step.py against TRL's GRPOTrainer on the 1.7B shape, if trl imports
 
 Random weights decode random tokens, so rewards are 0 and completions run to the token limit: the
 worst case for time, which is what these figures are about. Nothing here is needed but torch,
 transformers, safetensors, tokenizers and tqdm (the GPU image has them); docs/gpu.md says which
-wheels to carry for the trl figure. It runs on torch 2.11 (the GPU image's) as on 2.13.
+wheels to carry for the trl figure, and on which versions it has run.
 """
 
 import argparse
+import contextlib
+import functools
+import gc
+import inspect
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,9 +58,10 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from model import ModelConfig, Transformer, _decode_step, generate  # noqa: E402
+import model as model_module  # noqa: E402
+from model import ModelConfig, Transformer, _decode_step, decode_buckets, generate  # noqa: E402
 
-SHAPES = {   # Qwen3's published sizes; "tiny" is the smoke test's, "small" a CPU-sized one
+SHAPES = {   # Qwen3's published sizes; "tiny" is the smoke test's, "small" a check-sized one
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=512),
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -56,8 +71,8 @@ SHAPES = {   # Qwen3's published sizes; "tiny" is the smoke test's, "small" a CP
     "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, vocab_size=151936),
 }
-DATASHEET = {"bandwidth": 4.8e12, "bf16_flops": 989e12}       # H200 SXM; measured ceilings are used
-SECTIONS = ("ceilings", "decode", "versus_hf", "compile", "rl_step", "rl_step_4b", "fsdp", "trl")
+DATASHEET = {"bandwidth": 4.8e12, "bf16_flops": 989e12}       # H200 SXM; the measured ceilings come first
+GiB = 2**30
 
 
 def sync():
@@ -78,89 +93,244 @@ def config_of(shape):
                        eos_token_id=1, pad_token_id=0, **SHAPES[shape])
 
 
-def random_model(shape, device, dtype):
+def random_model(shape, device):
+    """Random fp32 weights, as rl.py's master copy holds them."""
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(config_of(shape))
     model.init_weights()
-    return model.to(dtype).eval()
+    return model.eval()
 
 
-def weight_bytes(config, dtype_bytes):
-    """Bytes of every weight one decode step reads (the tied lm_head once)."""
-    c = config
-    per_layer = c.hidden_size * c.head_dim * 2 * (c.num_attention_heads + c.num_key_value_heads) \
-        + 3 * c.hidden_size * c.intermediate_size
-    return (c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size) * dtype_bytes
+def bf16_sampler(model):
+    """What rl.py samples with under --dtype bfloat16: the policy cast to bf16, RoPE's frequencies
+    kept fp32 (rl.main builds its copy the same way). Casts `model` in place."""
+    inv_freq = model.inv_freq
+    model.to(torch.bfloat16).requires_grad_(False)
+    model.inv_freq = inv_freq
+    return model
 
 
-def kv_bytes_per_token(config, dtype_bytes):
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
+def free_device_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # -----------------------------------------------------------------------------
-# The sections: each returns a dict of figures, with the command that gives it alone
+# The formulas the figures rest on (tests/test_gpu_bench.py checks each by hand)
 
-def ceilings(a):
+def weight_bytes(c, dtype_bytes):
+    """Bytes of every weight one decode step reads: the projections of each layer and the (tied)
+    embedding matrix once, as lm_head. The norms' few thousand weights are left out."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    return (c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size) * dtype_bytes
+
+
+def kv_bytes_per_slot(c, dtype_bytes):
+    """One cache slot of one row: a key and a value vector per KV head, in every layer."""
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype_bytes
+
+
+def decode_step_bytes(c, batch, length, dtype_bytes):
+    """Bytes one compiled decode step reads: every weight, and every slot of the KV cache it runs
+    with, which is the bucketed one (model.decode_buckets: the batch rounded up to a power of two,
+    the length to a multiple of 256), since attention reads all slots under a mask. Returns
+    (bytes, padded batch, slots)."""
+    padded, slots = decode_buckets(batch, length)
+    return weight_bytes(c, dtype_bytes) + padded * slots * kv_bytes_per_slot(c, dtype_bytes), padded, slots
+
+
+def update_flops(c, rows):
+    """Model FLOPs of the policy update's forward and backward over training rows, rows = [(T, n)]:
+    T positions in the row (prefix, prompt, completion), n of them with a log-prob (the completion).
+      dense layers  6 per weight per position (2 forward, 4 backward)
+      lm_head       6 V d at the n positions only (model.token_logprobs takes logits there alone)
+      attention     QK^T and AV, causal: 2 T^2 (H hd) / 2 each forward, x3 with the backward, per
+                    layer. H hd = num_attention_heads x head_dim, the width of the queries, which
+                    is not hidden_size in every model (Qwen3-4B: 32 x 128 = 4096 against 2560)
+    Recomputation under activation checkpointing is not counted: model FLOPs, as MFU is defined."""
+    dense = weight_bytes(c, 1) - c.vocab_size * c.hidden_size            # non-embedding weights
+    width = c.num_attention_heads * c.head_dim
+    return sum(6 * dense * T + 6 * c.vocab_size * c.hidden_size * n + 6 * c.num_hidden_layers * width * T * T
+               for T, n in rows)
+
+
+def rate(fn, work, warmup_s, min_repeats=100, window_s=0.2, windows=3):
+    """work / second of fn(), after fn has run for warmup_s seconds (clocks up, caches warm):
+    the median over `windows` timed windows of at least min_repeats calls and about window_s each.
+    Returns (rate, repeats per window)."""
+    t0, calls = time.perf_counter(), 0
+    while time.perf_counter() - t0 < warmup_s or calls < 3:
+        fn()
+        sync()
+        calls += 1
+    per_call = (time.perf_counter() - t0) / calls
+    repeats = max(min_repeats, int(window_s / per_call))
+
+    def window():
+        for _ in range(repeats):
+            fn()
+    rates = [work * repeats / timed(window)[0] for _ in range(windows)]
+    return statistics.median(rates), repeats
+
+
+class Events:
+    """torch.compile's compilations and CUDA-graph recordings so far in this process, from torch's
+    compile callbacks (the counts stay None on a torch without them). A timed call that compiled or
+    recorded measured that, not the steady state, so the timed sections report these counts."""
+
+    def __init__(self):
+        self.counts = None
+        try:
+            from torch._dynamo.callback import CallbackTrigger, callback_handler
+        except ImportError:
+            return
+        self.counts = {"compiles": 0, "cuda_graph_recordings": 0}
+        kinds = {CallbackTrigger.DYNAMO: "compiles", CallbackTrigger.CUDAGRAPH_RECORDING: "cuda_graph_recordings"}
+
+        def on_start(args=None):     # called inside torch.compile: must never raise
+            kind = kinds.get(getattr(args, "callback_trigger", None))
+            if kind:
+                self.counts[kind] += 1
+        callback_handler.register_start_callback(on_start)
+
+    def now(self):
+        return dict(self.counts) if self.counts is not None else None
+
+    def since(self, before):
+        return None if before is None else {k: v - before[k] for k, v in self.counts.items()}
+
+
+EVENTS = Events()
+
+
+class OverBudget(Exception):
+    """Raised in a section (by SIGALRM) when the run reaches --budget."""
+
+
+def on_alarm(signum, frame):
+    raise OverBudget("ran past --budget and was stopped")
+
+
+def graphs():
+    """Dynamo graphs compiled in this process (a recompilation adds one)."""
+    import torch._dynamo
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+# -----------------------------------------------------------------------------
+# The sections: each takes (args, ceilings, a work directory of its own) and returns its figures
+
+def ceilings(a, ceil, work):
     n = (1 << 28) if a.cuda else (1 << 22)                     # 512 MiB of bf16 on the GPU
-    x = torch.randn(n, device=a.device, dtype=a.dtype)
+    x = torch.randn(n, device=a.device, dtype=torch.bfloat16)
     y = torch.empty_like(x)
-    y.copy_(x)
-    t, _ = timed(lambda: [y.copy_(x) for _ in range(10)])
     size = 8192 if a.cuda else 256
-    m = torch.randn(size, size, device=a.device, dtype=a.dtype)
-    m @ m
-    tm, _ = timed(lambda: [m @ m for _ in range(10)])
-    return {"copy_bytes_per_s": 10 * 2 * x.numel() * x.element_size() / t,
-            "matmul_flops_per_s": 10 * 2 * size ** 3 / tm}
+    m = torch.randn(size, size, device=a.device, dtype=torch.bfloat16)
+    # the matrix product first: its warm-up is the one that brings an idle GPU to its clock
+    flops, matmul_repeats = rate(lambda: m @ m, 2 * size ** 3, a.warmup_s)
+    bandwidth, copy_repeats = rate(lambda: y.copy_(x), 2 * x.numel() * x.element_size(), a.warmup_s)
+    return {"copy_bytes_per_s": bandwidth, "matmul_flops_per_s": flops, "copy_repeats": copy_repeats,
+            "matmul_repeats": matmul_repeats, "warmup_s": a.warmup_s,
+            "copy_of_datasheet": bandwidth / DATASHEET["bandwidth"],
+            "matmul_of_datasheet": flops / DATASHEET["bf16_flops"], "command": "python bench/gpu.py --only ceilings"}
 
 
-def decode(a, ceil):
+def sampling(model, prompts, new_tokens):
+    """One generate() call as rl.py's rollouts make it (rl.sample): compiled, keyed noise at
+    temperature 1. No stop token, so every call decodes all new_tokens: random weights would stop a
+    row now and then, which keeps its place in the batch anyway and only ends the call early once
+    every row has stopped."""
+    out = generate(model, prompts, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0,
+                   keys=list(range(len(prompts))), compile=True)
+    assert int(out.lengths.min()) == new_tokens
+    return out
+
+
+def compile_once(a, ceil, work):
+    """generate()'s compiled step from cold (run this section first in a process): the first call's
+    time, then dynamo graphs, compilations and CUDA-graph recordings over calls at several batches
+    and cache buckets, and over the same calls again, which must add none. Batch 1 gets a graph of
+    its own (torch specialises a size-1 dimension); every other batch and length shares one."""
+    model = bf16_sampler(random_model(a.shapes[0], a.device))
+    V, new = model.config.vocab_size, 16
+    calls = [(3, 100), (4, 100), (3, 300), (17, 100), (1, 100)]      # buckets (4|32|1, 256|512)
+    prompts = {(b, n): torch.randint(3, V, (b, n)).tolist() for b, n in calls}
+    graphs0, events0, t0 = graphs(), EVENTS.now(), time.perf_counter()
+    first_s = timed(lambda: sampling(model, prompts[calls[0]], new))[0]
+    for shape in calls[1:]:
+        sampling(model, prompts[shape], new)
+    sync()
+    first_pass_s, graphs1, events1 = time.perf_counter() - t0, graphs(), EVENTS.now()
+    for shape in calls:
+        sampling(model, prompts[shape], new)
+    return {"shape": a.shapes[0], "calls": [f"{b}x{n}" for b, n in calls], "first_call_s": first_s,
+            "first_pass_s": first_pass_s, "graphs": graphs1 - graphs0, "first_pass": EVENTS.since(events0),
+            "repeat_graphs": graphs() - graphs1, "repeat": EVENTS.since(events1),
+            "compiled_by": "torch.compile, mode reduce-overhead" if a.cuda else "dynamo with the eager backend (CPU)",
+            "command": "python bench/gpu.py --only compile"}
+
+
+def decode(a, ceil, work):
     rows = []
-    for shape in a.shapes:
-        model = random_model(shape, a.device, a.dtype)
-        for batch in a.batches:
-            prompts = torch.randint(3, model.config.vocab_size, (batch, a.prompt_len)).tolist()
-            run = lambda n: generate(model, prompts, max_new_tokens=n, temperature=0, static=True)
-            run(1), run(a.new_tokens)                           # warm up; compile and capture at this shape
-            prefill = statistics.median(timed(lambda: run(1))[0] for _ in range(a.repeats))
-            total = statistics.median(timed(lambda: run(a.new_tokens))[0] for _ in range(a.repeats))
-            decode_s = total - prefill
-            tokens_per_s = batch * (a.new_tokens - 1) / decode_s
-            context = a.prompt_len + a.new_tokens / 2          # the mean context over the decode
-            step_bytes = weight_bytes(model.config, a.dtype_bytes) + batch * context * kv_bytes_per_token(
-                model.config, a.dtype_bytes)
-            roofline = batch * ceil["copy_bytes_per_s"] / step_bytes
-            rows.append({"shape": shape, "batch": batch, "prefill_s": prefill, "decode_s": decode_s,
-                         "decode_tokens_per_s": tokens_per_s, "roofline_tokens_per_s": roofline,
-                         "roofline_fraction": tokens_per_s / roofline,
-                         "datasheet_roofline_fraction": tokens_per_s * step_bytes / batch / DATASHEET["bandwidth"],
-                         "command": f"python bench/gpu.py --only decode --shapes {shape} --batches {batch}"})
-        del model
-        torch.cuda.empty_cache() if a.cuda else None
+    try:
+        decode_rows(a, ceil, rows)
+    except OverBudget as e:      # the rows measured so far are figures: keep them
+        rows.append({"stopped": str(e)})
     return rows
 
 
-def versus_hf(a, ceil):
+def decode_rows(a, ceil, rows):
+    for shape in a.shapes:
+        model = bf16_sampler(random_model(shape, a.device))
+        c = model.config
+        for batch in a.batches:
+            prompts = torch.randint(3, c.vocab_size, (batch, a.prompt_len)).tolist()
+            # two lengths in one cache bucket: the same prefill, the same step, (long - short) more steps
+            long, short = a.new_tokens, a.new_tokens // 2 + 1
+            assert decode_buckets(batch, a.prompt_len + long) == decode_buckets(batch, a.prompt_len + short)
+            sampling(model, prompts, long), sampling(model, prompts, short)   # compile and record this bucket
+            before, times = EVENTS.now(), {long: [], short: []}
+            for _ in range(a.repeats):                                        # alternated, so drift cancels
+                for n in (long, short):
+                    times[n].append(timed(lambda: sampling(model, prompts, n))[0])
+            t_long, t_short = statistics.median(times[long]), statistics.median(times[short])
+            step_s = (t_long - t_short) / (long - short)
+            step_bytes, padded, slots = decode_step_bytes(c, batch, a.prompt_len + long, 2)
+            tokens_per_s = batch / step_s
+            roofline = batch * ceil["copy_bytes_per_s"] / step_bytes
+            rows.append({"shape": shape, "batch": batch, "prompt_len": a.prompt_len, "new_tokens": long,
+                         "call_s": t_long, "prefill_s": t_long - (long - 1) * step_s, "step_ms": 1e3 * step_s,
+                         "decode_tokens_per_s": tokens_per_s, "padded_batch": padded, "kv_slots_read": slots,
+                         "step_bytes": step_bytes, "live_kv_fraction": (a.prompt_len + long / 2) / slots,
+                         "roofline_tokens_per_s": roofline, "roofline_fraction": tokens_per_s / roofline,
+                         "datasheet_roofline_fraction": tokens_per_s * step_bytes / batch / DATASHEET["bandwidth"],
+                         "while_timed": EVENTS.since(before),
+                         "command": f"python bench/gpu.py --only decode --shapes {shape} --batches {batch}"})
+        del model
+        free_device_memory()
+
+
+def versus_hf(a, ceil, work):
     from transformers import AutoConfig, AutoModelForCausalLM
     shape, batch = a.shapes[0], a.hf_batch
-    ours = random_model(shape, a.device, a.dtype)
+    ours = bf16_sampler(random_model(shape, a.device))
     hf_config = AutoConfig.for_model(**{k: v for k, v in ours.config.to_hf().items()
                                         if k not in ("architectures", "torch_dtype")})
-    hf = AutoModelForCausalLM.from_config(hf_config, dtype=a.dtype).to(a.device).eval()
-    hf.load_state_dict(ours.state_dict(), strict=False)
-    if a.cuda:
-        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).to(a.device).eval()
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)   # lm_head: tied
     prompts = torch.randint(3, ours.config.vocab_size, (batch, a.prompt_len), device=a.device)
     mask = torch.ones_like(prompts)
 
-    def run_ours():
-        return generate(ours, prompts.tolist(), max_new_tokens=a.new_tokens, temperature=0, static=True)
-
-    def run_hf():
+    def run_hf():   # transformers compiles its forward itself for a static cache on a GPU
         with torch.inference_mode():
-            return hf.generate(prompts, attention_mask=mask, do_sample=False, max_new_tokens=a.new_tokens,
-                               min_new_tokens=a.new_tokens, cache_implementation="static", pad_token_id=0)
+            return hf.generate(prompts, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                               max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+                               cache_implementation="static", pad_token_id=0)
+    run_ours = lambda: sampling(ours, prompts.tolist(), a.new_tokens)
     run_ours(), run_hf()                                        # compile both
     times = {"ours": [], "transformers": []}
     for _ in range(a.repeats):                                  # alternate the two
@@ -169,47 +339,13 @@ def versus_hf(a, ceil):
     tok = lambda side: batch * a.new_tokens / statistics.median(times[side])
     return {"shape": shape, "batch": batch, "ours_tokens_per_s": tok("ours"),
             "transformers_tokens_per_s": tok("transformers"), "ratio": tok("ours") / tok("transformers"),
+            "sampling": "temperature 1, top_p 1, no top_k, prefill included on both sides",
             "command": f"python bench/gpu.py --only versus_hf --shapes {shape}"}
 
 
-def compile_once(a, ceil):
-    """The static decode step over several generate() calls at one shape: one graph, no recompiles.
-    On a GPU this is generate()'s own compiled step; elsewhere the same step is compiled here with
-    the eager backend (dynamo still traces it whole, so graph breaks and recompiles would show)."""
-    import torch._dynamo
-    import model as model_module
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    model_module._compiled_decode_step = None if a.cuda else \
-        torch.compile(_decode_step, backend="eager", fullgraph=True)
-    model = random_model(a.shapes[0], a.device, a.dtype)
-    prompts = torch.randint(3, model.config.vocab_size, (a.hf_batch, a.prompt_len)).tolist()
-    for _ in range(3):
-        if a.cuda:
-            generate(model, prompts, max_new_tokens=a.new_tokens, temperature=0, static=True)
-        else:
-            static_decode(model, prompts, a.new_tokens, model_module._compiled_decode_step)
-    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])   # a recompile adds one
-    return {"graphs": graphs, "recompiles": graphs - 1, "generate_calls": 3,
-            "compiled_by": "generate()" if a.cuda else "this bench (eager backend, CPU)",
-            "command": "python bench/gpu.py --only compile"}
-
-
-@torch.inference_mode()
-def static_decode(model, prompts, new_tokens, step):
-    """generate()'s static decode loop on the CPU with a given compiled step (see compile_once)."""
-    from model import KVCache, embed_rows
-    embeds, mask = embed_rows(model, prompts)
-    cache = KVCache(model.config, len(prompts), embeds.shape[1] + new_tokens, embeds.device, embeds.dtype)
-    logits = model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])
-    cache.static = True
-    for _ in range(new_tokens - 1):
-        logits = step(model, logits.argmax(-1), cache)
-
-
-def write_checkpoint(shape, out, dtype):
-    """A random checkpoint of `shape` and a word-level tokenizer of its vocabulary ("t0 t1 ..."),
-    so that rl.py loads and decodes it like any model."""
+def write_checkpoint(shape, out, device):
+    """A random checkpoint of `shape` in bf16 (rl.py loads it into fp32 master weights) and a
+    word-level tokenizer of its vocabulary ("t0 t1 ..."), so that rl.py loads and decodes it like any model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     config = config_of(shape)
@@ -218,8 +354,10 @@ def write_checkpoint(shape, out, dtype):
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="t1", pad_token="t0", unk_token="t2")
     tokenizer.save_pretrained(out)
-    model = random_model(shape, "cpu", dtype)
+    model = random_model(shape, device).to(torch.bfloat16)
     model.save_pretrained(out, tokenizer_dir=out)
+    del model
+    free_device_memory()
     return out
 
 
@@ -233,78 +371,156 @@ def write_problems(path, n, prompt_len, vocab):
     return path
 
 
-def rl_step(a, ceil, shape=None, tmp=None, extra=(), name="rl_step"):
-    """One measured step of rl.py (after one warm-up step) on a random checkpoint of `shape`."""
+@contextlib.contextmanager
+def patched(module, name, wrap):
+    """module.name replaced by wrap(original) inside the block."""
+    original = getattr(module, name)
+    setattr(module, name, wrap(original))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+class Unsaved:
+    """Stands in for the model rl.main saves at its end: the bench measures steps, and a 4B run's
+    final checkpoint (fp32 weights and AdamW state, 48 GB) and model (16 GB) would fill the GPU
+    machine's 64 GiB disk and take minutes to write. (rl.main still prints "saved".)"""
+
+    def save_pretrained(self, path):
+        pass
+
+
+def rl_step(a, ceil, work, shape, name):
+    """One measured step of rl.py (after one warm-up step) on a random checkpoint of `shape`, with
+    the memory plan rl.py chose (its last guard.memory_need call is the setting it runs with) and
+    the rows it trained (for the update's FLOPs)."""
     import rl
-    shape = shape or a.rl_shape
-    ckpt = write_checkpoint(shape, os.path.join(tmp, f"ckpt-{shape}"), a.dtype)
-    data = write_problems(os.path.join(tmp, f"problems-{shape}.jsonl"), 4 * a.prompts, a.prompt_len,
-                          config_of(shape).vocab_size)
-    out = os.path.join(tmp, f"rl-{shape}-{len(os.listdir(tmp))}")
-    torch.cuda.reset_peak_memory_stats() if a.cuda else None
-    rl.main(["--model", ckpt, "--data", data, "--out", out, "--schedule", "linear", "--prefix-source", "noise",
-             "--L", "8", "--prompts-per-step", str(a.prompts), "--group-size", str(a.group), "--max-new-tokens",
-             str(a.new_tokens), "--dtype", a.dtype_name, "--steps", "2", "--lr", "1e-6", "--micro-batch-size",
-             str(a.micro), "--save-every", "0", "--eval-every", "0", "--sample-every", "0", *extra])
-    r = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
+    from guard import UserError
+    ckpt = write_checkpoint(shape, os.path.join(work, "checkpoint"), a.device)
+    data = write_problems(os.path.join(work, "problems.jsonl"), 4 * a.prompts, a.prompt_len, config_of(shape).vocab_size)
+    plans, updates = [], []
+
+    def record_plan(memory_need):
+        def wrapper(*args, **kwargs):
+            settings = inspect.signature(memory_need).bind(*args, **kwargs)
+            settings.apply_defaults()
+            plans.append((settings.arguments, memory_need(*args, **kwargs)))
+            return plans[-1][1]
+        return wrapper
+
+    def record_update(update_policy):
+        def wrapper(model, sampler, opt, ref_model, r, args):
+            trained = (r.trained & r.keep).nonzero()[:, 0].tolist()
+            prefix = [0 if p is None else p.shape[0] for p in r.train_prefixes]
+            updates.append({"rows": [(prefix[i] + len(r.problems[i]["prompt_ids"]) + len(r.completions[i]),
+                                      len(r.completions[i])) for i in trained], "events": EVENTS.now()})
+            return update_policy(model, sampler, opt, ref_model, r, args)
+        return wrapper
+
+    argv = ["--model", ckpt, "--data", data, "--out", os.path.join(work, "run"), "--schedule", "linear",
+            "--prefix-source", "noise", "--L", "8", "--prompts-per-step", str(a.prompts), "--group-size", str(a.group),
+            "--max-new-tokens", str(a.new_tokens), "--dtype", "bfloat16", "--steps", "2", "--lr", "1e-6",
+            "--micro-batch-size", "0", "--activation-checkpointing", "auto", "--save-every", "0", "--sample-every", "0"]
+    held = torch.cuda.memory_allocated() if a.cuda else None
+    if a.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with patched(rl, "memory_need", record_plan), patched(rl, "update_policy", record_update), \
+                patched(rl, "checkpoint", lambda _: lambda *args, **kwargs: Unsaved()):
+            rl.main(argv)
+    except UserError as e:       # the memory model's refusal: no setting fits this GPU
+        return {"shape": shape, "skipped": f"rl.py refused: {e}", "command": f"python bench/gpu.py --only {name}"}
+    r = [json.loads(line) for line in open(os.path.join(work, "run", "metrics.jsonl"))][-1]
     c = config_of(shape)
-    rollouts = a.prompts * a.group
-    tokens = rollouts * (a.prompt_len + 8 * r["rho"] + r["completion_len"])        # every position trained
-    params = weight_bytes(c, 1) - c.vocab_size * c.hidden_size                       # non-embedding weights
-    flops = 6 * params * tokens + 6 * c.vocab_size * c.hidden_size * rollouts * r["completion_len"] \
-        + 6 * c.num_hidden_layers * c.hidden_size * rollouts * (tokens / rollouts) ** 2   # attention, causal
+    flops = update_flops(c, updates[-1]["rows"])
     step_s = r["time_generate"] + r["time_score"] + r["time_update"]
+    settings, plan = plans[-1]
+    padded, slots = decode_buckets(settings["gen_rows"], settings["gen_len"])
+    peak = torch.cuda.max_memory_allocated() if a.cuda else None
     return {"shape": shape, "P": a.prompts, "G": a.group, "new_tokens": a.new_tokens, "step_s": step_s,
             "generate_s": r["time_generate"], "score_s": r["time_score"], "update_s": r["time_update"],
-            "generate_share": r["time_generate"] / step_s,
-            "update_mfu": flops / r["time_update"] / ceil["matmul_flops_per_s"],
+            "generate_share": r["time_generate"] / step_s, "gen_tokens_per_s": r["gen_tokens_per_s"],
+            "trained_rows": len(updates[-1]["rows"]), "trained_positions": sum(T for T, _ in updates[-1]["rows"]),
+            "update_tflop": flops / 1e12, "update_mfu": flops / r["time_update"] / ceil["matmul_flops_per_s"],
             "update_mfu_datasheet": flops / r["time_update"] / DATASHEET["bf16_flops"],
-            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if a.cuda else None,
+            "micro_batch": settings["train_rows"], "activation_checkpointing": settings["checkpointing"],
+            "predicted_peak_gib": plan["total"] / GiB, "measured_peak_gib": None if peak is None else peak / GiB,
+            "measured_over_predicted": None if peak is None else peak / plan["total"],
+            "reserved_peak_gib": torch.cuda.max_memory_reserved() / GiB if a.cuda else None,
+            "held_before_gib": None if held is None else held / GiB,
+            "memory_plan_gib": {k: v / GiB for k, v in plan.items() if k != "total"},
+            # what generate() allocates on the compiled path, beside the plan's "KV cache"
+            "compiled_kv_cache_gib": padded * slots * kv_bytes_per_slot(c, 2) / GiB,
+            # compilations or CUDA-graph recordings from the warm-up step's update on: the measured
+            # step's time includes any of them
+            "events_after_warmup_step": EVENTS.since(updates[-2]["events"]),
             "command": f"python bench/gpu.py --only {name}"}
 
 
-def fsdp(a, ceil, tmp):
-    """The same two steps with --fsdp and without, under torchrun (every GPU here): equal weights."""
+def fsdp(a, ceil, work):
+    """The same two steps with --fsdp and without, under torchrun (every GPU here): equal weights.
+    A check of the CUDA/NCCL paths, not a speed figure, so on a shape small enough to be quick."""
     from safetensors.torch import load_file
     shape, ranks = a.fsdp_shape, max(torch.cuda.device_count(), 1) if a.cuda else 2
-    ckpt = write_checkpoint(shape, os.path.join(tmp, "ckpt-fsdp"), torch.float32)
-    data = write_problems(os.path.join(tmp, "problems-fsdp.jsonl"), 32, 16, config_of(shape).vocab_size)
+    ckpt = write_checkpoint(shape, os.path.join(work, "checkpoint"), "cpu")
+    data = write_problems(os.path.join(work, "problems.jsonl"), 32, 16, config_of(shape).vocab_size)
     weights = {}
     for name, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
-        out = os.path.join(tmp, f"run-{name}")
+        out = os.path.join(work, f"run-{name}")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                os.path.join(REPO, "rl.py"), "--model", ckpt, "--data", data, "--out", out, "--schedule", "linear",
                "--prefix-source", "noise", "--L", "2", "--prompts-per-step", str(2 * ranks), "--group-size", "4",
                "--max-new-tokens", "16", "--steps", "2", "--lr", "1e-3", "--warmup-steps", "0", "--save-every", "0",
-               "--eval-every", "0", "--sample-every", "0", *flags]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+               "--sample-every", "0", *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              timeout=a.deadline - time.time())
         if proc.returncode != 0:
             raise RuntimeError(f"{name} run failed: {proc.stderr[-2000:]}")
         weights[name] = load_file(os.path.join(out, "model", "model.safetensors"))
+        shutil.rmtree(out)           # its checkpoint too: the next run's files take the room
     diff = max((weights["ddp"][k] - weights["fsdp"][k]).abs().max().item() for k in weights["ddp"])
     return {"shape": shape, "ranks": ranks, "max_abs_weight_difference": diff, "same": diff < 1e-4,
             "command": "python bench/gpu.py --only fsdp"}
 
 
-def trl(a, ceil, tmp):
+def trl(a, ceil, work):
     try:
         import trl as _  # noqa: F401
     except ImportError:
         return {"skipped": "trl does not import (carry its wheels: docs/gpu.md)"}
-    shape = a.rl_shape
-    ckpt = write_checkpoint(shape, os.path.join(tmp, "ckpt-trl"), a.dtype)
-    data = write_problems(os.path.join(tmp, "problems-trl.jsonl"), 4 * a.prompts, a.prompt_len, config_of(shape).vocab_size)
+    shape, P, G, new, prompt_len = a.rl_shape, *a.trl_sizes
+    ckpt = write_checkpoint(shape, os.path.join(work, "checkpoint"), a.device)
+    data = write_problems(os.path.join(work, "problems.jsonl"), 4 * P, prompt_len, config_of(shape).vocab_size)
     proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_rl_step.py"), "--model", ckpt,
-                           "--data", data, "--prompts", str(a.prompts), "--group-size", str(a.group),
-                           "--max-new-tokens", str(a.new_tokens), "--dtype", a.dtype_name, "--steps", "1",
-                           "--warmup", "1"], capture_output=True, text=True, cwd=REPO)
+                           "--data", data, "--prompts", str(P), "--group-size", str(G), "--max-new-tokens", str(new),
+                           "--dtype", "bfloat16", "--steps", "1", "--warmup", "1"],
+                          capture_output=True, text=True, cwd=REPO, timeout=a.deadline - time.time())
     line = [x for x in proc.stdout.splitlines() if x.startswith("JSON ")]
     if proc.returncode != 0 or not line:
-        return {"failed": proc.stderr[-1500:]}
+        raise RuntimeError(proc.stderr[-1500:])
     r = json.loads(line[-1][5:])
-    return {"ours_step_s": r["ours"]["step"], "trl_step_s": r["trl"]["step"], "trl_over_ours": r["trl"]["step"] / r["ours"]["step"],
-            "command": f"python bench/bench_rl_step.py --model CKPT --data DATA --prompts {a.prompts} --group-size {a.group} "
-                       f"--max-new-tokens {a.new_tokens} --dtype {a.dtype_name}"}
+    return {"shape": shape, "P": P, "G": G, "new_tokens": new, "ours_step_s": r["ours"]["step"],
+            "trl_step_s": r["trl"]["step"], "trl_over_ours": r["trl"]["step"] / r["ours"]["step"],
+            "command": f"python bench/bench_rl_step.py --model CKPT --data DATA --prompts {P} --group-size {G} "
+                       f"--max-new-tokens {new} --dtype bfloat16"}
+
+
+SECTIONS = {   # in the order they run: the figures the project's bars need first
+    "ceilings": ceilings,
+    "compile": compile_once,
+    "decode": decode,
+    "rl_step": lambda a, ceil, work: rl_step(a, ceil, work, a.rl_shape, "rl_step"),
+    "rl_step_4b": lambda a, ceil, work: rl_step(a, ceil, work, a.rl_4b_shape, "rl_step_4b"),
+    "versus_hf": versus_hf,
+    "fsdp": fsdp,
+    "trl": trl,
+}
+# Guessed seconds on an H200 (no GPU has run this yet; compile pays the 1.7B step's cold compile,
+# decode the 4B one's): each result records the seconds it took, so the first run gives the numbers
+# to put here. A section is started only if its guess fits in what is left of --budget.
+ESTIMATE_S = {"ceilings": 10, "compile": 90, "decode": 150, "rl_step": 60, "rl_step_4b": 110, "versus_hf": 120,
+              "fsdp": 60, "trl": 150}
 
 
 # -----------------------------------------------------------------------------
@@ -316,85 +532,147 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default=None, help="decode shapes (default: qwen3-1.7b,qwen3-4b)")
     p.add_argument("--batches", default=None, help="decode batch sizes (default: 1,64,256)")
     p.add_argument("--budget", type=float, default=450, help="seconds for every section together")
-    p.add_argument("--out", default=None, help="directory for gpu.md and gpu.json (default: docs/results on a "
-                   "GPU, a temporary directory otherwise)")
+    p.add_argument("--out", default=None, help="directory for gpu.md and gpu.json (default: docs/results when "
+                   "every section runs on a GPU; else printed only)")
+    p.add_argument("--work", default=None, help="where sections write checkpoints and runs, each in a folder "
+                   "deleted when it ends (default: the system's temporary directory)")
     a = p.parse_args(argv)
+    unknown = set(a.only.split(",")) - set(SECTIONS) - {""}
+    if unknown:
+        p.error(f"--only: no section {', '.join(sorted(unknown))} (sections: {', '.join(SECTIONS)})")
     a.cuda = torch.cuda.is_available() and not a.smoke
     a.device = "cuda" if a.cuda else "cpu"
-    a.dtype, a.dtype_name, a.dtype_bytes = (torch.bfloat16, "bfloat16", 2) if a.cuda else (torch.float32, "float32", 4)
     tiny = a.smoke or not a.cuda
     a.shapes = (a.shapes or ("tiny" if tiny else "qwen3-1.7b,qwen3-4b")).split(",")
     a.batches = [int(b) for b in (a.batches or ("1,4" if tiny else "1,64,256")).split(",")]
-    a.prompt_len, a.new_tokens, a.hf_batch, a.repeats = (16, 8, 4, 2) if tiny else (512, 512, 64, 3)
-    a.prompts, a.group, a.micro = (2, 2, 4) if tiny else (32, 8, 32)
-    a.rl_shape, a.rl_4b_shape, a.fsdp_shape = ("tiny",) * 3 if tiny else ("qwen3-1.7b", "qwen3-4b", "qwen3-1.7b")
-    a.only = [s for s in a.only.split(",") if s]
+    a.prompt_len, a.new_tokens, a.hf_batch, a.repeats = (16, 32, 4, 2) if tiny else (512, 512, 64, 2)
+    a.prompts, a.group = (2, 2) if tiny else (32, 8)
+    a.trl_sizes = (2, 2, 8, 16) if tiny else (8, 8, 128, 128)    # P, G, new tokens, prompt: fits both sides whole
+    a.rl_shape, a.rl_4b_shape = ("tiny", "tiny") if tiny else ("qwen3-1.7b", "qwen3-4b")
+    a.fsdp_shape = "tiny" if tiny else "small"
+    a.warmup_s = 0.2 if tiny else 1.0
+    # the ceilings always run first: the other figures are fractions of them
+    a.only = [s for s in SECTIONS if s in a.only.split(",") or s == "ceilings"]
     a.out = a.out or (os.path.join(REPO, "docs", "results") if a.cuda and a.only == list(SECTIONS) else None)
     return a
 
 
-ESTIMATE_S = {"ceilings": 5, "decode": 200, "versus_hf": 70, "compile": 40, "rl_step": 60, "rl_step_4b": 60,
-              "fsdp": 40, "trl": 90}       # seconds each section took, at most, on an H200 (before: guesses)
-
-
 def main(argv=None):
     a = parse_args(argv)
-    started, results = time.time(), {}
+    from common import compute_init
+    compute_init()           # the CUDA settings rl.py runs under (TF32, no cuDNN attention)
+    with cpu_stand_ins(a):
+        return run_sections(a)
+
+
+@contextlib.contextmanager
+def cpu_stand_ins(a):
+    """Without a GPU: generate()'s compiled path with dynamo's eager backend (dynamo traces the step
+    whole, as on a GPU, without a C++ toolchain's minutes of inductor), on one thread (tiny shapes: a
+    second only adds synchronisation, and on a shared machine its spinning made each step a hundred
+    times slower). Undone afterwards, for a caller in the same process."""
+    if a.cuda:
+        yield
+        return
+    step, threads, omp = model_module.compiled_decode_step, torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    model_module.compiled_decode_step = functools.cache(
+        lambda device_type: torch.compile(_decode_step, backend="eager", fullgraph=True, dynamic=True))
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"                          # the subprocesses too
+    try:
+        yield
+    finally:
+        model_module.compiled_decode_step = step
+        torch.set_num_threads(threads)
+        os.environ.pop("OMP_NUM_THREADS") if omp is None else os.environ.update(OMP_NUM_THREADS=omp)
+
+
+def run_sections(a):
+    started = time.time()
+    a.deadline = started + a.budget
+    root = tempfile.mkdtemp(prefix="nanopalette-gpu-", dir=a.work)
     env = {"device": torch.cuda.get_device_name() if a.cuda else f"CPU ({os.cpu_count()} cores)",
-           "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": a.smoke}
+           "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": a.smoke, "budget_s": a.budget,
+           "disk_free_gib": shutil.disk_usage(root).free / GiB}
     try:
         import transformers
         env["transformers"] = transformers.__version__
     except ImportError:
         pass
-    with tempfile.TemporaryDirectory() as tmp:
-        results["ceilings"] = ceil = ceilings(a)
-        jobs = {"decode": lambda: decode(a, ceil), "versus_hf": lambda: versus_hf(a, ceil),
-                "compile": lambda: compile_once(a, ceil), "rl_step": lambda: rl_step(a, ceil, tmp=tmp),
-                "rl_step_4b": lambda: rl_step(a, ceil, a.rl_4b_shape, tmp, ["--micro-batch-size", str(max(a.micro // 2, 1))],
-                                              "rl_step_4b"),
-                "fsdp": lambda: fsdp(a, ceil, tmp), "trl": lambda: trl(a, ceil, tmp)}
-        for name in [s for s in SECTIONS if s in a.only and s != "ceilings"]:
-            left = a.budget - (time.time() - started)
+    results = {}
+    report = {"environment": env, "results": results}
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        for name in a.only:
+            left = a.deadline - time.time()
             if a.cuda and ESTIMATE_S[name] > left:
                 results[name] = {"skipped": f"{left:.0f} s of the budget left, the section takes about {ESTIMATE_S[name]} s"}
-                continue
-            t0 = time.time()
-            try:
-                results[name] = jobs[name]()
-            except Exception as e:        # one broken figure must not cost the others: say what broke
-                results[name] = {"failed": f"{type(e).__name__}: {e}"[-2000:]}
-            print(f"{name}: {time.time() - t0:.1f} s", flush=True)
-    env["seconds"] = time.time() - started
-    report = {"environment": env, "results": results}
-    text = markdown(report)
-    print(text)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "gpu.json"), "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        with open(os.path.join(a.out, "gpu.md"), "w") as f:
-            f.write(text)
+            else:
+                results[name] = run_section(name, a, results.get("ceilings"), os.path.join(root, name))
+            env["seconds"] = time.time() - started
+            write(report, a.out)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        shutil.rmtree(root, ignore_errors=True)
+    print(markdown(report))
     print("JSON " + json.dumps(report, default=str))
     return report
+
+
+def run_section(name, a, ceil, work):
+    """One section in a folder of its own, deleted after it (the GPU machine has 64 GiB of disk);
+    an exception is recorded as the section's failure, so one broken figure costs no other."""
+    os.makedirs(work)
+    t0 = time.time()
+    signal.setitimer(signal.ITIMER_REAL, max(a.deadline - t0, 1e-3))
+    try:
+        result = SECTIONS[name](a, ceil, work)
+    except Exception as e:
+        result = {"failed": f"{type(e).__name__}: {e}"[-2000:]}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        written = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(work) for f in files)
+        shutil.rmtree(work)
+        free_device_memory()
+    for row in result if isinstance(result, list) else [result]:
+        row.update(seconds=time.time() - t0, disk_gib=written / GiB)
+    print(f"{name}: {time.time() - t0:.1f} s", flush=True)
+    return result
+
+
+def write(report, out):
+    """gpu.json and gpu.md as they stand, each replaced whole (a run killed mid-write keeps the last)."""
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    for file, text in (("gpu.json", json.dumps(report, indent=2, default=str)), ("gpu.md", markdown(report))):
+        with open(os.path.join(out, file + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(out, file + ".tmp"), os.path.join(out, file))
+
+
+def fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {fmt(x)}" for k, x in v.items())
+    return str(v)
 
 
 def markdown(report):
     env, r = report["environment"], report["results"]
     lines = [f"# GPU figures\n\n{env['device']}, torch {env['torch']} (CUDA {env['cuda']}), transformers "
-             f"{env.get('transformers')}; {env['seconds']:.0f} s in all. Written by `bash bench/gpu.sh`"
-             + (" --smoke (tiny shapes on the CPU: no figure here means anything)" if env["smoke"] else "") + ".\n"]
-    c = r["ceilings"]
-    lines.append(f"Ceilings measured here: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matrix product "
-                 f"{c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s.\n")
-    for name in SECTIONS[1:]:
-        if name not in r:
-            continue
-        rows = r[name] if isinstance(r[name], list) else [r[name]]
-        lines.append(f"## {name}\n")
+             f"{env.get('transformers')}; {env.get('seconds', 0):.0f} s so far of a {env['budget_s']:.0f} s budget. "
+             "Written by `bash bench/gpu.sh`"
+             + (" --smoke (tiny shapes on the CPU: no figure here means anything)" if env["smoke"] else "")
+             + f", after each section; sections not listed have not run. {env['disk_free_gib']:.0f} GiB of disk free "
+             "at the start.\n"]
+    for name, value in r.items():
+        rows = value if isinstance(value, list) else [value]
         keys = list(dict.fromkeys(k for row in rows for k in row))
+        lines.append(f"## {name}\n")
         lines.append("| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
-        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
         lines += ["| " + " | ".join(fmt(row.get(k, "")) for k in keys) + " |" for row in rows]
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -63,7 +63,7 @@ def main():
         rl.main(["--model", f"{root}/model", "--vae", f"{root}/vae", "--data", f"{root}/train.jsonl",
                  "--out", f"{root}/rl", "--schedule", "linear", "--L", "1", "--steps", "3",
                  "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8",
-                 "--save-every", "0", "--eval-every", "0"])
+                 "--save-every", "0"])
     sys.setprofile(None)
     rows, seen_classes = [], set()
     for code in called:

@@ -1,25 +1,25 @@
 """The plumbing under every stage: the run directory (lock, refusals, resume checks, logs), checkpoints
 as new step-numbered directories under kills and Ctrl-C at every point of a save, one-line errors
-and interrupts from run_main (also under torchrun), progress bars, JSON readers, RNG state.
+and interrupts from run_main (also under torchrun), progress bars, JSON readers; resumes that are
+refused in one line (no checkpoint, changed flags) without touching args.json, damaged checkpoints
+passed over, a full disk, stray temporary files, permissions that follow the umask.
 
 Run:  python -m pytest tests/test_common.py -q        (about half a minute on two cores)
 """
 import argparse
+import errno
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 import common
-from common import (RunDir, atomic_dir, latest_checkpoint, load_checkpoint, progress,
-                    rng_state, save_checkpoint, set_rng_state)
+from common import RunDir, atomic_dir, latest_checkpoint, load_checkpoint, progress, save_checkpoint
 from guard import ArgumentParser, UserError, ranged, read_json, read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +38,14 @@ def write(path, text):
 
 
 class Weights:
-    """Stands in for a model: save_pretrained writes one file."""
+    """Stands in for a model: save_pretrained writes the files a checkpoint's model/ must hold."""
     def __init__(self, text):
         self.text = text
 
     def save_pretrained(self, path):
         write(os.path.join(path, "weights.txt"), self.text)
+        write(os.path.join(path, "config.json"), "{}")
+        write(os.path.join(path, "model.safetensors"), self.text)
 
 
 def checkpoint(out, step, text="w"):
@@ -64,7 +66,7 @@ def test_a_rerun_is_refused_and_resume_continues_from_the_newest_checkpoint(tmp_
         RunDir(str(tmp_path), flags())                       # a new run into the same directory
     resumed = RunDir(str(tmp_path), flags(resume=True), resume=True)
     assert resumed.checkpoint == str(tmp_path / "checkpoint-000002")
-    resumed.restart_logs_at(2)                               # steps 2 and 3 are run again
+    resumed.begin(2)                                         # steps 2 and 3 are run again
     assert [r["step"] for r in read_jsonl(run.file("metrics.jsonl"))] == [0, 1]
     trainer, opt_state = load_checkpoint(resumed.checkpoint)
     assert trainer["step"] == 2 and trainer["rng"] == [2]
@@ -72,16 +74,87 @@ def test_a_rerun_is_refused_and_resume_continues_from_the_newest_checkpoint(tmp_
     assert opt_state["param_groups"] == [{"lr": 0.1, "params": [0]}]
 
 
-def test_resume_without_a_checkpoint_starts_over_and_a_stage_without_resume_is_pointed_elsewhere(tmp_path):
-    run = RunDir(str(tmp_path / "a"), flags(resume=True), resume=True)
-    run.log({"step": 0})
-    assert run.checkpoint is None
-    again = RunDir(str(tmp_path / "a"), flags(resume=True), resume=True)  # killed before any checkpoint
-    again.restart_logs_at(0)
-    assert again.checkpoint is None and read_jsonl(again.file("metrics.jsonl")) == []
+def test_resume_without_a_checkpoint_is_refused_and_a_stage_without_resume_is_pointed_elsewhere(tmp_path):
+    RunDir(str(tmp_path / "a"), flags()).log({"step": 0})                  # killed before any checkpoint
+    with pytest.raises(UserError, match="holds no complete checkpoint to continue from"):
+        RunDir(str(tmp_path / "a"), flags(resume=True), resume=True)
+    with pytest.raises(UserError, match="holds no complete checkpoint"):
+        RunDir(str(tmp_path / "new"), flags(resume=True), resume=True)    # nothing there at all
     RunDir(str(tmp_path / "b"), argparse.Namespace(steps=3)).log({"step": 0})
     with pytest.raises(UserError, match="choose a new --out, or delete it"):
         RunDir(str(tmp_path / "b"), argparse.Namespace(steps=3))
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_last_complete_one(tmp_path, capsys):
+    RunDir(str(tmp_path), flags()).log({"step": 0})
+    checkpoint(tmp_path, 2)
+    os.makedirs(tmp_path / "checkpoint-000099")                              # left empty by hand
+    write(str(tmp_path / "checkpoint-000098" / "trainer_state.json"), "{}")  # no weights
+    run = RunDir(str(tmp_path), flags(resume=True), resume=True)
+    assert run.checkpoint == str(tmp_path / "checkpoint-000002")
+    assert capsys.readouterr().out.count("is not a complete checkpoint") == 2
+    write(str(tmp_path / "checkpoint-000002" / "trainer_state.json"), json.dumps({"step": 2}))   # no layout
+    with pytest.raises(UserError, match="checkpoint-000002: the checkpoint is incomplete or damaged .*'state_layout'"):
+        load_checkpoint(run.checkpoint)
+
+
+def test_a_refused_resume_leaves_args_json_and_a_spelling_of_the_same_path_is_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    RunDir("out", flags(out="out", data="math=data.jsonl")).log({"step": 0})
+    write(str(tmp_path / "data.jsonl"), "")
+    checkpoint(tmp_path / "out", 2)
+    before = (tmp_path / "out" / "args.json").read_text()
+    with pytest.raises(UserError, match="--lr 0.001 -> 0.5"):
+        RunDir("out", flags(out="out", data="math=data.jsonl", lr=0.5, resume=True), resume=True)
+    same = RunDir(str(tmp_path / "out"), flags(out=str(tmp_path / "out"), data=f"math={tmp_path}/data.jsonl",
+                                               resume=True, steps=20), resume=True)
+    assert (tmp_path / "out" / "args.json").read_text() == before      # written only once the run begins
+    same.begin(2)
+    assert read_json(str(tmp_path / "out" / "args.json"))["steps"] == 20
+
+
+def test_a_checkpoint_already_there_is_never_rewritten(tmp_path):
+    path = checkpoint(tmp_path, 5, text="first")
+    inode = os.stat(os.path.join(path, "trainer_state.json")).st_ino
+    assert checkpoint(tmp_path, 5, text="second") == path               # a resumed run reaching step 5 again
+    assert os.stat(os.path.join(path, "trainer_state.json")).st_ino == inode
+    assert (tmp_path / "checkpoint-000005" / "model" / "weights.txt").read_text() == "first"
+
+
+@pytest.mark.parametrize("failing", ["save_file", "atomic_write_json", "save_pretrained"])
+def test_a_full_disk_is_one_line_naming_the_checkpoint_kept(tmp_path, monkeypatch, failing):
+    checkpoint(tmp_path, 1)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if failing == "save_pretrained":
+        monkeypatch.setattr(Weights, "save_pretrained", full)
+    else:
+        monkeypatch.setattr(common, failing, full)
+    with pytest.raises(UserError) as e:
+        checkpoint(tmp_path, 2)
+    message = str(e.value)
+    assert "checkpoint-000002" in message and "No space left on device" in message and "\n" not in message
+    assert message.endswith(f"the last checkpoint, {tmp_path}/checkpoint-000001, is kept")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000001"]        # nothing half-written is left
+
+
+def test_stray_temporary_files_are_cleared_and_files_follow_the_umask(tmp_path):
+    RunDir(str(tmp_path), flags()).log({"step": 0})
+    checkpoint(tmp_path, 1)
+    write(str(tmp_path / ".tmp-abc123"), "a file a killed atomic_write_text left")
+    os.makedirs(tmp_path / ".tmp-checkpoint-000002-x")
+    RunDir(str(tmp_path), flags(resume=True), resume=True)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    old = os.umask(0o022)
+    try:
+        path = checkpoint(tmp_path, 2)
+        common.atomic_write_json(str(tmp_path / "x.json"), {})
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    assert os.stat(os.path.join(path, "trainer_state.json")).st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "x.json").st_mode & 0o777 == 0o644
 
 
 def test_checkpoints_are_new_directories_and_the_old_ones_are_pruned(tmp_path):
@@ -101,6 +174,7 @@ def test_a_half_written_checkpoint_is_never_taken_and_is_cleared_at_the_next_sta
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000002")
     RunDir(str(tmp_path), flags(resume=True), resume=True)
     assert sorted(os.listdir(tmp_path)) == [".lock", "args.json", "checkpoint-000002", "metrics.jsonl"]
+    assert not common.is_complete(str(tmp_path / ".tmp-checkpoint-000003-x1y2"))
 
 
 def test_an_out_that_is_a_file_is_refused(tmp_path):
@@ -111,11 +185,12 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
 
 def test_resume_refuses_changed_run_flags_and_allows_the_safe_ones(tmp_path):
     RunDir(str(tmp_path), flags(steps=10)).log({"step": 0})
+    checkpoint(tmp_path, 2)
     with pytest.raises(UserError, match=r"--lr 0.001 -> 0.01, --seed 0 -> 1;"):
         RunDir(str(tmp_path), flags(resume=True, lr=1e-2, seed=1), resume=True)
     with pytest.raises(UserError, match=r"--steps 10 -> 2"):
         RunDir(str(tmp_path), flags(resume=True, steps=2), resume=True)
-    RunDir(str(tmp_path), flags(resume=True, steps=20, eval_every=1), resume=True)
+    RunDir(str(tmp_path), flags(resume=True, steps=20, eval_every=1), resume=True).begin(2)
     assert read_json(str(tmp_path / "args.json"))["steps"] == 20   # the next resume compares with 20
     with pytest.raises(UserError, match=r"--steps 20 -> 10"):
         RunDir(str(tmp_path), flags(resume=True, steps=10, eval_every=1), resume=True)
@@ -124,13 +199,14 @@ def test_resume_refuses_changed_run_flags_and_allows_the_safe_ones(tmp_path):
 def test_a_cut_short_last_log_line_does_not_block_resume(tmp_path):
     write(str(tmp_path / "args.json"), json.dumps(vars(flags())))
     write(str(tmp_path / "metrics.jsonl"), '{"step": 0}\n{"step": 1}\n{"step": 2, "lo')
+    checkpoint(tmp_path, 5)
     run = RunDir(str(tmp_path), flags(resume=True), resume=True)
-    run.restart_logs_at(5)
+    run.begin(5)
     run.log({"step": 2})
     assert [r["step"] for r in read_jsonl(run.file("metrics.jsonl"))] == [0, 1, 2]
     write(str(tmp_path / "metrics.jsonl"), '{"step": 0}\n{"st\n{"step": 2}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl:2: corrupt line"):
-        run.restart_logs_at(5)
+        run.begin(5)
 
 
 def test_read_json_names_the_corrupt_file(tmp_path):
@@ -152,7 +228,7 @@ def test_a_second_process_is_refused_and_a_killed_ones_lock_is_free(tmp_path):
         cwd=REPO, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=REPO))
     assert holder.stdout.readline().strip() == "locked"
     probe = [sys.executable, "-c", "import sys, argparse, common; common.RunDir(sys.argv[1], "
-             "argparse.Namespace(), resume=True)", str(tmp_path)]
+             "argparse.Namespace())", str(tmp_path)]
     refused = subprocess.run(probe, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
     assert refused.returncode != 0 and "is in use by another run" in refused.stderr
     holder.kill()
@@ -174,7 +250,8 @@ class Weights:
     def __init__(self, text): self.text = text
     def save_pretrained(self, path):
         os.makedirs(path, exist_ok=True)
-        open(os.path.join(path, "weights.txt"), "w").write(self.text)
+        for name in ("weights.txt", "config.json", "model.safetensors"):
+            open(os.path.join(path, name), "w").write(self.text)
 
 def save(out, step):
     opt = {"state": {0: {"exp_avg": torch.ones(2) * step}}, "param_groups": []}
@@ -280,12 +357,15 @@ SLEEP = float(os.environ.get("STAGE_SLEEP", 0))   # seconds per step: slow enoug
 class Weights:
     def save_pretrained(self, path):
         os.makedirs(path)
+        for name in ("config.json", "model.safetensors"):
+            open(os.path.join(path, name), "w").write("{}")
 
 def main():
     args = parser.parse_args()
     run = RunDir(args.out, args, resume=args.resume)
     start = load_checkpoint(run.checkpoint)[0]["step"] if run.checkpoint else 0
-    run.restart_logs_at(start)
+    if run.checkpoint:
+        run.begin(start)
     for step in progress(range(start, args.steps), "stage", total=args.steps, initial=start):
         time.sleep(SLEEP)
         run.log({"step": step})
@@ -408,13 +488,3 @@ def test_torchrun_bad_flag_message_comes_first_and_last(stage, tmp_path):
     assert tracebacks and all(t == message or t.startswith("Signal 15 (SIGTERM)") for t in tracebacks), tracebacks
     assert (out + err).count(message) == 1 + tracebacks.count(message)    # no other copy, no trace
     assert lines[-2] == f"  traceback : {message}" and set(lines[-1]) == {"="}, lines[-3:]
-
-
-def test_rng_state_round_trips_through_json():
-    random.seed(1)
-    np.random.seed(1)
-    torch.manual_seed(1)
-    state = json.loads(common.to_json(rng_state()))   # as a checkpoint stores it
-    expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    set_rng_state(state)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -1,5 +1,6 @@
 """The handwritten Transformer against transformers: logits, greedy tokens, checkpoint round trips,
-prefix embeddings, batched KV-cached generation and sampling.
+prefix embeddings, batched KV-cached generation (eager and compiled) and sampling, the right-padded
+training layout against the left-padded masked one, log-probs from fp32 logits under autocast.
 
 Run:  python -m pytest tests/test_model.py -q
 """
@@ -11,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from guard import UserError
-from model import Transformer, embed_rows, generate, load_embedding_matrix, sample_next, token_logprobs
+from model import (Transformer, completion_batch, embed_rows, generate, keyed_uniform, load_embedding_matrix,
+                   sample_next, token_logprobs)
 
 
 def test_logits_match_transformers(hf_checkpoint):
@@ -74,10 +76,9 @@ def _generate_without_cache(model, prompt, prefix, max_new_tokens, stop_tokens):
     return tokens
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_batched_cached_generation_equals_recomputation(hf_checkpoint, static):
-    """Mixed prompt and prefix lengths, stop tokens that end some rows early (so finished rows
-    are dropped from the batch mid-way), and both the dynamic and the static decode step."""
+def test_batched_cached_generation_equals_recomputation(hf_checkpoint):
+    """Mixed prompt and prefix lengths, and stop tokens that end some rows early (finished rows stay
+    in the batch, masked, until every row has finished)."""
     _, path, _ = hf_checkpoint
     model = Transformer.from_pretrained(path)
     g = torch.Generator().manual_seed(4)
@@ -92,8 +93,7 @@ def test_batched_cached_generation_equals_recomputation(hf_checkpoint, static):
     with torch.no_grad():
         expected = [_generate_without_cache(model, p, x, 20, stop_tokens=stop)
                     for p, x in zip(prompts, prefixes)]
-    out = generate(model, prompts, prefixes, max_new_tokens=20, temperature=0,
-                   stop_tokens=stop, static=static)
+    out = generate(model, prompts, prefixes, max_new_tokens=20, temperature=0, stop_tokens=stop, check_every=3)
     assert out.token_lists() == expected
     assert out.stopped.tolist() == [e[-1] in stop for e in expected]
     assert out.lengths.tolist() == [len(e) for e in expected]
@@ -126,6 +126,51 @@ def test_seeded_generate_is_reproducible(hf_checkpoint):
     assert run(1) != run(2)
 
 
+def test_keyed_sampling_gives_a_row_the_same_tokens_in_any_batch(hf_checkpoint):
+    """With keys, a row's sampling noise is a function of its key and position alone: the same
+    tokens alone, in another batch, in another order (what makes rl.py rank-invariant)."""
+    _, path, _ = hf_checkpoint
+    model = Transformer.from_pretrained(path)
+    prompts, keys = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], [11, 22, 33, 44]
+    together = generate(model, prompts, max_new_tokens=12, temperature=1.0, top_p=0.95, keys=keys).token_lists()
+    alone = [generate(model, [p], max_new_tokens=12, temperature=1.0, top_p=0.95, keys=[k]).token_lists()[0]
+             for p, k in zip(prompts, keys)]
+    reversed_ = generate(model, prompts[::-1], max_new_tokens=12, temperature=1.0, top_p=0.95,
+                         keys=keys[::-1]).token_lists()[::-1]
+    assert together == alone == reversed_
+    other = generate(model, prompts, max_new_tokens=12, temperature=1.0, top_p=0.95, keys=[1, 2, 3, 4]).token_lists()
+    assert other != together
+
+
+def test_keyed_noise_is_uniform_and_sampling_follows_the_probabilities():
+    u = keyed_uniform(torch.arange(2000), 7, 50)                                   # (2000, 50)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    assert not torch.equal(keyed_uniform(torch.arange(4), 7, 50), keyed_uniform(torch.arange(4), 8, 50))
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    draws = sample_next(probs.log().expand(20000, 4), keys=torch.arange(20000), t=3)
+    freq = torch.bincount(draws, minlength=4) / 20000.0
+    assert (freq - probs).abs().max() < 0.015                                     # 3+ standard errors
+
+
+def test_compiled_decode_serves_twenty_shapes_with_few_graphs():
+    """The compiled step (CPU Inductor here, CUDA graphs on a GPU) decodes 20 different (batch,
+    length) shapes with the same tokens as the eager step, in a bounded number of graphs."""
+    from conftest import tiny_toy_model
+    from torch._dynamo.utils import counters
+    model, _ = tiny_toy_model(layers=2, context=256, std=0.3)
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(0)
+    for batch, new in [(b, 2 + (3 * b) % 9) for b in range(1, 21)]:
+        prompts = [torch.randint(3, 50, (1 + (7 * i) % 6,), generator=g).tolist() for i in range(batch)]
+        keys = list(range(batch))
+        eager = generate(model, prompts, max_new_tokens=new, temperature=1.0, keys=keys, compile=False)
+        compiled = generate(model, prompts, max_new_tokens=new, temperature=1.0, keys=keys, compile=True)
+        assert compiled.token_lists() == eager.token_lists()
+    assert 1 <= counters["stats"]["unique_graphs"] <= 3
+
+
 def test_save_pretrained_loads_in_transformers(hf_checkpoint, tmp_path):
     family, path, hf = hf_checkpoint
     ours = Transformer.from_pretrained(path)
@@ -152,21 +197,40 @@ def test_sharded_transformers_checkpoint_loads(tmp_path):
     assert torch.equal(E, hf.model.embed_tokens.weight.detach())
 
 
-def test_token_logprobs_equal_log_softmax_of_logits(hf_checkpoint):
+def test_token_logprobs_equal_the_left_padded_masked_forward(hf_checkpoint):
+    """The training layout (right padded, causal attention, no mask) gives every completion token
+    the log-prob and entropy of the left-padded, masked forward, row by row, with prefixes."""
     _, path, _ = hf_checkpoint
     model = Transformer.from_pretrained(path)
-    embeds, mask = embed_rows(model, [[4, 5, 6, 7, 8], [9, 10, 11]])
-    targets = torch.randint(0, 97, mask.shape)
-    loss_mask = mask.clone()
-    loss_mask[:, :2] = False
-    lp, ent = token_logprobs(model, embeds, mask, targets, loss_mask, temperature=0.8, chunk=3)
-    ref = (model(inputs_embeds=embeds, attention_mask=mask) / 0.8).log_softmax(-1)
-    ref_lp = ref.gather(-1, targets[..., None]).squeeze(-1) * loss_mask
-    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
-    ref_ent = -(ref.exp() * ref).sum(-1) * loss_mask
-    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+    g = torch.Generator().manual_seed(5)
+    prompts, completions = [[4, 5, 6], [9], [12, 13, 14, 15]], [[7, 8], [10, 11, 3, 30], [16]]
+    prefixes = [torch.randn(2, model.config.hidden_size, generator=g), None, torch.randn(1, model.config.hidden_size, generator=g)]
+    embeds, targets, loss_mask = completion_batch(model, prompts, completions, prefixes)
+    lp, ent = token_logprobs(model, embeds, targets, loss_mask, temperature=0.8, chunk=3)
+    for i in range(3):
+        e, m = embed_rows(model, [prompts[i] + completions[i]], [prefixes[i]])               # left padded
+        ref = (model(inputs_embeds=e, attention_mask=m)[0] / 0.8).log_softmax(-1)[-len(completions[i]) - 1:-1]
+        torch.testing.assert_close(lp[i][loss_mask[i]], ref.gather(-1, torch.tensor(completions[i])[:, None])[:, 0],
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(ent[i][loss_mask[i]], -(ref.exp() * ref).sum(-1), atol=1e-5, rtol=0)
     lp.sum().backward()     # gradients flow through the chunked, recomputed path
     assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_logprobs_come_from_fp32_logits_under_autocast(hf_checkpoint):
+    """Under bf16 autocast the blocks compute in bf16, but the logits are taken in fp32: the
+    log-probs equal the fp32 log-softmax of the same hidden states, far closer than bf16 logits."""
+    from model import _chunk_logprobs
+    _, path, _ = hf_checkpoint
+    model = Transformer.from_pretrained(path)
+    hidden = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(6)) * 3
+    targets = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(7))
+    exact = (hidden.double() @ model.lm_head.weight.double().t()).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, _ = _chunk_logprobs(hidden, targets, model.lm_head.weight, 1.0)
+        rounded = (hidden @ model.lm_head.weight.t()).float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    assert lp.dtype == torch.float32
+    assert (lp.double() - exact).abs().max() < 1e-5 < (rounded.double() - exact).abs().max()
 
 
 def test_prefix_gradient_only_when_asked(hf_checkpoint):
@@ -236,9 +300,8 @@ def test_activation_checkpointing_gives_the_same_gradients(hf_checkpoint):
     for checkpointing in (False, True):
         model = Transformer.from_pretrained(path).train()
         model.gradient_checkpointing = checkpointing
-        embeds, mask = embed_rows(model, [[4, 5, 6, 7], [8, 9]])
-        targets = torch.randint(0, 97, mask.shape, generator=torch.Generator().manual_seed(0))
-        lp, _ = token_logprobs(model, embeds, mask, targets, mask)
+        embeds, targets, loss_mask = completion_batch(model, [[4, 5], [8]], [[6, 7], [9, 10, 11]])
+        lp, _ = token_logprobs(model, embeds, targets, loss_mask)
         lp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)

@@ -43,6 +43,7 @@ def choices(parser, flag):
 RL_FACTORS = {
     "--schedule": ["constant"] + [c for c in choices(rl.parser, "--schedule") if c != "constant"],
     "--prefix-source": ["noise"] + [c for c in choices(rl.parser, "--prefix-source") if c != "noise"],
+    "--credit": choices(rl.parser, "--credit"),
     "--L": ["2", "1", "8"],
     "--rho": ["0.5", "0", "1"],
     "--tie": [False, True],
@@ -64,11 +65,12 @@ RL_FACTORS = {
     "--epochs": ["1", "2"],
     "--minibatches": ["1", "3"],
     "--micro-batch-size": ["3", "1", "32"],
-    "--activation-checkpointing": [False, True],
+    "--activation-checkpointing": choices(rl.parser, "--activation-checkpointing"),
     "--dtype": choices(rl.parser, "--dtype"),
     "--template": choices(rl.parser, "--template"),
     "--eval-data": [None, "test"],
-    "--eval-every": ["0", "1"],
+    "--eval-every": [None, "0", "1"],
+    "--eval-problems": [None, "2"],
     "--per-domain-cap": [None, "5"],
     "--warmup-steps": ["0", "5"],
     "--weight-decay": ["0", "0.1"],
@@ -82,7 +84,7 @@ RL_FACTORS = {
 # Not swept: paths and sizes fixed by the harness; --resume and --fsdp have tests of their own
 # (tests/test_stages.py, tests/test_fsdp.py: --fsdp needs torchrun); the optimiser's coefficients
 # change numbers, not code paths.
-RL_FIXED = {"--model", "--data", "--out", "--vae", "--steps", "--lr", "--eval-problems", "--resume",
+RL_FIXED = {"--model", "--data", "--out", "--vae", "--steps", "--lr", "--resume",
             "--fsdp", "--clip-eps-low", "--clip-eps-high", "--grad-clip", "--help"}
 
 SFT_FACTORS = {
@@ -99,7 +101,7 @@ SFT_FACTORS = {
     "--per-domain-cap": [None, "10"],
     "--eval-data": [None, "test"],
     "--eval-problems": [None, "1"],
-    "--eval-max-new-tokens": ["6", "1"],
+    "--eval-max-new-tokens": [None, "6", "1"],
     "--dtype": choices(sft_warmup.parser, "--dtype"),
     "--tensorboard": [False, True],
     "--seed": ["0", "1"],
@@ -109,6 +111,8 @@ SFT_FIXED = {"--model", "--data", "--out", "--vae", "--lr", "--fsdp", "--grad-cl
 
 
 def argv_of(row, factors, fixed_argv, world):
+    """The row's command line; --vae is added where a prefix source of the row reads it (the stages
+    refuse a --vae that nothing reads)."""
     argv = list(fixed_argv)
     for flag, index in row.items():
         value = factors[flag][index]
@@ -116,7 +120,15 @@ def argv_of(row, factors, fixed_argv, world):
             argv.append(flag)
         elif value is not None and value is not False:
             argv += [flag, str(world / "test.jsonl") if value == "test" else value]
-    return argv
+    return argv + (["--vae", str(world / "vae")] if reads_vae(row, factors) else [])
+
+
+def reads_vae(row, factors):
+    value = lambda flag, default=None: factors[flag][row[flag]] if flag in row else default
+    if "--schedule" not in factors:                                           # sft_warmup.py
+        return value("--prefix-source") == "vae"
+    return (value("--schedule") != "none" and value("--prefix-source") == "vae") or \
+        (value("--resample") not in (None, "0") and value("--resample-source") == "vae")
 
 
 def covering_array(factors, accepts, seed=0, candidates=6):
@@ -160,9 +172,10 @@ def covering_array(factors, accepts, seed=0, candidates=6):
             rows.append(best)
             uncovered -= pairs(best)
         else:                      # no accepted row holds this pair: it must be refused
-            refused.append({n: 0 for n in names} | seeded)
+            refused.append((pair(a, i, b, j), {n: 0 for n in names} | seeded))
             uncovered.discard(pair(a, i, b, j))
     covered = set().union(*map(pairs, rows))
+    refused = [row for p, row in refused if p not in covered]     # a later row held it after all
     assert len(covered) + len(refused) == total
     return rows, refused, total
 
@@ -241,8 +254,9 @@ def check_rl_run(out, row_argv, before):
         if r["updates"]:
             assert all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "entropy"))
             assert 0 < r["entropy"] <= math.log(52) + 1e-4        # at most log V
-            if not several and not args.resample:
-                assert r["clip_frac"] == 0.0                      # one update: the ratio is 1
+            replayed = not (args.schedule == "none" or rl.credit.CREDIT_RULES[args.credit].with_prefix)
+            if not several and not args.resample and not replayed:
+                assert r["clip_frac"] == 0.0                      # one update in the sampling context: r = 1
     if args.eval_data:
         assert records[-1]["step"] == 2 and "eval_pass1" in records[-1]
     weights = load_file(str(out / "model" / "model.safetensors"))
@@ -264,8 +278,7 @@ def test_rl_pairwise(world, tmp_path, monkeypatch, capsys, one_thread):
             rollouts.correct[:args.group_size] = rollouts.rewards[:args.group_size] = 0.0
         return rollouts
     monkeypatch.setattr(rl, "score", score)
-    fixed = ["--model", str(world / "model"), "--data", str(world / "train.jsonl"),
-             "--vae", str(world / "vae"), "--steps", "2", "--lr", "1e-3"]
+    fixed = ["--model", str(world / "model"), "--data", str(world / "train.jsonl"), "--steps", "2", "--lr", "1e-3"]
     rows, refused, total = covering_array(RL_FACTORS, accepted_by(rl, RL_FACTORS, fixed + ["--out", "x"], world))
     before, rescued = load_file(str(world / "model" / "model.safetensors")), 0
     for k, row in enumerate(rows):
@@ -283,8 +296,7 @@ def test_rl_pairwise(world, tmp_path, monkeypatch, capsys, one_thread):
 
 
 def test_sft_warmup_pairwise(world, tmp_path, capsys, one_thread):
-    fixed = ["--model", str(world / "model"), "--data", str(world / "train.jsonl"),
-             "--vae", str(world / "vae"), "--lr", "1e-3"]
+    fixed = ["--model", str(world / "model"), "--data", str(world / "train.jsonl"), "--lr", "1e-3"]
     rows, refused, total = covering_array(SFT_FACTORS, accepted_by(sft_warmup, SFT_FACTORS, fixed + ["--out", "x"], world))
     before = load_file(str(world / "model" / "model.safetensors"))
     for k, row in enumerate(rows):

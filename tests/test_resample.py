@@ -1,7 +1,8 @@
-"""Zero-advantage resampling (resample.py) and the lorem prefix source: the naive-credit ratio (and its
-shaping) against a hand computation on a tiny float64 model; the regrouping rule (size G, at least
-one failure, successes only from the resample, only kept ones); a resample without a success;
-`prefixed` credit with no prefix is plain GRPO; the lorem source's text, length and embeddings.
+"""Zero-advantage resampling (resample.py) and the lorem prefix source: the regrouping rule (size G,
+at least one failure, successes only from the resample, only kept ones), every rollout drawn kept in
+the record; naive credit's pi_old over several updates; a resample without a success; `prefixed`
+credit with no prefix is plain GRPO; the lorem source's text, length and embeddings. (Each credit
+rule's loss and gradient against a hand computation: tests/test_rl_losses.py.)
 
 Run:  python -m pytest tests/test_resample.py -q        (about 30 s on one core)
 """
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 import resample
 import rl
+from credit import CREDIT_RULES, PLAIN
 from guard import UserError
 from model import LOREM_BOUNDARY, LOREM_WORDS, check_prefix_sources, make_prefix_source
 from conftest import tiny_float64_model
@@ -28,21 +30,22 @@ def tiny_model():
 def update_args(**overrides):
     args = dict(aggregation="token-mean", max_new_tokens=6, micro_batch_size=2, temperature=0.8,
                 clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0, entropy_coef=0.0, epochs=1,
-                minibatches=1, grad_clip=float("inf"), resample_credit="naive", fsdp=False)
+                minibatches=1, grad_clip=float("inf"), resample_credit="naive", fsdp=False, group_size=2,
+                estimator="grpo", dtype="float64")
     return SimpleNamespace(**{**args, **overrides})
 
 
 def rollouts_of(prompts, completions, prefixes, rewards, resampled=False, credit="prefixed",
-                keep=None):
-    """A scored record made by hand (no sampling); resampled rollouts carry their credit rule."""
+                keep=None, groups=None):
+    """A scored record made by hand (no sampling), every rollout trained; resampled ones carry
+    their credit rule. groups: each rollout's group (default: rollout i is in group i // 2)."""
     B = len(prompts)
     r = rl.Rollouts(problems=[{"problem": str(p), "prompt_ids": p} for p in prompts], prefixes=prefixes,
                     completions=completions, truncated=torch.zeros(B, dtype=torch.bool),
-                    sources=["none" if p is None else "noise" for p in prefixes])
-    if resampled:
-        with_prefix, shaped = resample.CREDIT_RULES[credit]
-        r.train_prefixes = prefixes if with_prefix else [None] * B
-        r.shaped, r.resampled = torch.full((B,), shaped), torch.ones(B, dtype=torch.bool)
+                    sources=["none" if p is None else "noise" for p in prefixes],
+                    credit=[CREDIT_RULES[credit] if p is not None else PLAIN for p in prefixes],
+                    group=torch.tensor(groups if groups is not None else [i // 2 for i in range(B)]),
+                    resampled=torch.full((B,), resampled), trained=torch.ones(B, dtype=torch.bool))
     r.texts = [""] * B
     r.rewards = torch.tensor(rewards, dtype=torch.float64)
     r.correct = r.rewards.clone()
@@ -68,57 +71,16 @@ def hand_logprobs(model, prompt, completion, prefix=None, temperature=0.8, grad=
 
 # -- the naive-credit ratio -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("credit", ["naive", "naive-shaped", "prefixed"])
-def test_credit_rule_loss_and_gradient_equal_a_hand_computation(credit):
-    """A group of two: an unprefixed failure and a resampled success sampled under a 3-vector
-    prefix. One update per batch: under naive credit pi_old still reads the prefix, so the
-    ratio is pi(o | q) / pi_old(o | p, q), not 1."""
-    model = tiny_model()
-    g = torch.Generator().manual_seed(3)
-    prefix = torch.randn(3, 16, generator=g, dtype=torch.float64)
-    prompts, completions = [[3, 4, 5], [3, 4, 5]], [[6, 7, 8, 9], [10, 11, 12]]
-    r = resample.cat(rollouts_of(prompts[:1], completions[:1], [None], [0.0]),
-                        rollouts_of(prompts[1:], completions[1:], [prefix], [1.0], resampled=True,
-                                    credit=credit))
-    rl.set_advantages(r, SimpleNamespace(group_size=2, estimator="grpo"))
-    A = r.advantages
-    args = update_args()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    opt.zero_grad = lambda set_to_none=True: None        # keep the update's gradient to compare
-    model.zero_grad()
-    metrics = rl.update_policy(model, opt, None, r, args)
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    new = [hand_logprobs(model, prompts[0], completions[0], grad=True),
-           hand_logprobs(model, prompts[1], completions[1],
-                         prefix if credit == "prefixed" else None, grad=True)]
-    old = [new[0].detach(), hand_logprobs(model, prompts[1], completions[1], prefix)]
-    ratios = [(n - o).exp() for n, o in zip(new, old)]
-    if credit != "prefixed":
-        assert (ratios[1] - 1).abs().min() > 1e-3       # the prefix moves pi_old: r is not 1
-    terms = []
-    for i, ratio in enumerate(ratios):
-        if i == 1 and credit == "naive-shaped":
-            terms.append(ratio / (ratio + 0.1) * A[i])
-        else:
-            terms.append(torch.minimum(ratio * A[i], ratio.clamp(0.8, 1.28) * A[i]))
-    hand = -(torch.cat(terms) / 7).sum()                 # token-mean over 4 + 3 tokens, float64
-    assert metrics["loss"] == pytest.approx(hand.item(), rel=1e-10)
-    model.zero_grad()
-    hand.backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
-
-
 def test_naive_credit_keeps_the_sampling_time_pi_old_over_several_updates():
     model = tiny_model()
     initial = copy.deepcopy(model)
     prefix = torch.randn(2, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    r = resample.cat(rollouts_of([[3, 4]], [[5, 6, 7]], [None], [0.0]),
-                        rollouts_of([[3, 4]], [[8, 9]], [prefix], [1.0], resampled=True, credit="naive"))
+    r = resample.cat(rollouts_of([[3, 4]], [[5, 6, 7]], [None], [0.0], groups=[0]),
+                     rollouts_of([[3, 4]], [[8, 9]], [prefix], [1.0], resampled=True, credit="naive", groups=[0]))
+    r.trained[:] = True
     rl.set_advantages(r, SimpleNamespace(group_size=2, estimator="grpo"))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    metrics = rl.update_policy(model, opt, None, r, update_args(epochs=3))
+    metrics = rl.update_policy(model, model, opt, None, r, update_args(epochs=3))
     assert metrics["updates"] == 3
     torch.testing.assert_close(r.old_logprobs[1], hand_logprobs(initial, [3, 4], [8, 9], prefix),
                                rtol=1e-10, atol=1e-12)
@@ -132,29 +94,32 @@ def test_regrouping_keeps_size_and_a_failure_and_takes_successes_only_from_the_r
     G, G_extra = 4, 5
     # three groups; completions name their rollout: [100 + i] originals, [200 + i] resampled
     original = rollouts_of([[1]] * 4 + [[2]] * 4 + [[3]] * 4, [[100 + i] for i in range(12)],
-                           [None] * 12, [0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0])
+                           [None] * 12, [0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0], groups=[i // 4 for i in range(12)])
     assert failed_groups(original, G) == [0, 2]
     extra = rollouts_of([[1]] * 5 + [[3]] * 5, [[200 + i] for i in range(10)],
                         [torch.zeros(2, 4)] * 10,
                         [0, 1, 1, 1, 1,           # group 0: four successes, more than G - 1
                          1, 0, 1, 0, 0],          # group 2: a success that was masked, then one
                         resampled=True, credit="naive",
-                        keep=[True] * 5 + [False] + [True] * 4)
+                        keep=[True] * 5 + [False] + [True] * 4, groups=[0] * 5 + [2] * 5)
+    extra.trained[:] = False
     regrouped, rescued = resample.regroup(original, extra, [0, 2], G, G_extra)
-    assert len(regrouped) == 12 and rescued == 2
-    names = [c[0] for c in regrouped.completions]
+    assert len(regrouped) == 22 and rescued == 2                   # every rollout drawn stays in the record
+    trained = regrouped.trained_in_groups(G).tolist()
+    names = [regrouped.completions[i][0] for i in trained]
     assert names[0:4] == [100, 201, 202, 203]           # first G - 3 originals, first 3 successes
     assert names[4:8] == [104, 105, 106, 107]           # a mixed group is left alone
     assert names[8:12] == [108, 109, 110, 207]          # the masked success is not taken
-    groups = regrouped.rewards.view(3, G)
+    groups = regrouped.rewards[trained].view(3, G)
     assert ((groups == 0).sum(1) >= 1).all()            # every group keeps a failure
-    for i in range(12):                                 # successes of failed groups: resampled
-        if i // G in (0, 2) and regrouped.rewards[i] > 0:
+    for k, i in enumerate(trained):                     # successes of failed groups: resampled
+        assert regrouped.group[i] == k // G
+        if k // G in (0, 2) and regrouped.rewards[i] > 0:
             assert regrouped.resampled[i] and regrouped.train_prefixes[i] is None      # naive credit
             assert regrouped.prefixes[i] is not None and regrouped.sources[i] == "noise"
         if not regrouped.resampled[i]:
             assert regrouped.train_prefixes[i] is None and regrouped.prefixes[i] is None
-    assert [p["problem"] for p in regrouped.problems] == [str([j // G + 1]) for j in range(12)]
+    assert [regrouped.problems[i]["problem"] for i in trained] == [str([k // G + 1]) for k in range(12)]
 
 
 def lorem_args(tiny, out, *extra):
@@ -169,37 +134,34 @@ def tiny_policy(tiny):
     return model, tokenizer, rl.load_problems(str(tiny / "train.jsonl"), "--data", tokenizer, "plain", seed=0)
 
 
-def generators(seed=0):
-    return {"prefix": torch.Generator().manual_seed(seed), "sample": torch.Generator().manual_seed(seed),
-            "choice": torch.Generator().manual_seed(seed)}
-
-
 def test_a_sampled_resample_is_regrouped_and_recorded(tiny, tmp_path, monkeypatch, one_thread):
     """Sampled for real on the tiny model: every original fails, the resample's rollouts succeed
     when their completion has odd length; lorem prefixes of 4 tokens plus the boundary."""
     model, tokenizer, rows = tiny_policy(tiny)
     args = lorem_args(tiny, tmp_path, "--resample-source", "lorem")
-    gens, eos = generators(), tokenizer.eos_token_id
-    r = rl.rollout(model, None, rows[:2], 0, 0, args, gens, eos)
+    eos = tokenizer.eos_token_id
+    r = rl.rollout(model, None, rows[:2], 0, 0, 0, 0, args, eos)
     monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 0.0)
     rl.score(r, tokenizer, args)
     monkeypatch.setattr(rl, "grade", lambda text, answer, kind: float(len(text) % 2))
     source = make_prefix_source("lorem", model.embed_tokens.weight, tokenizer=tokenizer)
     record = {"rollouts_generated": len(r)}
-    out = resample.regroup_failed(r, source, record, args, gens, "cpu", lambda rows, p, name:
-                                  rl.score(rl.sample(model, rows, p, name, args, gens, eos), tokenizer, args))
+    out = resample.regroup_failed(r, source, record, 0, args, "cpu", lambda *a: rl.score(
+        rl.sample(model, *a, args, eos), tokenizer, args))
     assert record["rollouts_generated"] == 10 + 6 and record["resampled_groups"] == 2
-    assert len(out) == 10
+    assert len(out) == 16 and int(out.trained.sum()) == 10 and int(out.resampled.sum()) == 6
     boundary = len(tokenizer(LOREM_BOUNDARY, add_special_tokens=False)["input_ids"])
+    trained = out.trained_in_groups(5).tolist()
     for j in range(2):
-        group = list(range(5 * j, 5 * j + 5))
+        group = trained[5 * j:5 * j + 5]
         assert any(out.rewards[i] == 0 for i in group)
-        assert all(out.problems[i] is rows[j] for i in group)
+        assert all(out.problems[i] is rows[j] and out.group[i] == j for i in group)
         wins = [i for i in group if out.rewards[i] > 0]
         assert all(out.resampled[i] and out.prefixes[i].shape == (4 + boundary,) and out.sources[i] == "lorem"
                    and out.train_prefixes[i] is None for i in wins)                       # naive credit
-    assert record["rescued_groups"] == sum(bool(out.rewards[5 * j:5 * j + 5].sum()) for j in range(2))
-    assert record["resample_accuracy"] * 6 >= out.rewards.sum()
+    assert record["rescued_groups"] == sum(bool(out.rewards[trained[5 * j:5 * j + 5]].sum()) for j in range(2))
+    successes = int(out.rewards[out.resampled].gt(0).sum())
+    assert record["resample_accuracy"] == successes / 6
 
 
 def test_a_resample_without_success_leaves_zero_advantage(tiny, tmp_path, monkeypatch, one_thread):
@@ -214,8 +176,8 @@ def test_a_resample_without_success_leaves_zero_advantage(tiny, tmp_path, monkey
         assert r["resample_accuracy"] == 0.0 and r["zero_variance_frac"] == 1.0
         assert r["loss"] == 0.0 and r["grad_norm"] == 0.0
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
-    assert len(samples) == 2 * 2 * 5                      # --samples-per-step 0: every rollout
-    assert not any(s["resampled"] for s in samples)       # nothing was taken in
+    assert len(samples) == 2 * (2 * 5 + 2 * 3)            # --samples-per-step 0: every rollout drawn
+    assert not any(s["trained"] for s in samples if s["resampled"])       # nothing was taken in
     weights = load_file(str(tmp_path / "model" / "model.safetensors"))
     before = load_file(str(tiny / "model" / "model.safetensors"))
     assert all(torch.equal(weights[k], before[k]) for k in before)  # zero advantage: no change
@@ -233,19 +195,21 @@ def test_credit_without_a_prefix_is_plain_grpo_on_the_same_rollouts(credit, exac
     G, G_extra = 3, 4
     prompts = [tokens(3) for _ in range(2) for _ in range(G)]
     original = rollouts_of(prompts, [tokens(2 + i % 4) for i in range(6)], [None] * 6,
-                           [0, 0, 0, 0, 1, 0])
+                           [0, 0, 0, 0, 1, 0], groups=[i // G for i in range(6)])
     extra = rollouts_of([prompts[0]] * G_extra, [tokens(1 + i) for i in range(G_extra)],
-                        [None] * G_extra, [1, 0, 1, 1], resampled=True, credit=credit)
+                        [None] * G_extra, [1, 0, 1, 1], resampled=True, credit=credit, groups=[0] * G_extra)
+    extra.trained[:] = False
     regrouped, _ = resample.regroup(original, extra, failed_groups(original, G), G, G_extra)
-    plain = rollouts_of([p["prompt_ids"] for p in regrouped.problems], regrouped.completions, [None] * 6,
-                        regrouped.rewards.tolist())
-    assert regrouped.resampled.sum() == 2 and not plain.resampled.any()
+    trained = regrouped.trained_in_groups(G).tolist()
+    plain = rollouts_of([regrouped.problems[i]["prompt_ids"] for i in trained], [regrouped.completions[i] for i in trained],
+                        [None] * 6, regrouped.rewards[trained].tolist(), groups=[i // G for i in range(6)])
+    assert regrouped.resampled[trained].sum() == 2 and not plain.resampled.any()
     results = []
     for r in (regrouped, plain):
         rl.set_advantages(r, SimpleNamespace(group_size=G, estimator="grpo"))
         model = tiny_model()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        metrics = rl.update_policy(model, opt, None, r, update_args(micro_batch_size=4, kl_coef=0.0))
+        metrics = rl.update_policy(model, model, opt, None, r, update_args(micro_batch_size=4, kl_coef=0.0, group_size=G))
         results.append((metrics, [p.detach().clone() for p in model.parameters()]))
     (m1, w1), (m2, w2) = results
     assert m1["loss"] != 0.0                              # the regrouped group carries signal

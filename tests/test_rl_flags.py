@@ -54,7 +54,7 @@ def tiny_args(tiny, out, *extra):
             "--schedule", "constant", "--rho", "0.4", "--prefix-source", "noise", "--L", "2",
             "--prompts-per-step", "2", "--group-size", "5", "--max-new-tokens", "6",
             "--micro-batch-size", "3", "--steps", "2", "--lr", "1e-3", "--warmup-steps", "0",
-            "--save-every", "0", "--sample-every", "0", "--eval-every", "0", *map(str, extra)]
+            "--save-every", "0", "--sample-every", "0", *map(str, extra)]
 
 
 def records(out):
@@ -96,7 +96,7 @@ REFUSED = [
     (["--group-size", "1"], "--group-size must be >= 2"),
     (["--group-size", "0"], "--group-size must be >= 2"),
     (["--prompts-per-step", "0"], "--prompts-per-step must be >= 1"),
-    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (["--micro-batch-size", "-1"], "--micro-batch-size must be >= 0"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--minibatches", "0"], "--minibatches must be >= 1"),
     (["--minibatches", "11"], "--minibatches 11 is more than the 10 rollouts each rank holds"),
@@ -129,9 +129,18 @@ REFUSED = [
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
     (["--schedule", "sometimes"], "invalid choice: 'sometimes'"),
     (["--resample", "-1"], "--resample must be >= 0"),
-    (["--resample-credit", "naive-shaped"], "--resample-credit has no effect without --resample G'"),
-    (["--resample-source", "vae"], "--resample-source has no effect without --resample G'"),
-    (["--resample-L", "8"], "--resample-L has no effect without --resample G'"),
+    (["--resample-credit", "naive-shaped"], "--resample-credit naive-shaped has no effect here (--resample G'"),
+    (["--resample-source", "vae"], "--resample-source vae has no effect here (--resample G'"),
+    (["--resample-L", "8"], "--resample-L 8 has no effect here (--resample G'"),
+    # flags that would be ignored are refused, each naming why
+    (["--schedule", "linear", "--rho", "0.3"], "--rho 0.3 has no effect here (it is the prefixed fraction of --schedule constant)"),
+    (["--eval-every", "1"], "--eval-every 1 has no effect here (there is no --eval-data)"),
+    (["--eval-problems", "5"], "--eval-problems 5 has no effect here (there is no --eval-data)"),
+    (["--schedule", "none", "--rho", "0.5", "--credit", "naive"], "--credit naive has no effect here (--schedule none"),
+    (["--schedule", "none", "--rho", "0.5"], "--prefix-source noise has no effect here (--schedule none draws no prefix)"),
+    (["--schedule", "none", "--rho", "0.5", "--prefix-source", "none", "--L", "3"], "--L 3 has no effect here (--schedule none"),
+    (["--vae", "somewhere"], "--vae has no effect here: no prefix source of this run reads a VAE"),
+    (["--fsdp", "--credit", "nudge"], "--fsdp needs the same forward passes on every rank"),
     (["--resample", "3", "--resample-source", "vae"], "--resample-source vae needs --vae DIR"),
     (["--resample", "3", "--resample-L", "-1"], "--resample-L must be >= 0"),
     (["--resample", "3", "--resample-source", "noise", "--resample-L", "0"],
@@ -167,8 +176,10 @@ def test_a_refused_flag_exits_2_without_a_traceback(tiny, tmp_path):
 @pytest.mark.parametrize("flags", [["--prompts-per-step", 10**12], ["--group-size", 10**12],
                                    ["--resample", 10**12, "--resample-L", 2]])
 def test_a_batch_that_cannot_fit_the_device_is_refused(tiny, tmp_path, flags):
-    with pytest.raises(UserError, match=r"rollouts per rank .* GiB of KV cache, more than the .* GiB"):
+    with pytest.raises(UserError, match=r"a rank needs .* GiB \(.*KV cache .* GiB\) at --micro-batch-size 3, "
+                                         r"more than the .* GiB free; lower"):
         rl.main(tiny_args(tiny, tmp_path / "run", *flags))
+    assert not (tmp_path / "run").exists()                     # refused before anything is written
 
 
 def test_eval_prompts_must_fit_the_context(tiny, tmp_path):
@@ -235,15 +246,13 @@ def test_schedules_are_one_table_that_argparse_uses():
 
 def test_choose_prefixed_picks_n_of_each_group_at_random():
     g = torch.Generator().manual_seed(0)
-    chosen = torch.stack([rl.choose_prefixed(50, 8, 3, g) for _ in range(40)])     # (40, 400)
-    assert chosen.dtype == torch.bool and chosen.shape == (40, 400)
-    assert (chosen.view(40, 50, 8).sum(-1) == 3).all()                             # 3 per group
-    per_slot = chosen.view(-1, 8).float().mean(0)              # each place in a group equally often
-    assert ((per_slot - 3 / 8).abs() < 0.03).all(), per_slot
+    chosen = torch.stack([rl.choose_prefixed(8, 3, g) for _ in range(2000)])       # (2000, 8)
+    assert chosen.dtype == torch.bool and (chosen.sum(-1) == 3).all()              # 3 per group
+    per_slot = chosen.float().mean(0)                          # each place in a group equally often
+    assert ((per_slot - 3 / 8).abs() < 0.04).all(), per_slot
     assert not torch.equal(chosen[0], chosen[1])
-    same = rl.choose_prefixed(50, 8, 3, torch.Generator().manual_seed(0))
-    assert torch.equal(same, chosen[0])                                            # seeded
-    assert not rl.choose_prefixed(2, 4, 0, g).any() and rl.choose_prefixed(2, 4, 4, g).all()
+    assert torch.equal(rl.choose_prefixed(8, 3, torch.Generator().manual_seed(0)), chosen[0])     # seeded
+    assert not rl.choose_prefixed(4, 0, g).any() and rl.choose_prefixed(4, 4, g).all()
 
 
 def test_rows_without_ids_and_unreadable_answers_are_left_out(tiny, tmp_path, capsys):

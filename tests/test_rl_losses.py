@@ -1,20 +1,26 @@
 """GRPO / RLOO / Dr.GRPO advantages, the clipped policy loss and the entropy bonus against
 hand-computed values; rl.py's policy update on a tiny float64 model: the gradient accumulated
 over micro-batches and over 2 gloo ranks equals one full-batch loss's gradient, the KL is k3
-against the initial checkpoint as loaded, masked truncations carry nothing.
+against the initial checkpoint as loaded, masked truncations carry nothing; every credit rule
+(credit.py) against a float64 hand computation, and the update's logged metrics (clip_frac,
+entropy, kl, loss) recomputed by hand over several epochs and minibatches.
 
 Run:  python -m pytest tests/test_rl_losses.py -q        (about 20 s on two cores)
 """
+import copy
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import credit
 import rl
 from conftest import tiny_float64_model
-from model import (Transformer, completion_batch, group_advantages,
+from model import (ADVANTAGE_ESTIMATORS, Transformer, completion_batch, embed_rows, group_advantages,
                    loss_token_weights, policy_loss, token_logprobs)
+
+frac = lambda stats, key: (stats[key].sum() / stats["tokens"].sum()).item()
 
 
 def test_grpo_by_hand():
@@ -35,7 +41,7 @@ def test_drgrpo_by_hand():
     torch.testing.assert_close(adv, torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "rloo", "drgrpo"])
+@pytest.mark.parametrize("estimator", list(ADVANTAGE_ESTIMATORS))
 def test_equal_groups_and_group_of_one_get_zero(estimator):
     assert torch.equal(group_advantages(torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]), estimator),
                        torch.zeros(2, 3))
@@ -51,12 +57,13 @@ def test_clipped_loss_by_hand_on_both_sides_of_the_clip():
     # A > 0: min(r A, clip(r) A) = 1.28*2, 0.5*2, 1.1*2, 0.9*2 -> mean of negatives
     expected = -(1.28 * 2 + 0.5 * 2 + 1.1 * 2 + 0.9 * 2) / 4
     assert loss_pos.item() == pytest.approx(expected, abs=1e-6)
-    assert stats["clip_frac"] == pytest.approx(0.25)  # only 1.5 is clipped
+    assert frac(stats, "clipped") == pytest.approx(0.25)  # only 1.5 is clipped
+    assert stats["loss"].sum().item() == pytest.approx(expected, abs=1e-6)
     loss_neg, stats = policy_loss(new, old, torch.tensor([-1.0]), weights, 0.2, 0.28)
     # A < 0: min(-r, -clip(r)) = -1.5, -0.8, -1.1, -0.9
     expected = (1.5 + 0.8 + 1.1 + 0.9) / 4
     assert loss_neg.item() == pytest.approx(expected, abs=1e-6)
-    assert stats["clip_frac"] == pytest.approx(0.25)  # only 0.5 is clipped
+    assert frac(stats, "clipped") == pytest.approx(0.25)  # only 0.5 is clipped
 
 
 def test_k3_kl_by_hand():
@@ -65,7 +72,7 @@ def test_k3_kl_by_hand():
     w = torch.full((1, 2), 0.5)
     loss, stats = policy_loss(lp, lp.detach(), torch.tensor([0.0]), w, ref_logprobs=ref, kl_coef=0.1)
     k3 = (0.5 - math.log(0.5) - 1 + 0.0) / 2          # exp(log .5) - log .5 - 1, and 0
-    assert stats["kl"] == pytest.approx(k3, abs=1e-6)
+    assert frac(stats, "kl") == pytest.approx(k3, abs=1e-6)
     assert loss.item() == pytest.approx(0.1 * k3, abs=1e-6)
 
 
@@ -105,7 +112,7 @@ def test_entropy_bonus_by_hand():
     w = torch.full((1, 2), 0.5)                       # token-mean over 2 tokens
     loss, stats = policy_loss(lp, lp, torch.tensor([0.0]), w, entropy=entropy, entropy_coef=0.01)
     assert loss.item() == pytest.approx(-0.01 * (math.log(2) + math.log(4)) / 2, abs=1e-9)
-    assert stats["entropy"] == pytest.approx((math.log(2) + math.log(4)) / 2)
+    assert frac(stats, "entropy") == pytest.approx((math.log(2) + math.log(4)) / 2)
 
 
 def test_token_entropy_is_that_of_the_tempered_distribution_and_has_its_gradient():
@@ -116,16 +123,16 @@ def test_token_entropy_is_that_of_the_tempered_distribution_and_has_its_gradient
         model.lm_head.weight.zero_()
         _, entropy = token_logprobs(model, *batch, temperature=0.7)
         model.lm_head.weight.copy_(saved)
-    torch.testing.assert_close(entropy[batch[3]], torch.full((4,), math.log(23), dtype=torch.float64))
+    torch.testing.assert_close(entropy[batch[2]], torch.full((4,), math.log(23), dtype=torch.float64))
     # value and gradient of the bonus against the entropy written out from the full logits
     coef, T = 0.3, 0.7
-    embeds, mask, targets, loss_mask = batch
-    lp, entropy = token_logprobs(model, embeds, mask, targets, loss_mask, T)
+    embeds, targets, loss_mask = batch
+    lp, entropy = token_logprobs(model, embeds, targets, loss_mask, T)
     w = loss_mask.double() / loss_mask.sum()
     loss, _ = policy_loss(lp, lp.detach(), torch.zeros(2, dtype=torch.float64), w,
                           entropy=entropy, entropy_coef=coef)
     got = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, retain_graph=True)
-    logp = (model(inputs_embeds=embeds, attention_mask=mask)[loss_mask] / T).log_softmax(-1)
+    logp = (model(inputs_embeds=embeds)[loss_mask] / T).log_softmax(-1)
     by_hand = -coef * (-(logp.exp() * logp).sum(-1)).mean()
     expected = torch.autograd.grad(by_hand, list(model.parameters()), allow_unused=True)
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-12)
@@ -144,14 +151,14 @@ def tiny_model(tied=False):
 def update_args(**overrides):
     args = dict(aggregation="token-mean", max_new_tokens=6, micro_batch_size=3, temperature=0.8,
                 clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.1, entropy_coef=0.05, epochs=1,
-                minibatches=1, fsdp=False, grad_clip=1.0)
+                minibatches=1, fsdp=False, grad_clip=1.0, group_size=4, estimator="grpo", dtype="float64")
     return SimpleNamespace(**{**args, **overrides})
 
 
-def make_rollouts(model, keep, seed=1):
-    """Rollouts of random tokens: every third rollout prefixed with its own 2 vectors, some
-    completions at the 6-token limit (truncated); old and reference log-probs are the policy's
-    own, shifted so that ratios spread over both sides of the clip."""
+def make_rollouts(model, keep, seed=1, rule=credit.PLAIN):
+    """Rollouts of random tokens in groups of 4: every third rollout prefixed with its own 2 vectors
+    (credited by `rule`), some completions at the 6-token limit (truncated); old and reference
+    log-probs are the policy's own, shifted so that ratios spread over both sides of the clip."""
     g = torch.Generator().manual_seed(seed)
     B, d = len(keep), model.config.hidden_size
     lengths = [1 + int(torch.randint(0, 6, (1,), generator=g)) for _ in range(B)]
@@ -160,7 +167,8 @@ def make_rollouts(model, keep, seed=1):
         problems=[{"prompt_ids": torch.randint(3, 23, (int(torch.randint(1, 5, (1,), generator=g)),),
                                                generator=g).tolist()} for _ in range(B)],
         prefixes=prefixes, completions=[torch.randint(3, 23, (n,), generator=g).tolist() for n in lengths],
-        truncated=torch.tensor([n == 6 for n in lengths]), sources=["test" if p is not None else "none" for p in prefixes])
+        truncated=torch.tensor([n == 6 for n in lengths]), sources=["test" if p is not None else "none" for p in prefixes],
+        credit=[rule if p is not None else credit.PLAIN for p in prefixes], group=torch.arange(B) // 4)
     r.keep = torch.tensor(keep)
     r.advantages = torch.randn(B, generator=g, dtype=torch.float64)
     own = rl.completion_logprobs(model, r, list(range(B)), update_args())                 # B x (|o_i|,)
@@ -173,18 +181,16 @@ def full_batch_gradient(model, r, args):
     """The gradient of one loss over every kept rollout at once, old and reference log-probs
     placed into the training layout by hand."""
     rows = r.keep.nonzero()[:, 0].tolist()
-    embeds, mask, targets, loss_mask = r.batch(model, rows)
-    T = mask.shape[1]
-    old, ref = torch.zeros(len(rows), T, dtype=torch.float64), torch.zeros(len(rows), T, dtype=torch.float64)
-    for j, i in enumerate(rows):
-        n = len(r.completions[i])
-        old[j, T - n - 1:T - 1], ref[j, T - n - 1:T - 1] = r.old_logprobs[i], r.ref_logprobs[i]
-    lp, entropy = token_logprobs(model, embeds, mask, targets, loss_mask, args.temperature)
+    embeds, targets, loss_mask = r.batch(model, rows)
+    old, ref = torch.zeros(loss_mask.shape, dtype=torch.float64), torch.zeros(loss_mask.shape, dtype=torch.float64)
+    for j, i in enumerate(rows):                       # row j's completion sits at its loss positions
+        old[j, loss_mask[j]], ref[j, loss_mask[j]] = r.old_logprobs[i], r.ref_logprobs[i]
+    lp, entropy = token_logprobs(model, embeds, targets, loss_mask, args.temperature)
     w = loss_token_weights(loss_mask, args.aggregation, len(rows), int(loss_mask.sum()), args.max_new_tokens,
                            lp.dtype)
     loss, stats = policy_loss(lp, old, r.advantages[rows], w, args.clip_eps_low, args.clip_eps_high,
                               ref, args.kl_coef, entropy, args.entropy_coef)
-    assert 0 < stats["clip_frac"] < 1                  # the clip is active on some tokens, not all
+    assert 0 < frac(stats, "clipped") < 1              # the clip is active on some tokens, not all
     model.zero_grad()
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}, loss.item()
@@ -201,9 +207,10 @@ def test_micro_batches_accumulate_the_full_batch_gradient(aggregation):
     for micro in (1, 2, 3, 5, 100):                   # 5 divides neither 12 rows nor 8 kept
         model.zero_grad(set_to_none=True)
         rows = r.keep.nonzero()[:, 0].tolist()
-        sums = rl.minibatch_backward(model, r, rows, update_args(aggregation=aggregation,
-                                                               micro_batch_size=micro))
-        assert sums["loss"] == pytest.approx(expected_loss, rel=1e-10)
+        r.stats = {k: torch.zeros_like(v) for k, v in r.stats.items()}
+        n_seq, loss = rl.minibatch_backward(model, r, rows, update_args(aggregation=aggregation, micro_batch_size=micro))
+        assert n_seq == len(rows) and loss == pytest.approx(expected_loss, rel=1e-10)
+        assert r.stats["loss"].sum().item() == pytest.approx(expected_loss, rel=1e-10)   # each rollout's share
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
 
@@ -252,7 +259,7 @@ def test_kl_is_k3_against_the_initial_checkpoint_after_the_embeddings_moved(tmp_
     args = update_args(kl_coef=0.1, entropy_coef=0.0)
     ref = Transformer.from_pretrained(str(tmp_path / "initial"), dtype=torch.float64)   # as rl.py loads it
     r.ref_logprobs = rl.completion_logprobs(ref, r, list(range(6)), args)
-    sums = rl.minibatch_backward(policy, r, list(range(6)), args)
+    rl.minibatch_backward(policy, r, list(range(6)), args)
 
     initial = Transformer.from_pretrained(str(tmp_path / "initial"), dtype=torch.float64)
 
@@ -272,9 +279,9 @@ def test_kl_is_k3_against_the_initial_checkpoint_after_the_embeddings_moved(tmp_
             k3.append(d.exp() - d - 1)
         return torch.cat(k3).mean().item()
 
-    assert sums["kl"] / sums["tokens"] == pytest.approx(mean_k3(initial.embed_tokens.weight), rel=1e-9)
+    assert frac(r.stats, "kl") == pytest.approx(mean_k3(initial.embed_tokens.weight), rel=1e-9)
     # reading the tokens through the policy's moved embeddings gives another number
-    assert abs(mean_k3(policy.embed_tokens.weight.detach()) - sums["kl"] / sums["tokens"]) > 1e-3
+    assert abs(mean_k3(policy.embed_tokens.weight.detach()) - frac(r.stats, "kl")) > 1e-3
 
 
 def test_all_rollouts_truncated_and_masked_gives_no_update():
@@ -282,13 +289,12 @@ def test_all_rollouts_truncated_and_masked_gives_no_update():
     r = make_rollouts(model, [False] * 5)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    metrics = rl.update_policy(model, opt, None, r, update_args(epochs=2, minibatches=2, kl_coef=0.0))
+    metrics = rl.update_policy(model, model, opt, None, r, update_args(epochs=2, minibatches=2, kl_coef=0.0))
     assert metrics["updates"] == 0 and metrics["clip_frac"] is None
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # and a forward over a batch without a single loss position still backpropagates (zeros)
     batch = completion_batch(model, [[3, 4]], [[5, 6]])
-    lp, entropy = token_logprobs(model, batch[0], batch[1], batch[2],
-                                             torch.zeros_like(batch[3]))
+    lp, entropy = token_logprobs(model, batch[0], batch[1], torch.zeros_like(batch[2]))
     (lp.sum() + entropy.sum()).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
@@ -301,7 +307,7 @@ def test_a_cut_off_answer_is_worth_zero_under_both_truncation_rules(truncated):
     rows = [{"problem": "2+3=?", "answer": "5", "grading_kind": "toy", "prompt_ids": [1]}] * 4
     texts = ["answer: 4", "answer: 6", "answer: 7", "answer: 5"]
     rollouts = rl.Rollouts(rows, [None] * 4, [[2]] * 4, truncated=torch.tensor([False, False, False, True]),
-                           sources=["none"] * 4)
+                           sources=["none"] * 4, credit=[credit.PLAIN] * 4, group=torch.zeros(4, dtype=torch.long))
     decoder = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: texts)
     rl.score(rollouts, decoder, SimpleNamespace(truncated=truncated))
     assert rollouts.correct.tolist() == [0.0, 0.0, 0.0, 1.0]      # what the grader saw
@@ -309,3 +315,124 @@ def test_a_cut_off_answer_is_worth_zero_under_both_truncation_rules(truncated):
     assert rollouts.keep.tolist() == ([True] * 4 if truncated == "zero" else [True, True, True, False])
     rl.set_advantages(rollouts, SimpleNamespace(group_size=4, estimator="grpo"))
     assert rollouts.advantages.tolist() == [0.0] * 4
+
+
+# -- credit rules (credit.py) against float64 hand computations ---------------------------------
+
+def test_nudge_advantages_are_nudgerls_inter_and_intra_context_split_by_hand():
+    """NudgeRL's advantage with "under a prefix" as the one context: a prefixed rollout's
+    (r - mean_P) + lambda (mean_P - mean), a plain one's r - mean, then the group's centring and
+    scaling (here GRPO's Bessel std)."""
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    prefixed = torch.tensor([[True, True, True, False, False, False]])
+    lam, mean, mean_p = 1.1, 0.5, 2 / 3
+    hat = torch.tensor([[(x - mean_p) + lam * (mean_p - mean) for x in (1, 0, 1)] + [x - mean for x in (0, 0, 1)]],
+                       dtype=torch.float64)
+    centred = hat - hat.mean()
+    expected = centred / (math.sqrt((centred ** 2).sum() / 5) + 1e-6)
+    inter = torch.ones(1, 6, dtype=torch.float64).masked_fill(prefixed, lam)
+    got = group_advantages(credit.credited_rewards(rewards, prefixed, inter), "grpo")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert got[0, 0] > group_advantages(rewards, "grpo")[0, 0]          # the better context gains
+    # lambda = 1, or a group all or none of whose rollouts are prefixed: the plain estimator
+    for p, w in ((prefixed, torch.ones(1, 6)), (torch.ones(1, 6, dtype=torch.bool), inter),
+                 (torch.zeros(1, 6, dtype=torch.bool), inter)):
+        torch.testing.assert_close(group_advantages(credit.credited_rewards(rewards, p, w), "grpo"),
+                                   group_advantages(rewards, "grpo"))
+
+
+def row_logprobs(model, r, i, with_prefix, temperature):
+    """Rollout i alone, left unpadded: log-probs (|o_i|,) and entropies of its completion, read with
+    or without its prefix (an independent forward pass, not the training layout)."""
+    prefix = r.prefixes[i] if with_prefix else None
+    embeds, mask = embed_rows(model, [r.problems[i]["prompt_ids"] + r.completions[i]], [prefix])
+    n = len(r.completions[i])
+    logp = (model(inputs_embeds=embeds, attention_mask=mask)[0, -n - 1:-1] / temperature).log_softmax(-1)
+    return logp.gather(-1, torch.tensor(r.completions[i])[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("rule", ["naive", "naive-shaped", "nudge"])
+def test_each_credit_rule_gives_the_hand_computed_loss_and_gradient(rule):
+    """One minibatch (seq-mean) of rollouts, a third of them prefixed under `rule`: the loss and
+    its gradient equal a sum written out row by row: naive reads pi without the prefix against
+    pi_old with it, naive-shaped takes -r/(r + 0.1) A, nudge adds -0.1 A mean_t log pi(o | q) / B."""
+    model, T = tiny_model(), 0.8
+    r = make_rollouts(model, [True] * 8, rule=credit.CREDIT_RULES[rule])
+    r.ref_logprobs = None
+    args = update_args(kl_coef=0.0, entropy_coef=0.0, aggregation="seq-mean", temperature=T)
+    rows = list(range(8))
+    r.old_logprobs = rl.completion_logprobs(model, r, rows, args, sampled=True)      # as update_policy does
+    model.zero_grad(set_to_none=True)
+    _, loss = rl.minibatch_backward(model, r, rows, args)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    by_hand = 0.0
+    for i in rows:
+        prefixed, A = r.prefixes[i] is not None, r.advantages[i]
+        old, _ = row_logprobs(model, r, i, True, T)                     # the sampling context
+        new, _ = row_logprobs(model, r, i, not (prefixed and rule.startswith("naive")), T)
+        ratio = (new - old.detach()).exp()
+        if prefixed and rule == "naive-shaped":
+            term = -ratio / (ratio + 0.1) * A
+        else:
+            term = -torch.minimum(ratio * A, ratio.clamp(1 - 0.2, 1 + 0.28) * A)
+        by_hand = by_hand + term.mean() / 8                                            # seq-mean
+        if prefixed and rule == "nudge":
+            bare, _ = row_logprobs(model, r, i, False, T)
+            by_hand = by_hand - 0.1 * A * bare.mean() / 8
+    expected = torch.autograd.grad(by_hand, list(model.parameters()))
+    assert loss == pytest.approx(by_hand.item(), rel=1e-10)
+    for (name, g), e in zip(got.items(), expected):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("rule", list(credit.CREDIT_RULES))
+def test_update_metrics_equal_a_replay_by_hand(rule):
+    """Two epochs of two minibatches with a KL and an entropy bonus: the logged clip_frac, entropy,
+    kl and loss equal a replay written out by hand, update by update, from the weights each update
+    read (recorded by the optimiser) and pi_old in each rollout's sampling context."""
+    model, T = tiny_model(), 0.8
+    initial = copy.deepcopy(model)
+    r = make_rollouts(model, KEEP, rule=credit.CREDIT_RULES[rule])
+    r.old_logprobs = r.ref_logprobs = None
+    states = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            states.append(copy.deepcopy(model))
+            return super().step(closure)
+    args = update_args(epochs=2, minibatches=2, temperature=T, grad_clip=1.0)
+    metrics = rl.update_policy(model, model, Recording(model.parameters(), lr=2.0), initial, r, args)
+    assert metrics["updates"] == 4 == len(states)
+    kept = [i for i in range(12) if KEEP[i]]
+    place = {i: int(r.group[i]) * 4 + i % 4 for i in kept}                         # group j, place k
+    sums, loss = dict(tokens=0, clipped=0, entropy=0.0, kl=0.0), 0.0
+    for u, state in enumerate(states):
+        rows = [i for i in kept if place[i] % 2 == u % 2]                          # minibatch (jG + k) mod 2
+        n_tok = sum(len(r.completions[i]) for i in rows)
+        for i in rows:
+            trained_ctx = r.prefixes[i] is not None and not rule.startswith("naive")
+            with torch.no_grad():
+                old, _ = row_logprobs(initial, r, i, True, T)
+                new, entropy = row_logprobs(state, r, i, trained_ctx or r.prefixes[i] is None, T)
+                ref, _ = row_logprobs(initial, r, i, trained_ctx or r.prefixes[i] is None, T)
+            ratio, A = (new - old).exp(), r.advantages[i]
+            clipped_term = ratio.clamp(1 - 0.2, 1 + 0.28) * A
+            is_clipped = clipped_term < ratio * A
+            term = -torch.minimum(ratio * A, clipped_term)
+            if r.prefixes[i] is not None and rule == "naive-shaped":
+                term, is_clipped = -ratio / (ratio + 0.1) * A, torch.zeros_like(is_clipped)
+            k3 = (ref - new).exp() - (ref - new) - 1
+            loss += ((term + 0.1 * k3 - 0.05 * entropy) / n_tok).sum().item()
+            if r.prefixes[i] is not None and rule == "nudge":
+                with torch.no_grad():
+                    bare, _ = row_logprobs(state, r, i, False, T)
+                loss -= 0.1 * A.item() * bare.mean().item() / len(rows)
+            sums["tokens"] += len(new)
+            sums["clipped"] += int(is_clipped.sum())
+            sums["entropy"] += entropy.sum().item()
+            sums["kl"] += k3.sum().item()
+    assert sums["clipped"] > 0
+    assert metrics["clip_frac"] == pytest.approx(sums["clipped"] / sums["tokens"], abs=1e-12)
+    assert metrics["entropy"] == pytest.approx(sums["entropy"] / sums["tokens"], rel=1e-9)
+    assert metrics["kl"] == pytest.approx(sums["kl"] / sums["tokens"], rel=1e-9)
+    assert metrics["loss"] == pytest.approx(loss / 4, rel=1e-9)

@@ -24,9 +24,12 @@ def world(stages_world):
 
 
 def rl_args(world, out, *extra):
-    return ("--model", world / "base", "--vae", world / "vae", "--data", world / "math_train.jsonl",
+    """rl.py's flags on the stages' world; --vae where the run's prefixes come from it (the default
+    source, unless the run names another or has no schedule)."""
+    vae = () if "--prefix-source" in extra or "none" in extra else ("--vae", world / "vae")
+    return ("--model", world / "base", *vae, "--data", world / "math_train.jsonl",
             "--out", out, "--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "40",
-            "--lr", "1e-4", "--temperature", "0.8", "--warmup-steps", "3", "--eval-every", "0",
+            "--lr", "1e-4", "--temperature", "0.8", "--warmup-steps", "3",
             "--sample-every", "0", *extra)
 
 
@@ -76,23 +79,22 @@ def test_stored_prefix_replays_to_identical_logprobs(world):
     out = generate(model, prompts, prefixes, max_new_tokens=12, temperature=0)
     completions = out.token_lists()
     with torch.no_grad():
-        batch = completion_batch(model, prompts, completions, prefixes)
+        batch = completion_batch(model, prompts, completions, prefixes)             # right padded
         lp_batch, _ = token_logprobs(model, *batch)
-        hidden_logits = model(inputs_embeds=batch[0], attention_mask=batch[1])
+        loss_mask = batch[2]
+        hidden_logits = model(inputs_embeds=batch[0])
         for i in range(3):
             alone = completion_batch(model, [prompts[i]], [completions[i]], [prefixes[i]])
             lp_alone, _ = token_logprobs(model, *alone)
-            n = len(completions[i])
-            torch.testing.assert_close(lp_batch[i, -n - 1:-1], lp_alone[0, -n - 1:-1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(lp_batch[i][loss_mask[i]], lp_alone[0][alone[2][0]], atol=1e-5, rtol=0)
         # greedy tokens are the argmax under the replayed context: sampler and trainer agree
         for i, c in enumerate(completions):
-            n = len(c)
-            assert hidden_logits[i, -n - 1:-1].argmax(-1).tolist() == c
+            assert hidden_logits[i][loss_mask[i]].argmax(-1).tolist() == c
         # and the prefix matters: another latent gives other log-probs for the same tokens
         other = list(source.sample(3, 4, generator=torch.Generator().manual_seed(1)))
-        lp_other, _ = token_logprobs(model, *completion_batch(model, prompts, completions, other))
-    n = len(completions[0])
-    assert not torch.allclose(lp_other[0, -n - 1:-1], lp_batch[0, -n - 1:-1])
+        other_batch = completion_batch(model, prompts, completions, other)
+        lp_other, _ = token_logprobs(model, *other_batch)
+    assert not torch.allclose(lp_other[0][other_batch[2][0]], lp_batch[0][loss_mask[0]])
 
 
 def test_sft_loss_covers_only_the_answer():
@@ -101,12 +103,12 @@ def test_sft_loss_covers_only_the_answer():
                                     num_hidden_layers=1, num_attention_heads=2,
                                     num_key_value_heads=1, head_dim=8))
     prefix = torch.randn(2, 16)
-    _, mask, targets, loss_mask = completion_batch(model, [[3, 4, 5], [6]], [[7, 8], [9, 10, 11]],
-                                                   [prefix, None])
-    # row 0: [p p 3 4 5 7 8] (T = 7); row 1: [pad pad pad 6 9 10 11]
-    assert mask.tolist() == [[True] * 7, [False] * 3 + [True] * 4]
+    embeds, targets, loss_mask = completion_batch(model, [[3, 4, 5], [6]], [[7, 8], [9, 10, 11]],
+                                                  [prefix, None])
+    # right padded: row 0 is [p p 3 4 5 7 8] (T = 7); row 1 is [6 9 10 11 pad pad pad]
+    assert torch.equal(embeds[0, :2], prefix) and torch.equal(embeds[1, 0], model.embed_tokens.weight[6])
     assert loss_mask.tolist() == [[False] * 4 + [True] * 2 + [False],
-                                  [False] * 3 + [True] * 3 + [False]]
+                                  [True] * 3 + [False] * 4]
     assert targets[loss_mask].tolist() == [7, 8, 9, 10, 11]
 
 
@@ -136,10 +138,10 @@ def test_sft_uses_prior_samples_and_changes_the_model(world, tmp_path, monkeypat
                                       "--out", str(tmp_path), "--steps", "3", "--batch-size", "8",
                                       "--micro-batch-size", "4", "--lr", "1e-3"])
     sft_warmup.main()
-    # every draw is from the prior with L = 1: the training micro-batches' (4 rows each), then
-    # the prefix-health check's after training
+    # every draw is from the prior with L = 1: each step's whole batch (8 rows, whatever the
+    # ranks and micro-batches), then the prefix-health check's after training
     assert drawn and all(L == 1 and region is None for n, L, region in drawn)
-    assert any(n == 4 for n, L, region in drawn)
+    assert [n for n, L, region in drawn][:3] == [8, 8, 8]
     before = load_file(str(world / "base" / "model.safetensors"))
     after = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -167,7 +169,7 @@ def test_rl_several_updates_per_batch_with_kl(world, tmp_path):
                                  "--L", "2", "--epochs", "2", "--minibatches", "2",
                                  "--micro-batch-size", "4", "--kl-coef", "0.05",
                                  "--aggregation", "seq-mean", "--truncated", "mask",
-                                 "--activation-checkpointing", "--eval-data",
+                                 "--activation-checkpointing", "on", "--eval-data",
                                  world / "math_test.jsonl", "--eval-every", "1", "--eval-problems", "8"))
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2] and all("eval_pass1" in r for r in records)
@@ -298,7 +300,7 @@ def test_sft_warms_up_with_lorem_prefixes(tmp_path, monkeypatch):
     monkeypatch.setattr(model_module.LoremPrefix, "_draw", recorded)
     sft_warmup.main(argv + ["--L", "4", "--eval-max-new-tokens", "8", "--out", str(tmp_path / "sft")])
     boundary = len(tokenizer(model_module.LOREM_BOUNDARY, add_special_tokens=False)["input_ids"])
-    assert (2, 4, 4 + boundary) in drawn                          # the training micro-batches'
+    assert (4, 4, 4 + boundary) in drawn                          # each training step's whole batch
     assert all(rows == L + boundary for _, L, rows in drawn)
     assert len(metrics(tmp_path / "sft")) == 2
     before = load_file(str(tmp_path / "model" / "model.safetensors"))

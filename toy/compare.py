@@ -227,15 +227,15 @@ def warmup(world, out, name, fraction, steps):
     model = os.path.join(out, f"warmup_{name}_{fraction}_{steps}steps")
     if not os.path.exists(os.path.join(model, "model", "config.json")):
         shutil.rmtree(model, ignore_errors=True)
-        run(["sft_warmup.py", "--model", f"{world}/base", "--vae", f"{world}/vae", "--data",
-             seeded_data(world, out, fraction), "--steps", str(steps), "--lr", "3e-5", "--out", model,
+        run(["sft_warmup.py", "--model", f"{world}/base", *(["--vae", f"{world}/vae"] if name == "vae" else []),
+             "--data", seeded_data(world, out, fraction), "--steps", str(steps), "--lr", "3e-5", "--out", model,
              *WARMUPS[name]], os.path.join(out, f"warmup_{name}_{fraction}_{steps}steps.log"))
     return os.path.join(model, "model")
 
 
 def rl_argv(world, run_dir, start, flags, seed, p):
     """rl.py's flags for one run: the shared ones, the protocol's settings p, then the arm's own."""
-    return ["--model", start, "--vae", f"{world}/vae", "--data", p["data"],
+    return ["--model", start, *(["--vae", f"{world}/vae"] if "vae" in flags else []), "--data", p["data"],
             "--eval-data", f"{world}/data/math_test.jsonl", "--eval-problems", str(EVAL_PROBLEMS),
             "--steps", str(p["steps"]), "--lr", str(p["lr"]), "--temperature", str(p["temperature"]),
             "--seed", str(seed), "--save-every", "0", "--sample-every", "1", "--samples-per-step", "0",
