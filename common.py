@@ -379,24 +379,24 @@ def save_checkpoint(out, step, model, opt_state, trainer_state=None, keep=1):
     other entries, `trainer_state`). Written under a temporary name and renamed into place, so a kill
     at any moment leaves the previous checkpoints whole; then all but the newest `keep` are removed.
     A complete checkpoint of that step already there (a resumed run reaching it again) is kept as it
-    is: nothing is rewritten in place. A failed write is one line naming the checkpoint kept."""
+    is, nothing is rewritten in place, and the older ones are pruned as after a write. A failed write
+    is one line naming the checkpoint kept."""
     path = os.path.join(out, f"checkpoint-{step:06d}")
-    if is_complete(path):
-        return path
-    try:
-        with atomic_dir(path) as tmp:
-            model.save_pretrained(os.path.join(tmp, "model"))
-            tensors, layout = {}, {}
-            for param, state in opt_state["state"].items():
-                layout[param] = sorted(state)
-                for key, value in state.items():
-                    tensors[f"{param}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-            save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-            atomic_write_json(os.path.join(tmp, "trainer_state.json"), {
-                "step": step, "param_groups": opt_state["param_groups"], "state_layout": layout, **(trainer_state or {})})
-    except UserError as e:
-        last = latest_checkpoint(out)
-        raise UserError(f"{e}; " + (f"the last checkpoint, {last}, is kept" if last else "no checkpoint was written yet")) from None
+    if not is_complete(path):          # one already there (a resumed run reaching it again) stays
+        try:
+            with atomic_dir(path) as tmp:
+                model.save_pretrained(os.path.join(tmp, "model"))
+                tensors, layout = {}, {}
+                for param, state in opt_state["state"].items():
+                    layout[param] = sorted(state)
+                    for key, value in state.items():
+                        tensors[f"{param}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+                save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+                atomic_write_json(os.path.join(tmp, "trainer_state.json"), {
+                    "step": step, "param_groups": opt_state["param_groups"], "state_layout": layout, **(trainer_state or {})})
+        except UserError as e:
+            last = latest_checkpoint(out)
+            raise UserError(f"{e}; " + (f"the last checkpoint, {last}, is kept" if last else "no checkpoint was written yet")) from None
     for old in sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))[:-keep]:
         remove(os.path.join(out, old))
     return path

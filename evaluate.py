@@ -34,11 +34,12 @@ Toy world:
     python evaluate.py --model runs/toy/sft/model --prefix-source lorem --L 8 \
         --mode greedy-latent --benchmarks runs/toy/data/math_test.jsonl --n 8 --k 1,8 \
         --max-new-tokens 96 --out runs/toy/eval                    # text prefixes, same table
-8 GPUs (problems shard over ranks; rank 0 merges and writes the tables):
+8 GPUs of 80 GB (problems shard over ranks; rank 0 merges and writes the tables; 128 rows of
+2,048 new tokens hold 48 GB of KV cache a GPU, 256 would not fit):
     torchrun --nproc_per_node 8 evaluate.py --model runs/rl-qwen3-4b/model --template math \
         --benchmarks gsm8k,math500,minerva_math,olympiadbench,amc23 --mode greedy-latent \
         --prefix-source noise --L 1 -n 32 --k 1,8,32 --max-new-tokens 2048 --dtype bfloat16 \
-        --batch-size 256 --out runs/eval-qwen3-4b
+        --batch-size 128 --out runs/eval-qwen3-4b
 """
 
 import argparse
@@ -56,7 +57,7 @@ from data import (BENCHMARKS, GRADER, HELD_OUT_SEED, TEMPLATES, answer_of, forma
                   load_rows, resolve_benchmark)
 from guard import (GiB, SEED, ArgumentParser, UserError, check_fits_context, describe_need, free_memory, memory_need,
                    read_json, ranged, refuse_unused)
-from model import add_prefix_arguments, check_prefix_sources, generate, load_policy, make_prefix_source
+from model import add_prefix_arguments, check_prefix_sources, decode_buckets, generate, load_policy, make_prefix_source
 
 MODES = ("sample", "greedy-latent", "latent-sample")
 
@@ -198,6 +199,18 @@ def check_args(args):
     return ks
 
 
+def check_memory(args, config, longest, device, loaded=False):
+    """Refuse a --batch-size whose KV cache (bucketed and kept between calls on a GPU, as the
+    compiled decode keeps it) does not fit the free memory; longest: the longest [prefix; prompt]."""
+    rows, tokens = args.batch_size, longest + args.max_new_tokens
+    held = [decode_buckets(rows, tokens)] if device.type == "cuda" else ()
+    need = memory_need(config, args.dtype == "bfloat16", gen_rows=rows, gen_len=tokens, prompt_len=longest, kv_held=held)
+    free = free_memory(device) + (need["weights"] if loaded else 0)         # the weights may be loaded already
+    if need["total"] > free:
+        raise UserError(f"--batch-size {rows} rows of up to {tokens} tokens need {need['total'] / GiB:.3g} GiB "
+                        f"({describe_need(need)} GiB), more than the {free / GiB:.3g} GiB free; lower --batch-size")
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     ks = check_args(args)
@@ -257,12 +270,7 @@ def main(argv=None):
                                         add_special_tokens=False)["input_ids"]
         longest = check_fits_context(rows, source.rows(args.L) + args.max_new_tokens, f"prompt + {source.rows(args.L)}-row "
                                      f"prefix (--L {args.L}) + --max-new-tokens", bench, model.config.max_position_embeddings)
-        need = memory_need(model.config, args.dtype == "bfloat16", gen_rows=args.batch_size,
-                           gen_len=longest + source.rows(args.L) + args.max_new_tokens)
-        if need["total"] - need["weights"] > free_memory(device):                  # the weights are loaded
-            raise UserError(f"{bench}: --batch-size {args.batch_size} rows of up to {longest} + {args.max_new_tokens} "
-                            f"tokens need {need['total'] / GiB:.3g} GiB ({describe_need(need)} GiB), more than the "
-                            f"{(free_memory(device) + need['weights']) / GiB:.3g} GiB free; lower --batch-size")
+        check_memory(args, model.config, longest + source.rows(args.L), device, loaded=True)
 
         # -- resume: records of this configuration already written (merged or per-rank parts)
         paths = sorted(glob.glob(os.path.join(args.out, f"{bench}.jsonl")) +

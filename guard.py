@@ -247,7 +247,7 @@ def parameter_count(c):
     """Parameters of a ModelConfig c (tied embeddings counted once)."""
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
-    layer += (q + 2 * kv + (c.hidden_size if c.model_type != "qwen2" else 0)) * bool(c.attention_bias or c.model_type == "qwen2")
+    layer += (q + 2 * kv + (c.hidden_size if c.model_type != "qwen2" else 0)) * bool(c.attention_bias)   # as model.Attention
     layer += 2 * c.head_dim * (c.model_type == "qwen3")                                  # q_norm, k_norm
     return c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
 
@@ -267,7 +267,7 @@ def activation_bytes(c, bf16):
 
 
 def memory_need(c, bf16=False, ranks=1, fsdp=False, sampler_copy=False, ref=False, train_rows=0, train_len=0,
-                checkpointing=False, gen_rows=0, gen_len=0, chunk=2048, kv_held=()):
+                loss_len=None, checkpointing=False, gen_rows=0, gen_len=0, prompt_len=None, chunk=2048, kv_held=()):
     """Bytes one rank holds at its peak, by part; "total" is the peak. c: ModelConfig; bf16: fp32
     master weights with bf16 compute (autocast, or FSDP's bf16 parameters); ranks and fsdp: replicated
     or sharded weights, gradients and AdamW moments; sampler_copy: a bf16 copy of the policy for
@@ -275,8 +275,10 @@ def memory_need(c, bf16=False, ranks=1, fsdp=False, sampler_copy=False, ref=Fals
     tokens, with or without activation checkpointing; generation of gen_rows rows of gen_len tokens.
     The peak is the larger of generation (no gradients) and training (gradients, saved activations,
     the bf16 weights autocast keeps for the backward, a logits chunk). Without train_rows: inference
-    alone, weights in their own dtype. kv_held: (rows, tokens) of the KV caches a compiled decode
-    keeps from one call to the next (model.bucketed_cache), held throughout instead."""
+    alone, weights in their own dtype. loss_len: the tokens of a row that carry loss (the completion;
+    default all of train_len), whose logits are taken chunk by chunk. kv_held: (rows, tokens) of the KV caches a compiled decode
+    keeps from one call to the next (model.bucketed_cache), held throughout instead. prompt_len: the
+    prefilled part of gen_len (default all of it): one layer's activations and the attention mask."""
     P, b, layers, V = parameter_count(c), 2 if bf16 else 4, c.num_hidden_layers, c.vocab_size
     shard = ranks if fsdp else 1
     part = {"weights": (4 if train_rows else b) * P / shard}
@@ -291,12 +293,14 @@ def memory_need(c, bf16=False, ranks=1, fsdp=False, sampler_copy=False, ref=Fals
     else:
         part["activations"] = tokens * layer_bytes * layers
     part["activations"] += tokens * 12 * c.hidden_size * b                     # gradients in flight
-    part["logits chunk"] = 6 * 4 * min(chunk, tokens) * V if train_rows else 0     # fp32, recomputed
+    loss_tokens = train_rows * (train_len if loss_len is None else loss_len)
+    part["logits chunk"] = 4 * 4 * min(chunk, loss_tokens) * V           # about four fp32 (n, V) alive at once
     part["autocast weights"] = (2 * P / (layers if fsdp else 1)) if bf16 and train_rows else 0
     kv_bytes = 2 * layers * c.num_key_value_heads * c.head_dim * b
     part["KV cache"] = kv_bytes * gen_rows * gen_len if not kv_held else 0
     part["KV caches held"] = kv_bytes * sum(rows * tokens for rows, tokens in kv_held)
-    part["decoding"] = gen_rows * (5 * 4 * V + gen_len * (gen_len + (3 * c.intermediate_size + 6 * c.hidden_size) * b))
+    prefill = gen_len if prompt_len is None else prompt_len
+    part["decoding"] = gen_rows * (5 * 4 * V + prefill * (gen_len + (3 * c.intermediate_size + 6 * c.hidden_size) * b))
     part["gathered weights"] = (2 if bf16 else 4) * P if fsdp and gen_rows else 0
     common = part["weights"] + part.get("optimizer", 0) + part["sampler copy"] + part["reference model"] + part["KV caches held"]
     generation = part["KV cache"] + part["decoding"] + part["gathered weights"]
@@ -317,6 +321,25 @@ def free_memory(device):
 
 def describe_need(part):
     return ", ".join(f"{k} {v / GiB:.3g}" for k, v in part.items() if v and k != "total")
+
+
+def fit_memory(need, device, micro_batch_size, activation_checkpointing, lower):
+    """Resolve --micro-batch-size 0 (the largest of 32, 16, ..., 1) and --activation-checkpointing
+    auto to the first setting whose plan need(micro, checkpointing) (memory_need's parts) fits the
+    device's free memory, and say what the rank will hold; refuse a run that cannot fit, naming the
+    flags to change (lower: the stage's own, besides these)."""
+    from common import print0
+    free = free_memory(device)
+    for micro in [micro_batch_size] if micro_batch_size else [32, 16, 8, 4, 2, 1]:
+        for checkpointing in {"auto": (False, True), "on": (True,), "off": (False,)}[activation_checkpointing]:
+            part = need(micro, checkpointing)
+            if part["total"] <= free:
+                print0(f"memory per rank: {part['total'] / GiB:.3g} of {free / GiB:.3g} GiB free ({describe_need(part)} "
+                       f"GiB); micro-batch {micro}, activation checkpointing {'on' if checkpointing else 'off'}")
+                return micro, checkpointing
+    raise UserError(f"a rank needs {part['total'] / GiB:.3g} GiB ({describe_need(part)} GiB) at --micro-batch-size {micro}, "
+                    f"more than the {free / GiB:.3g} GiB free; lower --micro-batch-size or {lower}, or use "
+                    "--activation-checkpointing, more ranks or --fsdp")
 
 
 # Flags a resumed run may change: how often it logs, evaluates or saves, --steps upward, and how the

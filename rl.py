@@ -66,7 +66,7 @@ Toy world:
     python rl.py --model runs/toy/sft/model --vae runs/toy/vae --schedule linear --L 1 \
         --data runs/toy/data/math_train.jsonl --eval-data runs/toy/data/math_test.jsonl --out runs/toy/rl_linear
     python rl.py --model runs/toy/sft_plain/model --schedule none ... --out runs/toy/rl_none
-8 GPUs of 80 GB (Qwen3-4B; sharded: replicated fp32 weights, gradients and AdamW need 64 GB a rank):
+Qwen3-4B on 8 GPUs of 80 GB (sharded: replicated fp32 weights, gradients and AdamW take 64 GB a GPU):
     torchrun --nproc_per_node 8 rl.py --model runs/sft-qwen3-4b/model --vae runs/vae-qwen3-4b \
         --schedule linear --L 8 --data math=../shared/data/gsm8k_train.jsonl --template math \
         --prompts-per-step 64 --group-size 8 --max-new-tokens 1024 --dtype bfloat16 --fsdp \
@@ -92,8 +92,7 @@ from common import (RunDir, all_reduce_mean, all_reduce_sum, check_ranks_in_sync
                     gather_objects, latest_checkpoint, load_checkpoint, print0, progress, run_main,
                     save_checkpoint, seed_everything, sync_gradients)
 from data import HELD_OUT_SEED, TEMPLATES, check_gold_answers, format_prompt, grade, load_mixture
-from guard import (GiB, SEED, ArgumentParser, UserError, check_fits_context, describe_need, free_memory,
-                   memory_need, ranged, refuse_unused)
+from guard import SEED, ArgumentParser, UserError, check_fits_context, fit_memory, memory_need, ranged, refuse_unused
 from model import (ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, Transformer, add_prefix_arguments,
                    check_prefix_sources, completion_batch, decode_buckets, generate, group_advantages, load_config,
                    load_embedding_matrix, load_tokenizer, loss_token_weights, make_prefix_source, policy_loss,
@@ -238,27 +237,19 @@ def load_problems(spec, flag, tokenizer, template, seed, per_domain_cap=None, li
     return rows
 
 
-def fit_memory(args, config, world_size, train_len, generations, device):
-    """Resolve --micro-batch-size 0 and --activation-checkpointing auto to the first setting whose
-    memory plan (guard.memory_need) fits this rank's free memory, and say what it holds; refuse a
-    run that cannot fit. generations: (rows, tokens each) of each generate() call of a step."""
+def memory_plan(args, config, world_size, train_len, generations, device):
+    """(micro-batch, checkpointing) for this run, from guard.fit_memory; generations: (rows, tokens
+    each) of each generate() call of a step (rollouts, resampled ones, the evaluation), each ending
+    with --max-new-tokens."""
     gen_rows, gen_len = max(generations, key=lambda rows_len: rows_len[0] * rows_len[1])
     # a compiled decode (on a GPU) keeps one cache per bucketed shape from step to step
     held = {decode_buckets(rows, tokens) for rows, tokens in generations if rows} if device.type == "cuda" else ()
-    micros = [args.micro_batch_size] if args.micro_batch_size else [32, 16, 8, 4, 2, 1]
-    free = free_memory(device)
-    for micro in micros:
-        for checkpointing in {"auto": (False, True), "on": (True,), "off": (False,)}[args.activation_checkpointing]:
-            need = memory_need(config, args.dtype == "bfloat16", world_size, args.fsdp, sampler_copy=not args.fsdp,
-                               ref=args.kl_coef > 0, train_rows=micro, train_len=train_len,
-                               checkpointing=checkpointing, gen_rows=gen_rows, gen_len=gen_len, kv_held=held)
-            if need["total"] <= free:
-                print0(f"memory per rank: {need['total'] / GiB:.3g} of {free / GiB:.3g} GiB free ({describe_need(need)} "
-                       f"GiB); micro-batch {micro}, activation checkpointing {'on' if checkpointing else 'off'}")
-                return micro, checkpointing
-    raise UserError(f"a rank needs {need['total'] / GiB:.3g} GiB ({describe_need(need)} GiB) at --micro-batch-size "
-                    f"{micro}, more than the {free / GiB:.3g} GiB free; lower --micro-batch-size, --prompts-per-step "
-                    "x --group-size or --max-new-tokens, or use --activation-checkpointing, more ranks or --fsdp")
+    need = lambda micro, checkpointing: memory_need(
+        config, args.dtype == "bfloat16", world_size, args.fsdp, sampler_copy=not args.fsdp, ref=args.kl_coef > 0,
+        train_rows=micro, train_len=train_len, loss_len=args.max_new_tokens, checkpointing=checkpointing, gen_rows=gen_rows, gen_len=gen_len,
+        prompt_len=gen_len - args.max_new_tokens, kv_held=held)
+    return fit_memory(need, device, args.micro_batch_size, args.activation_checkpointing,
+                      "--prompts-per-step x --group-size or --max-new-tokens")
 
 
 # -----------------------------------------------------------------------------
@@ -592,7 +583,7 @@ def main(argv=None):
                                   limit=args.eval_problems)
         check_fits_context(eval_rows, args.max_new_tokens, "prompt + --max-new-tokens", "--eval-data", context)
     per_rank, new = args.prompts_per_step // world_size, args.max_new_tokens
-    args.micro_batch_size, checkpointing = fit_memory(args, config, world_size, longest + max(prefix_rows, extra_rows) + new, [
+    args.micro_batch_size, checkpointing = memory_plan(args, config, world_size, longest + max(prefix_rows, extra_rows) + new, [
         (per_rank * args.group_size, longest + prefix_rows + new), (per_rank * args.resample, longest + extra_rows + new),
         (-(-len(eval_rows) // world_size), max([len(r["prompt_ids"]) for r in eval_rows], default=0) + new)], device)
     run = RunDir(args.out, args, resume=args.resume)       # lock, the newest checkpoint, args.json

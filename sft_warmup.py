@@ -22,10 +22,10 @@ Toy world:
     python sft_warmup.py --model runs/toy/base --vae runs/toy/vae --out runs/toy/sft \
         --data runs/toy/data/math_train.jsonl --eval-data runs/toy/data/math_test.jsonl
     python sft_warmup.py --prefix-source none ... --out runs/toy/sft_plain     # the baseline's SFT
-A real model, 8 GPUs of 80 GB:
+Qwen3-4B on 8 GPUs of 80 GB (sharded: replicated fp32 weights, gradients and AdamW take 64 GB a GPU):
     torchrun --nproc_per_node 8 sft_warmup.py --model Qwen/Qwen3-4B-Base --vae runs/vae-qwen3-4b \
         --data math=meta-math/MetaMathQA --template math --batch-size 64 --lr 1e-5 \
-        --dtype bfloat16 --out runs/sft-qwen3-4b
+        --dtype bfloat16 --fsdp --out runs/sft-qwen3-4b
 """
 
 import argparse
@@ -39,8 +39,7 @@ import fsdp
 from common import (RunDir, all_reduce_mean, check_ranks_in_sync, compute_init, derived_seed, print0, progress,
                     run_main, seed_everything, sync_gradients)
 from data import HELD_OUT_SEED, TEMPLATES, format_prompt, load_mixture
-from guard import (GiB, SEED, ArgumentParser, UserError, check_fits_context, describe_need, free_memory, memory_need,
-                   ranged, refuse_unused)
+from guard import SEED, ArgumentParser, UserError, check_fits_context, fit_memory, memory_need, ranged, refuse_unused
 from model import (Transformer, add_prefix_arguments, check_prefix_sources, completion_batch, load_config,
                    load_embedding_matrix, load_tokenizer, make_prefix_source, resolve_checkpoint, token_logprobs)
 
@@ -57,6 +56,8 @@ parser.add_argument("--eval-max-new-tokens", type=ranged(int, 1), default=128)
 parser.add_argument("--model", required=True, help="hub id or checkpoint directory")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="bfloat16: bf16 compute, fp32 master weights and optimiser state")
+parser.add_argument("--activation-checkpointing", default="auto", choices=["auto", "on", "off"],
+                    help="recompute layers in backward (auto: when the memory model says it is needed)")
 parser.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser state "
                     "over ranks (FSDP2, fsdp.py; docs/fsdp.md gives the memory per GPU)")
 # Palette
@@ -64,7 +65,8 @@ add_prefix_arguments(parser, L_help="prefix tokens per example")     # --prefix-
 # Optimisation
 parser.add_argument("--steps", type=ranged(int, 1), default=10)
 parser.add_argument("--batch-size", type=ranged(int, 1), default=32, help="pairs per step, over all ranks")
-parser.add_argument("--micro-batch-size", type=ranged(int, 1), default=8, help="pairs per forward/backward")
+parser.add_argument("--micro-batch-size", type=ranged(int, 0), default=0,
+                    help="pairs per forward/backward (0: the largest of 32, 16, ..., 1 that fits the memory)")
 parser.add_argument("--lr", type=ranged(float, above=0), default=1e-5)
 parser.add_argument("--warmup-steps", type=ranged(int, 0), default=2)
 parser.add_argument("--weight-decay", type=ranged(float, 0), default=0.0)
@@ -81,9 +83,8 @@ def check_args(args, world_size=1):
     if args.lr * args.weight_decay >= 1:
         raise UserError(f"--lr {args.lr} x --weight-decay {args.weight_decay} >= 1 would flip every "
                         "weight's sign at each step; lower them")
-    if args.batch_size % (world_size * args.micro_batch_size):
-        raise UserError(f"--batch-size {args.batch_size} must split into micro-batches of "
-                        f"{args.micro_batch_size} over {world_size} ranks")
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must split over the {world_size} ranks")
     unused = {} if args.eval_data else dict.fromkeys(("eval_problems", "eval_max_new_tokens"), "there is no --eval-data")
     if args.prefix_source == "none":
         unused.update(dict.fromkeys(("L", "tie", "vae", "region"), "--prefix-source none draws no prefix"))
@@ -112,12 +113,20 @@ def load_pairs(args, tokenizer, prefix_rows, context):
     return pairs
 
 
+def memory_plan(args, config, world_size, longest, device):
+    """(micro-batch, checkpointing) that fit this rank's free memory (guard.fit_memory); longest:
+    the longest [prefix; question; answer] in tokens."""
+    return fit_memory(lambda micro, checkpointing: memory_need(
+        config, args.dtype == "bfloat16", world_size, args.fsdp, train_rows=min(micro, args.batch_size // world_size),
+        train_len=longest, checkpointing=checkpointing), device, args.micro_batch_size, args.activation_checkpointing,
+        "--max-tokens")
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     ddp, rank, world_size, device = compute_init()
     check_args(args, world_size)
     seed_everything(args.seed)
-    run = RunDir(args.out, args)
 
     path = resolve_checkpoint(args.model)
     config, bf16 = load_config(path), args.dtype == "bfloat16"
@@ -127,12 +136,11 @@ def main(argv=None):
                                 args.tie, args.seed)              # L = 0: it draws no prefix (None)
     pairs = load_pairs(args, tokenizer, source.rows(args.L), context)
     print0(f"{len(pairs)} (question, answer) pairs; prefix source {source.name}, L = {args.L}")
-    need = memory_need(config, bf16, world_size, args.fsdp, train_rows=args.micro_batch_size,
-                       train_len=max(len(p) + len(a) for p, a in pairs) + source.rows(args.L))
-    if need["total"] > free_memory(device):
-        raise UserError(f"a rank needs {need['total'] / GiB:.3g} GiB ({describe_need(need)} GiB), more than the "
-                        f"{free_memory(device) / GiB:.3g} GiB free; lower --micro-batch-size or --max-tokens, or use --fsdp")
+    longest = max(len(p) + len(a) for p, a in pairs) + source.rows(args.L)
+    args.micro_batch_size, checkpointing = memory_plan(args, config, world_size, longest, device)
+    run = RunDir(args.out, args)                       # nothing is written before the checks above
     model = Transformer.from_pretrained(path, device)                      # fp32 master weights
+    model.gradient_checkpointing = checkpointing
     eval_rows = load_mixture(args.eval_data, seed=HELD_OUT_SEED)[:args.eval_problems] if args.eval_data else None
     if eval_rows:                      # the check draws prefixes of max(L, 1) tokens
         for r in eval_rows:

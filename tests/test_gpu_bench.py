@@ -52,17 +52,18 @@ def test_the_gpu_command_reports_every_section_at_tiny_shapes(tmp_path):
     assert c["copy_repeats"] >= 100 and c["matmul_repeats"] >= 100 and c["warmup_s"] > 0
     assert c["copy_bytes_per_s"] > 0 and c["matmul_flops_per_s"] > 0
 
-    # one graph for batch 1 (a size-1 dimension is specialised), one for every other shape; the
-    # same calls again compile and record nothing
+    # one graph for every shape (batches are bucketed to 2 or more, so no size-1 dimension is
+    # specialised); the same calls again compile and record nothing
     compiled = r["compile"]
-    assert compiled["graphs"] == 2 and compiled["first_pass"]["compiles"] == 2
+    assert compiled["graphs"] == 1 and compiled["first_pass"]["compiles"] == 1
     assert compiled["repeat_graphs"] == 0 and compiled["repeat"] == {"compiles": 0, "cuda_graph_recordings": 0}
 
     assert [row["batch"] for row in r["decode"]] == [1, 4]
     for row in r["decode"]:
-        # 16 + 32 positions in a cache of 256 slots (one bucket), the batch already a power of two
-        assert row["kv_slots_read"] == 256 and row["padded_batch"] == row["batch"]
-        assert row["step_bytes"] == TINY_WEIGHTS * 2 + row["batch"] * 256 * TINY_KV_SLOT
+        # 16 + 32 positions in a cache of 256 slots (one bucket); batch 1 decodes as 2 (the smallest
+        # bucket), 4 as itself, and the step reads every row of the padded batch
+        assert row["kv_slots_read"] == 256 and row["padded_batch"] == max(2, row["batch"])
+        assert row["step_bytes"] == TINY_WEIGHTS * 2 + row["padded_batch"] * 256 * TINY_KV_SLOT
         assert row["roofline_tokens_per_s"] == pytest.approx(row["batch"] * c["copy_bytes_per_s"] / row["step_bytes"])
         assert row["roofline_fraction"] == pytest.approx(row["decode_tokens_per_s"] / row["roofline_tokens_per_s"])
         assert row["decode_tokens_per_s"] > 0 and row["while_timed"]["compiles"] == 0
