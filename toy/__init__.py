@@ -18,9 +18,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Provenance(NamedTuple):
-    """Where a toy result came from. The same base weights, CPU capability and thread count give the
-    same numbers; change any of them and the numbers may move (another instruction set or another
-    split of a sum over threads rounds differently, and a toy world's RL amplifies that)."""
+    """Where a toy result came from: the world's base weights, and the two CPU settings that change
+    how its sums round (another instruction set, or another split of a sum over threads; RL in a toy
+    world amplifies that: one seed of one arm of the published toy table moved by a problem when its
+    run had one thread instead of two)."""
     cpu_capability: str      # torch.backends.cpu.get_cpu_capability(), e.g. AVX2 or AVX512
     threads: int             # torch.get_num_threads() of the runs
     weights_sha256: str      # the world's base model (provenance below)
