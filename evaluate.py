@@ -1,7 +1,7 @@
 r"""Benchmarks: pass@1 and unbiased pass@k, with and without the palette, per prefix source.
 
 Each problem gets --n candidates, decoded in one of three modes:
-    sample          token sampling at --temperature (no prefix unless --prefix-source is given)
+    sample          token sampling at --temperature, no prefix
     greedy-latent   each candidate greedy under its OWN latent: diversity from the prefix alone
                     (the paper's Fig. 1: GSM8K pass@32 52.9% -> 85.3% with one noise token)
     latent-sample   each candidate under its own latent AND token sampling at --temperature
@@ -193,7 +193,9 @@ def check_args(args):
     if args.prefix_source == "none":
         unused.update(dict.fromkeys(("L", "tie", "vae", "region"), "--prefix-source none draws no prefix"))
     refuse_unused(args, parser, unused)
-    check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie)
+    if args.mode == "sample" and args.prefix_source != "none":
+        raise UserError(f"--mode sample decodes without a prefix; --mode latent-sample samples under one ({args.prefix_source})")
+    check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie, args.L)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file, not a directory; choose another --out")
     return ks

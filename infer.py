@@ -76,7 +76,7 @@ def check_args(args):
     if args.prefix_source == "none":
         unused.update(dict.fromkeys(("L", "tie", "vae", "region"), "--prefix-source none draws no prefix"))
     refuse_unused(args, parser, unused)
-    check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie)
+    check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie, args.L)
     if args.out and os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a directory; give a file name for the JSON lines")
     if args.out and args.prompts_file and os.path.abspath(args.out) == os.path.abspath(args.prompts_file):

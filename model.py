@@ -1040,7 +1040,7 @@ def make_prefix_source(name, E, tokenizer=None, vae=None, region=None, tie=False
 
 def add_prefix_arguments(parser, source="vae", L=1, L_help="prefix tokens (lorem: text tokens, then the boundary)"):
     """The palette's flags, the same in every stage that draws prefixes."""
-    parser.add_argument("--prefix-source", default=source, choices=list(PREFIX_SOURCES),
+    parser.add_argument("--prefix-source", default=source, choices=PREFIX_SOURCES,
                         help="; ".join(f"{name}: {cls.summary}" for name, cls in PREFIX_SOURCES.items()))
     parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
     parser.add_argument("--region", default=None, help="sample z from this domain's region of the VAE, not the prior")
@@ -1048,9 +1048,12 @@ def add_prefix_arguments(parser, source="vae", L=1, L_help="prefix tokens (lorem
     parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
 
 
-def check_prefix_sources(used, vae, region, tie):
-    """used: (flag, source name) of every source a run draws from. Refuses, before anything is
-    loaded, what a source needs and does not get, or gets and cannot use."""
+def check_prefix_sources(used, vae, region, tie, L=2):
+    """used: (flag, source name) of every source a run draws from; L: the longest prefix they draw.
+    Refuses, before anything is loaded, what a source needs and does not get, or gets and cannot use."""
+    if tie and L <= 1:
+        raise UserError(f"--tie repeats one draw over the L prefix vectors; with --L {L} there is nothing to repeat; "
+                        "leave --tie out")
     for flag, name in used:
         if PREFIX_SOURCES[name].needs_vae and vae is None:
             raise UserError(f"{flag} {name} needs --vae DIR (a directory written by train_vae.py)")

@@ -31,12 +31,12 @@ def add_arguments(parser):
     from model import PREFIX_SOURCES
     parser.add_argument("--resample", type=ranged(int, 0), default=0,
                         help="G': extra rollouts for each group whose G rollouts all fail (0: off)")
-    parser.add_argument("--resample-source", default="lorem", choices=list(PREFIX_SOURCES),
+    parser.add_argument("--resample-source", default="lorem", choices=PREFIX_SOURCES,
                         help="prefix of the extra rollouts (none: naive resampling)")
     parser.add_argument("--resample-L", type=ranged(int, 0), default=None,
                         help=f"prefix length of the extra rollouts (default: {LOREM_TOKENS} for lorem, "
                              "--L for the others)")
-    parser.add_argument("--resample-credit", default="naive", choices=list(CREDIT_RULES),
+    parser.add_argument("--resample-credit", default="naive", choices=CREDIT_RULES,
                         help="how a resampled rollout is trained (credit.py)")
 
 

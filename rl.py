@@ -124,10 +124,10 @@ parser.add_argument("--activation-checkpointing", default="auto", choices=["auto
 parser.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser state "
                     "over ranks (FSDP2, fsdp.py) instead of replicating them (DDP)")
 # Palette
-parser.add_argument("--schedule", default="linear", choices=list(SCHEDULES))
+parser.add_argument("--schedule", default="linear", choices=SCHEDULES)
 parser.add_argument("--rho", type=ranged(float, 0, 1), default=0.5, help="prefixed fraction of each group (constant)")
 add_prefix_arguments(parser, L=8, L_help="prefix tokens of a prefixed rollout")   # --prefix-source --vae --region --L --tie
-parser.add_argument("--credit", default="prefixed", choices=list(credit.CREDIT_RULES),
+parser.add_argument("--credit", default="prefixed", choices=credit.CREDIT_RULES,
                     help="how the schedule's prefixed rollouts are trained (credit.py)")
 resample.add_arguments(parser)
 # Rollouts
@@ -142,7 +142,7 @@ parser.add_argument("--truncated", default="zero", choices=["zero", "mask"],
                     help="a completion cut at --max-new-tokens gets reward 0; mask also leaves it out "
                          "of the loss (DAPO's overlong filtering)")
 # Objective
-parser.add_argument("--estimator", default="grpo", choices=list(ADVANTAGE_ESTIMATORS))
+parser.add_argument("--estimator", default="grpo", choices=ADVANTAGE_ESTIMATORS)
 parser.add_argument("--clip-eps-low", type=ranged(float, 0, below=1), default=0.2)
 parser.add_argument("--clip-eps-high", type=ranged(float, 0), default=0.28)
 parser.add_argument("--kl-coef", type=ranged(float, 0), default=0.0, help="k3 KL to the initial policy (0: no reference model)")
@@ -185,6 +185,9 @@ def check_args(args, world_size):
     if args.schedule != "none" and (args.prefix_source == "none" or args.L == 0):
         raise UserError(f"--schedule {args.schedule} needs a --prefix-source and --L >= 1; use --schedule "
                         "none for the baseline")
+    if args.schedule == "constant" and prefix_plan("constant", 0.0, args.group_size, args.rho, args.L)[0] == 0:
+        raise UserError(f"--rho {args.rho} prefixes round({args.rho} x {args.group_size}) = 0 rollouts of each group: "
+                        "none at all; use --schedule none for the baseline")
     if args.fsdp and (args.truncated == "mask" or credit.CREDIT_RULES[args.credit].distill_coef):
         raise UserError("--fsdp needs the same forward passes on every rank (each is a collective), which --truncated "
                         "mask and --credit nudge's distillation pass do not give; use --truncated zero and another --credit")
@@ -193,12 +196,18 @@ def check_args(args, world_size):
     unused = {} if args.schedule == "constant" else {"rho": "it is the prefixed fraction of --schedule constant"}
     if not args.eval_data:
         unused.update(dict.fromkeys(("eval_every", "eval_problems"), "there is no --eval-data"))
+    replayed = lambda credit_name: credit.CREDIT_RULES[credit_name].with_prefix
+    if args.epochs * args.minibatches == 1 and (args.schedule == "none" or replayed(args.credit)) and \
+            (not args.resample or args.resample_source == "none" or replayed(args.resample_credit)):
+        unused.update(dict.fromkeys(("clip_eps_low", "clip_eps_high"), "one update per batch, every rollout trained "
+                                    "in the context it was sampled in: the ratio is 1, never clipped"))
     if args.schedule == "none":
         why = "--schedule none draws no prefix"
         unused.update(credit=why, **({} if args.prefix_source == "none" else {"prefix_source": why}))
         unused.update({k: why for k in ("L", "tie") if not any(flag == "--resample-source" for flag, _ in used)})
     refuse_unused(args, parser, unused)
-    check_prefix_sources(used, args.vae, args.region, args.tie)
+    lengths = ([args.L] if args.schedule != "none" else []) + ([args.resample_L] if args.resample else [])
+    check_prefix_sources(used, args.vae, args.region, args.tie, max(lengths, default=0))
 
 
 def prefix_plan(schedule, tau, G, rho, L):
@@ -501,7 +510,7 @@ def log_samples(run, step, r, args):
     mine = [{"step": step, "group": int(r.group[i]), "problem": r.problems[i]["problem"], "completion": r.texts[i],
              "tokens": len(r.completions[i]), "reward": r.rewards[i].item(), "correct": r.correct[i].item(),
              "truncated": bool(r.truncated[i]), "kept": bool(r.keep[i]), "prefix_source": r.sources[i],
-             "prefix_rows": 0 if r.prefixes[i] is None else len(r.prefixes[i]), "credit": r.credit[i].name,
+             "prefix_rows": 0 if r.prefixes[i] is None else len(r.prefixes[i]), "credit": r.credit[i].name if r.prefixes[i] is not None else None,
              "trained_with_prefix": r.train_prefixes[i] is not None, "resampled": bool(r.resampled[i]),
              "trained": bool(r.trained[i]), "advantage": r.advantages[i].item(),
              **{f"update_{k}": float(v[i]) for k, v in r.stats.items()}} for i in range(len(r))]
@@ -559,6 +568,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ddp, rank, world_size, device = compute_init()
     check_args(args, world_size)
+    if args.fsdp and not ddp:
+        raise UserError("--fsdp shards over ranks: launch with torchrun --nproc_per_node N, or leave --fsdp out")
     seed_everything(args.seed)
 
     # -- the tokenizer, the data and the memory plan, checked before anything is written or loaded

@@ -89,7 +89,7 @@ def check_args(args, world_size=1):
     if args.prefix_source == "none":
         unused.update(dict.fromkeys(("L", "tie", "vae", "region"), "--prefix-source none draws no prefix"))
     refuse_unused(args, parser, unused)
-    check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie)
+    check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie, args.L)
 
 
 def load_pairs(args, tokenizer, prefix_rows, context):
@@ -126,6 +126,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ddp, rank, world_size, device = compute_init()
     check_args(args, world_size)
+    if args.fsdp and not ddp:
+        raise UserError("--fsdp shards over ranks: launch with torchrun --nproc_per_node N, or leave --fsdp out")
     seed_everything(args.seed)
 
     path = resolve_checkpoint(args.model)

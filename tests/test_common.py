@@ -488,3 +488,26 @@ def test_torchrun_bad_flag_message_comes_first_and_last(stage, tmp_path):
     assert tracebacks and all(t == message or t.startswith("Signal 15 (SIGTERM)") for t in tracebacks), tracebacks
     assert (out + err).count(message) == 1 + tracebacks.count(message)    # no other copy, no trace
     assert lines[-2] == f"  traceback : {message}" and set(lines[-1]) == {"="}, lines[-3:]
+
+
+def test_nccl_gets_a_timeout_and_a_device_id_and_cudnn_attention_is_off(monkeypatch):
+    """Under torchrun on a GPU: NCCL's 10-minute default would stop a run whose ranks wait while one
+    generates longer completions or rank 0 writes a checkpoint of tens of GB; the device id binds
+    each rank's communicator to its GPU; cuDNN's attention (whose masked backward gives NaN on torch
+    2.11, pytorch#196678) is switched off. Checked with the CUDA calls stubbed on this CPU machine."""
+    import datetime
+    import torch.distributed as dist
+    calls = {}
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("set_device", device))
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: calls.setdefault("cudnn_sdp", on))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.setdefault("init", kw))
+    ddp, rank, world, device = common.compute_init()
+    assert (ddp, rank, world, device) == (True, 3, 4, torch.device("cuda", 1))
+    assert calls["init"]["backend"] == "nccl" and calls["init"]["device_id"] == torch.device("cuda", 1)
+    assert calls["init"]["timeout"] >= datetime.timedelta(hours=1)
+    assert calls["cudnn_sdp"] is False and calls["set_device"] == torch.device("cuda", 1)

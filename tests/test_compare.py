@@ -11,6 +11,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import rl
 from guard import UserError
@@ -52,10 +53,12 @@ def test_seeded_warmup_data_resolves_a_fraction_of_ripple_rows_correctly(tmp_pat
 
 
 def world(tmp_path):
+    from safetensors.torch import save_file
     w = tmp_path / "world"
     for name in ("base/config.json", "data/math_train.jsonl", "vae/vae.json"):
         (w / name).parent.mkdir(parents=True, exist_ok=True)
         (w / name).write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(w / "base" / "model.safetensors"))   # weights for state.json's provenance
     (w / "premise").mkdir()
     (w / "premise" / "premise.json").write_text(json.dumps({"temperatures": {"rollout_temperature": 0.5}}))
     return w
@@ -101,6 +104,7 @@ def test_the_control_climbs_its_ladder_and_the_arms_run_at_the_first_rung_that_p
                                               ("rl_data_ripple.jsonl", 10), ("rl_data_ripple.jsonl", 20)]
                       for lr in compare.LRS]
     assert state["control"] == {"lr": 5e-5, "steps": 20, "problems": "ripple", "gain": pytest.approx(0.25), "passed": True}
+    assert state["provenance"]["threads"] == 1 and len(state["provenance"]["weights_sha256"]) == 12   # one thread a run
     arms = [(name, start, seed, p["steps"], p["lr"], p["data"].rsplit("/", 1)[1]) for name, start, seed, p in calls
             if not name.startswith("sweep")]
     assert arms == [("grpo", "plain-0.05-10", 0, 20, 5e-5, "rl_data_ripple.jsonl"),

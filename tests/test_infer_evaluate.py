@@ -204,7 +204,12 @@ def test_latent_sample_and_vae_region(world, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--benchmarks", "gsm9k"], "unknown benchmark 'gsm9k'; known: gsm8k, math500"),
     (["--n", "4", "--k", "1,8"], "--k 8 exceeds --n 4"),
-    (["--prefix-source", "vae"], "--prefix-source vae needs --vae DIR"),
+    (["--mode", "latent-sample", "--prefix-source", "vae"], "--prefix-source vae needs --vae DIR"),
+    (["--prefix-source", "noise"], "--mode sample decodes without a prefix; --mode latent-sample samples under one"),
+    (["--mode", "greedy-latent", "--prefix-source", "noise", "--temperature", "0.5"],
+     "--temperature 0.5 has no effect here (greedy-latent decodes greedily)"),
+    (["--L", "3"], "--L 3 has no effect here (--prefix-source none draws no prefix)"),
+    (["--batch-size", str(10**9), "--max-new-tokens", "8"], "--batch-size 1000000000 rows of up to"),
     (["--L", "-1"], "--L must be >= 0, got -1"),
     (["--mode", "greedy-latent"], "--mode greedy-latent gives each candidate its own latent"),
 ])

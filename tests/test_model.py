@@ -320,3 +320,18 @@ def test_generate_gives_the_same_tokens_in_train_and_eval_mode(hf_checkpoint, ch
     train_tokens = generate(model.train(), prompts, max_new_tokens=6, temperature=0).tokens
     assert torch.equal(train_tokens, eval_tokens)
     assert model.training                                  # generate leaves the mode as it was
+
+
+def test_decoding_reads_the_device_only_every_few_tokens(monkeypatch):
+    """No host synchronisation per token: the only read of a device value inside the decode loop
+    is whether every row has finished, every check_every tokens."""
+    from conftest import tiny_toy_model
+    model, _ = tiny_toy_model(layers=1)
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _name=name: reads.append(_name) or _real(t, *a))
+    out = generate(model, [[5, 6, 7]] * 3, max_new_tokens=64, temperature=1.0, keys=[1, 2, 3], check_every=16)
+    monkeypatch.undo()
+    assert out.lengths.tolist() == [64] * 3                       # no row stopped: 64 decode steps
+    assert set(reads) <= {"__bool__", "tolist"} and reads.count("__bool__") <= 64 // 16, reads

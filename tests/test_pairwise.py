@@ -89,6 +89,7 @@ RL_FIXED = {"--model", "--data", "--out", "--vae", "--steps", "--lr", "--resume"
 
 SFT_FACTORS = {
     "--prefix-source": ["noise"] + [c for c in choices(sft_warmup.parser, "--prefix-source") if c != "noise"],
+    "--activation-checkpointing": choices(sft_warmup.parser, "--activation-checkpointing"),
     "--L": ["1", "0", "2"],
     "--tie": [False, True],
     "--region": [None, "math"],

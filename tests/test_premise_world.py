@@ -147,6 +147,7 @@ def test_default_setting_data_unchanged(tmp_path):
 def test_premise_checks_end_to_end(tmp_path):
     """A miniature premise world, built through the real entry point, then the premise script
     with the project's own VAE and warm-up stages; the report has every section and form."""
+    from toy import Provenance, provenance
     from toy.premise import main
     world = str(tmp_path / "world")
     build(parse_args(["--out", world, "--setting", "premise", "--size", "tiny", "--steps", "30",
@@ -162,6 +163,8 @@ def test_premise_checks_end_to_end(tmp_path):
     md = open(os.path.join(out, "premise.md")).read()
     for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
         assert section in md
+    assert f"Provenance: {Provenance(**report['provenance'])}." in md          # which world, which CPU settings
+    assert report["provenance"]["weights_sha256"] == provenance(os.path.join(world, "base")).weights_sha256
     t = report["temperatures"]                   # the premise at each rollout temperature, and the rule
     assert list(t["by_temperature"]) == ["1.0", "0.7", "0.5", "0.3"] and t["rollout_temperature"] in (1.0, 0.7, 0.5, 0.3)
     for T, row in t["by_temperature"].items():

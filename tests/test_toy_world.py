@@ -78,6 +78,28 @@ def test_data_schema_and_split(world):
     assert not test & {r["problem"] for r in data["math_train.jsonl"]}
 
 
+def test_world_report_has_its_provenance_and_the_fingerprint_follows_the_weights(world, tmp_path):
+    """toy.provenance: the same for a copy and for a re-save (another file, the same tensors), another
+    when one weight moves by one float step."""
+    import shutil
+    from toy import Provenance, provenance
+    out, _, report = world
+    base = os.path.join(out, "base")
+    here = provenance(base)
+    assert Provenance(**report["provenance"]) == here                  # built in this process, so same threads
+    assert here.cpu_capability == torch.backends.cpu.get_cpu_capability() and len(here.weights_sha256) == 12
+    shutil.copytree(base, tmp_path / "copy")
+    model = Transformer.from_pretrained(base)
+    model.save_pretrained(str(tmp_path / "resaved"), tokenizer_dir=os.path.join(out, "tokenizer"))
+    assert provenance(str(tmp_path / "copy")) == provenance(str(tmp_path / "resaved")) == here
+    with torch.no_grad():
+        w = model.model.layers[0].mlp.down_proj.weight
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    model.save_pretrained(str(tmp_path / "moved"), tokenizer_dir=os.path.join(out, "tokenizer"))
+    assert provenance(str(tmp_path / "moved")).weights_sha256 != here.weights_sha256
+    assert str(here) == f"base weights sha256 {here.weights_sha256}, CPU capability {here.cpu_capability}, threads {here.threads}"
+
+
 def test_second_build_is_skipped(world):
     out, args, report = world
     before = os.path.getmtime(os.path.join(out, "base", "model.safetensors"))

@@ -1,16 +1,53 @@
 """The toy reasoning world: the embedded default task (task.py) and its character-level
 tokenizer (tokenizer.py), small enough that the whole pipeline runs on a CPU in minutes; the
 premise checks, the exploration comparison and the reports. publish_results, below, is the one
-way a report (this package's or real/report.py) writes docs/results/ and the README's headlines."""
+way a report (this package's or real/report.py) writes docs/results/ and the README's headlines;
+provenance is how each toy result says which world and which CPU settings it came from."""
 
+import glob
+import hashlib
 import os
 import shutil
 import subprocess
+from typing import NamedTuple
 
 from common import atomic_write_text
 from guard import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Provenance(NamedTuple):
+    """Where a toy result came from: the world's base weights, and the two CPU settings that change
+    how its sums round (another instruction set, or another split of a sum over threads; RL in a toy
+    world amplifies that: one seed of one arm of the published toy table moved by a problem when its
+    run had one thread instead of two)."""
+    cpu_capability: str      # torch.backends.cpu.get_cpu_capability(), e.g. AVX2 or AVX512
+    threads: int             # torch.get_num_threads() of the runs
+    weights_sha256: str      # the world's base model (provenance below)
+
+    def __str__(self):
+        return (f"base weights sha256 {self.weights_sha256}, CPU capability {self.cpu_capability}, "
+                f"threads {self.threads}")
+
+
+def provenance(model_dir, threads=None):
+    """The Provenance of a result computed here from the world whose base model is model_dir (threads:
+    the runs' own count when it is not this process's). The fingerprint is the first 12 hex digits of
+    the sha256 of the safetensors tensors' bytes in sorted key order: file layout and metadata are
+    left out, so a copy or a re-save matches and a changed weight does not."""
+    import torch
+    from safetensors.torch import load_file
+    tensors = {}
+    for path in glob.glob(os.path.join(model_dir, "*.safetensors")):
+        tensors.update(load_file(path))
+    if not tensors:
+        raise UserError(f"{model_dir}: no *.safetensors weights to fingerprint")
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return Provenance(torch.backends.cpu.get_cpu_capability(), threads or torch.get_num_threads(),
+                      digest.hexdigest()[:12])
 
 
 def publish_results(name, full, headline, command, pictures=(), repo=REPO):

@@ -16,7 +16,9 @@ Writes (one process; a second build of the same --out is skipped unless --force)
     <out>/data/vae_{math,code,qa}.jsonl   (problem, solution) traces per domain for the VAE
     <out>/tokenizer/              the character tokenizer (kept outside base/, see save below)
     <out>/base/                   Hugging Face checkpoint (Qwen3 architecture) + tokenizer files,
-                                  and world_report.json: held-out pass@1, pass@8, strategy shares
+                                  and world_report.json: held-out pass@1, pass@8, strategy shares,
+                                  and its provenance (the weights' fingerprint, CPU capability and
+                                  threads it was built with: toy.provenance)
     <out>/base_metrics.jsonl      one JSON object per training step; <out>/args.json
 
 The model is trained on `problem + "\\n" + solution + <eos>` with the loss on the solution and
@@ -59,6 +61,7 @@ import torch.nn.functional as F
 from common import RunDir, atomic_write_json, progress, run_main, seed_everything
 from guard import SEED, UserError, ranged, read_json
 from model import ModelConfig, Transformer, generate
+from toy import provenance
 from toy.task import (DOMAINS, PREAMBLE_SHARE, PREMISE_STRATEGY_WEIGHTS, STRATEGIES, detect_strategy,
                       generate as generate_rows, generate_premise_math, grade, write_jsonl)
 from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
@@ -66,7 +69,7 @@ from toy.tokenizer import EOS_ID, PAD_ID, build_tokenizer
 # Model shapes (Qwen3 architecture, tied embeddings). "small" is the CPU default.
 SIZES = {
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                 num_attention_heads=2, num_key_value_heads=1, head_dim=16),   # tests only
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16),   # tests, TINY=1
     "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     "medium": dict(hidden_size=384, intermediate_size=1152, num_hidden_layers=8,
@@ -301,7 +304,7 @@ def build(args):
         print(f"{args.out}: world exists, skipping (use --force to rebuild)")
         with open(os.path.join(args.out, "base", "world_report.json")) as f:
             return json.load(f)
-    if args.device == "cpu":
+    if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:    # a user's OMP_NUM_THREADS wins
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     seed_everything(args.seed)
     run = RunDir(args.out, args)
@@ -327,13 +330,14 @@ def build(args):
     model.save_pretrained(base, tokenizer_dir=tokenizer_dir)
 
     report = evaluate(model, tokenizer, files["math_test.jsonl"][:args.n_eval], args)
+    world = provenance(base)
     report.update(final_loss=sum(losses[-10:]) / len(losses[-10:]), n_params=n_params,
-                  build_seconds=round(time.time() - t0, 1))
+                  build_seconds=round(time.time() - t0, 1), provenance=world._asdict())
     atomic_write_json(os.path.join(base, "world_report.json"), report)
     print(f"held-out math ({report['n_problems']}): greedy pass@1 {report['greedy_pass@1']:.1%}, "
           f"pass@{args.k} {report[f'pass@{args.k}']:.1%} (sampled pass@1 {report['sampled_pass@1']:.1%})")
     print("strategies in samples: " + ", ".join(f"{s} {v:.0%}" for s, v in report["strategy_shares"].items()))
-    print(f"built {args.out} in {report['build_seconds']:.0f}s")
+    print(f"built {args.out} in {report['build_seconds']:.0f}s: {world}")
     return report
 
 

@@ -67,6 +67,7 @@ sys.path.insert(0, REPO)
 
 from common import atomic_write_json, atomic_write_text, run_main  # noqa: E402
 from guard import UserError, ranged, read_jsonl  # noqa: E402
+from toy import Provenance, provenance  # noqa: E402
 
 # name -> (warm-up it starts from, rl.py flags); {T_high} is the rollout temperature + 0.5
 ARMS = {
@@ -289,7 +290,9 @@ def compare(args):
     temperature = json.load(open(premise))["temperatures"]["rollout_temperature"]
     os.makedirs(args.out, exist_ok=True)
     wanted = fix_protocol(args.out, "protocol", protocol(args, temperature), protocol_markdown)
-    state = {"protocol": wanted, "seed_fraction": [], "lr_sweep": [], "control": None, "runs": []}
+    # threads=1: every run of the protocol has one thread (run() and score_model set it)
+    state = {"protocol": wanted, "seed_fraction": [], "lr_sweep": [], "control": None, "runs": [],
+             "provenance": provenance(os.path.join(args.world, "base"), threads=1)._asdict()}
     report = lambda: atomic_write_json(os.path.join(args.out, "state.json"), state)
 
     # 2. the seeding: the first (fraction, steps) whose plain warm-up solves >= START_RIPPLE of ripple
@@ -598,7 +601,8 @@ def summarise(out, publish):
     from toy.premise import markdown as premise_markdown
     t = premise["temperatures"]
     table = summary(state) + ("" if state["runs"] else "\n\n" + why_no_arm(state, out))
-    full = "\n\n".join([protocol_markdown(state["protocol"]), "## Results\n\n" + table,
+    world = [f"Provenance: {Provenance(**state['provenance'])}."] if "provenance" in state else []
+    full = "\n\n".join([protocol_markdown(state["protocol"]), *world, "## Results\n\n" + table,
                         f"![curves]({'explore.png' if publish else 'curves.png'})",
                         "## The premise checks\n\n" + premise_markdown(premise).split("\n", 1)[1]])
     headline = (f"Premise world, second protocol (rollout temperature {t['rollout_temperature']}, chosen by the "

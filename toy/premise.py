@@ -54,6 +54,7 @@ from diagnostics import prefix_health
 from guard import SEED, UserError, ranged, read_jsonl
 from data import format_prompt
 from model import PREFIX_FORMS, generate, load_policy, make_prefix_source
+from toy import Provenance, provenance
 from toy.task import MATH_FAMILIES, STRATEGIES, detect_strategy, grade, make_preamble, math_family, solve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -361,6 +362,7 @@ def markdown(report):
     lines = [f"# Premise checks: {report['world']}", "",
              f"`{report['command']}` ({report['seconds']:.0f} s). {b['n_problems']} held-out math "
              f"problems ({families}); shares are column / round / split / none, in %.", "",
+             *([f"Provenance: {Provenance(**report['provenance'])}.", ""] if "provenance" in report else []),
              "## 1. Strategy shares of the base model", "",
              table_row("decoding", "column / round / split / none", "pass@1 all", "plain", "ripple"),
              table_row(*["---"] * 5)]
@@ -438,6 +440,7 @@ def main(argv=None):
     print(f"rollout temperature: {temperatures['rollout_temperature']}", flush=True)
     prefixes = prefix_checks(args, rows, dominant)
     report = {"world": args.world, "command": "python -m toy.premise " + " ".join(argv),
+              "provenance": provenance(os.path.join(args.world, "base"))._asdict(),
               "args": vars(args), "dominant": dominant, "base": base, "prefixes": prefixes,
               "temperatures": temperatures, "seconds": round(time.time() - t0, 1)}
     atomic_write_json(os.path.join(args.out, "premise.json"), report)

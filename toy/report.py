@@ -9,7 +9,7 @@ docs/results/toy.md and the README's headline).
 (c) Domain separation in latent space: the VAE's silhouette score and its PCA picture.
 
 It runs the stage scripts as a user would (subprocesses), after runs/toy.sh has built the world,
-the VAE and both warm-ups:
+the VAE and both warm-ups, and ends with where each output lives and a five-line summary:
     python -m toy.report --world runs/toy                       # writes runs/toy/report/ only
     python -m toy.report --world runs/toy --seeds 1 --rl-steps 20                 # a quick look
     python -m toy.report --world runs/toy --publish   # maintainers: docs/results/toy.md, the README's
@@ -22,11 +22,12 @@ import os
 import subprocess
 import sys
 
-from common import run_main
+from common import atomic_write_json, run_main
 from guard import ranged
-from toy import publish_results
+from toy import Provenance, provenance, publish_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "a tiny world (TINY=1): its numbers show only that every stage ran, not what the method does"
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--world", default="runs/toy", help="the world directory of runs/toy.sh")
@@ -65,16 +66,16 @@ def inference_table(world, out, args):
     for source, region in (("vae", None), ("vae", "math"), ("noise", None), ("random_decoder", None)):
         label = f"{source} (math region)" if region else source
         run("evaluate.py", *common, "--mode", "greedy-latent", "--prefix-source", source,
-            "--vae", f"{world}/vae", "--L", 1, "-n", args.n, "--k", ks,
+            *(["--vae", f"{world}/vae"] if source == "vae" else []), "--L", 1, "-n", args.n, "--k", ks,
             "--config-name", f"greedy per latent, {label} L=1", *(["--region", region] if region else []))
     results = json.load(open(os.path.join(out, "results.json")))["configs"]
+    numbers = {name: next(iter(config["benchmarks"].values())) for name, config in results.items()}
     lines = ["| decoding | " + " | ".join(f"pass@{k}" for k in ks.split(",")) + " |",
              "| --- |" + " --- |" * len(ks.split(","))]
-    for name, config in results.items():
-        bench = next(iter(config["benchmarks"].values()))
+    for name, bench in numbers.items():
         cells = [f"{100 * bench[f'pass@{k}']:.1f}" if f"pass@{k}" in bench else "–" for k in ks.split(",")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines), numbers
 
 
 def check_same_run(run_dir, argv):
@@ -94,7 +95,8 @@ def check_same_run(run_dir, argv):
 
 
 def rl_comparison(world, out, args):
-    """(b): the same RL budget for every arm; held-out greedy pass@1 after RL, reward curves."""
+    """(b): the same RL budget for every arm; held-out greedy pass@1 after RL (the table, and per
+    estimator and arm the values over seeds), reward curves."""
     vae = ["--vae", f"{world}/vae"]
     arms = [("baseline", "sft_plain", ["--schedule", "none", "--prefix-source", "none"]),
             ("linear L=1", "sft", ["--schedule", "linear", "--L", 1, *vae]),
@@ -126,7 +128,8 @@ def rl_comparison(world, out, args):
         last = [sum(c[-10:]) / len(c[-10:]) for c in curves[(estimator, arm)]]
         lines.append(f"| {estimator} | {arm} | {100 * mean:.1f} ± {100 * std:.1f} | "
                      f"{', '.join(f'{100 * v:.1f}' for v in values)} | {100 * sum(last) / len(last):.1f} |")
-    return "\n".join(lines) + "\n\n" + verdict(finals)
+    by_arm = {e: {arm: v for (e2, arm), v in finals.items() if e2 == e} for e in dict.fromkeys(e for e, _ in finals)}
+    return "\n".join(lines) + "\n\n" + verdict(finals), by_arm
 
 
 def verdict(finals):
@@ -175,15 +178,27 @@ def main():
     base = json.load(open(f"{world}/base/world_report.json"))
     vae = json.load(open(f"{world}/vae/vae.json"))
     sft = next(r for r in map(json.loads, open(f"{world}/sft/summary.jsonl")) if "before" in r)
-    table_a = inference_table(world, f"{out}/inference", args)
-    table_b = rl_comparison(world, f"{out}/rl", args)
-    section = f"""Measured by `bash runs/toy.sh` (its last step is `python -m toy.report --world {world}`) on
+    sft_steps = json.load(open(f"{world}/sft/args.json"))["steps"]
+    passk = next(k for k in base if k.startswith("pass@"))         # the k the world was built with
+    table_a, inference = inference_table(world, f"{out}/inference", args)
+    table_b, finals = rl_comparison(world, f"{out}/rl", args)
+    here, built = provenance(f"{world}/base"), base.get("provenance")
+    results = {"world": world, "tiny": json.load(open(f"{world}/args.json")).get("size") == "tiny",
+               "provenance": here._asdict(), "world_build": built, "base_greedy_pass@1": base["greedy_pass@1"],
+               "warmup_pass1_no_prefix": [sft["before"]["pass1_no_prefix"], sft["after"]["pass1_no_prefix"]],
+               "inference": inference, "rl_steps": args.rl_steps, "seeds": args.seeds, "rl": finals,
+               "silhouette": vae["silhouette"]}
+    atomic_write_json(f"{out}/report.json", results)
+    origin = str(here) + (f"; the world's build: CPU capability {built['cpu_capability']}, threads {built['threads']}"
+                          if built else "")
+    section = (f"**This is {TINY}.**\n\n" if results["tiny"] else "") + f"""Measured by `bash runs/toy.sh` (its last step is `python -m toy.report --world {world}`) on
 this project's 2-core CPU machine. Numbers are what came out, whatever their sign.
 
 **The world.** Base model: {base['n_params'] / 1e6:.2f}M parameters, built in {base['build_seconds']:.0f} s;
-held-out greedy pass@1 {100 * base['greedy_pass@1']:.1f}%, pass@8 {100 * base['pass@8']:.1f}% (sampled).
+held-out greedy pass@1 {100 * base['greedy_pass@1']:.1f}%, {passk} {100 * base[passk]:.1f}% (sampled).
 Strategies in its samples: {', '.join(f'{k} {100 * v:.0f}%' for k, v in base['strategy_shares'].items())}.
-Warm-up (prefix source vae, L = 1, 10 steps): greedy pass@1 without prefix {100 * sft['before']['pass1_no_prefix']:.1f}% ->
+Provenance (this report): {origin}.
+Warm-up (prefix source vae, L = 1, {sft_steps} steps): greedy pass@1 without prefix {100 * sft['before']['pass1_no_prefix']:.1f}% ->
 {100 * sft['after']['pass1_no_prefix']:.1f}%; problems whose greedy answer differs between two prefixes
 {100 * sft['before']['frac_differ_between_prefixes']:.1f}% -> {100 * sft['after']['frac_differ_between_prefixes']:.1f}%.
 
@@ -216,6 +231,42 @@ is measured without prefixes for every arm and is the comparison at equal steps.
                                   (f"{out}/rl/reward_curves.png", "toy_reward_curves.png")])
     else:
         print(f"wrote {out}/report.md (docs/ and README.md untouched; --publish writes them)")
+    print(where(world, out) + "\n" + summary(results))
+
+
+def where(world, out):
+    """Where each output of runs/toy.sh and of this report lives."""
+    places = {"the world: data, base model and world_report.json": f"{world}/data, {world}/base",
+              "the VAE: vae.json, latents.png": f"{world}/vae",
+              "the warm-ups, prefix (vae) and plain": f"{world}/sft, {world}/sft_plain",
+              "RL, plain and linear: metrics.jsonl, model": f"{world}/rl_none, {world}/rl_linear",
+              "the palette: infer.py's completions": f"{world}/palette.jsonl",
+              "this report: report.md, report.json": out,
+              "(a)'s table; (b)'s runs and reward_curves.png": f"{out}/inference; {out}/rl"}
+    return "Outputs:\n" + "\n".join(f"  {what:<50} {path}" for what, path in places.items())
+
+
+def summary(r):
+    """Five lines from report.json's numbers (r): the world, the warm-up, then claims (a), (b) and (c)."""
+    pct, mean = lambda v: f"{100 * v:.1f}%", lambda v: sum(v) / len(v)
+    a = {label: r["inference"][name] for label, name in (("token sampling T=1", "token sampling T=1"),
+         ("greedy per vae latent", "greedy per latent, vae L=1"), ("per noise latent", "greedy per latent, noise L=1"))}
+    n = max(int(key[5:]) for key in a["token sampling T=1"] if key.startswith("pass@"))     # the largest k measured
+    b = []
+    for estimator, arms in r["rl"].items():
+        best = max((arm for arm in arms if arm != "baseline"), key=lambda arm: mean(arms[arm]))   # as verdict()
+        b.append(f"{estimator.upper()} baseline {pct(mean(arms['baseline']))}, "
+                 f"best palette arm ({best}) {pct(mean(arms[best]))}")
+    before, after = r["warmup_pass1_no_prefix"]
+    return "\n".join([
+        f"Summary ({TINY}):" if r["tiny"] else f"Summary (the full report: {r['world']}/report/report.md):",
+        f"  world    base greedy pass@1 {pct(r['base_greedy_pass@1'])}; {Provenance(**r['provenance'])}",
+        f"  warm-up  greedy pass@1 without prefix {pct(before)} -> {pct(after)}",
+        f"  (a)      pass@{n} (distinct answers per problem): " +
+        ", ".join(f"{label} {pct(c[f'pass@{n}'])} ({c['distinct_answers']:.1f})" for label, c in a.items()),
+        f"  (b)      held-out greedy pass@1 after {r['rl_steps']} RL steps, mean of {r['seeds']} seed"
+        f"{'s' * (r['seeds'] != 1)}: " + "; ".join(b),
+        f"  (c)      silhouette of math / code / qa in latent space {r['silhouette']:.3f}"])
 
 
 if __name__ == "__main__":
