@@ -20,6 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
+export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} MKL_CBWR=${MKL_CBWR:-COMPATIBLE}   # as in runs/toy.sh
 W=runs/toy_premise
 D=$W/data
 python -m toy.build_world --out $W --setting premise

@@ -16,11 +16,17 @@
 #   QUICK=1 bash runs/toy.sh         # steps 0-5 only (no multi-seed report)
 #   SETTING=premise QUICK=1 bash runs/toy.sh   # the same steps in the premise world, runs/toy_premise/
 #   TINY=1 bash runs/toy.sh          # every step on a tiny world, runs/toy_tiny/, in about 100 s
+#   BUILD_SEED=1 bash runs/toy.sh    # another build of the world (its data and weights), runs/toy_build1/
 # TINY=1 is the smoke test of this script (tests/test_toy_sh.py runs it; on a GPU, docs/gpu.md): the
 # same lines at the sizes below, with a one-seed report. Its numbers only show that each stage ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
+# Results that another CPU reproduces: with ATen's AVX2 kernels and MKL's reproducible mode, every x86
+# CPU with AVX2 (Intel or AMD, AVX2 or AVX-512, 1 to 8 threads) sums in the same order, so a build gives
+# the same world everywhere; without them MKL and ATen pick kernels by CPU, and 900 steps of
+# pretraining turn the last bits into another world (docs/results/toy.md). The cost: about 2x.
+export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} MKL_CBWR=${MKL_CBWR:-COMPATIBLE}
 SETTING=${SETTING:-default}
 case $SETTING in
     default) W=runs/toy ;;
@@ -42,6 +48,8 @@ if [ "${TINY:-0}" = 1 ]; then
     REPORT="--seeds 1 --eval-problems 10 --n 4"
     RL_STEPS=6 PER_STEP="--prompts-per-step 4 --group-size 4"
 fi
+BUILD_SEED=${BUILD_SEED:-0}
+[ "$BUILD_SEED" = 0 ] || W=${W}_build$BUILD_SEED
 D=$W/data
 
 # a live process holds DIR/.lock (the OS frees it when the process ends): a run works in DIR now
@@ -68,7 +76,7 @@ stage() {
     fi
 }
 
-python -m toy.build_world --out $W --setting $SETTING $WORLD
+python -m toy.build_world --out $W --setting $SETTING --seed $BUILD_SEED $WORLD
 
 stage $W/vae vae.json python train_vae.py --model $W/base --out $W/vae \
     --data math=$D/vae_math.jsonl,code=$D/vae_code.jsonl,qa=$D/vae_qa.jsonl $VAE

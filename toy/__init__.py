@@ -25,10 +25,11 @@ class Provenance(NamedTuple):
     cpu_capability: str      # torch.backends.cpu.get_cpu_capability(), e.g. AVX2 or AVX512
     threads: int             # torch.get_num_threads() of the runs
     weights_sha256: str      # the world's base model (provenance below)
+    mkl_cbwr: str = ""       # MKL's reproducibility mode (runs/toy.sh: COMPATIBLE; "": MKL's own choice)
 
     def __str__(self):
         return (f"base weights sha256 {self.weights_sha256}, CPU capability {self.cpu_capability}, "
-                f"threads {self.threads}")
+                f"MKL_CBWR {self.mkl_cbwr or 'unset'}, threads {self.threads}")
 
 
 def provenance(model_dir, threads=None):
@@ -47,7 +48,7 @@ def provenance(model_dir, threads=None):
     for key in sorted(tensors):
         digest.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return Provenance(torch.backends.cpu.get_cpu_capability(), threads or torch.get_num_threads(),
-                      digest.hexdigest()[:12])
+                      digest.hexdigest()[:12], os.environ.get("MKL_CBWR", ""))
 
 
 def publish_results(name, full, headline, command, pictures=(), repo=REPO):
