@@ -25,6 +25,9 @@ SETTINGS = [("standard", 1, 10, 1e-5, 1), ("scale-0.5", 0.5, 10, 1e-5, 1), ("sca
             ("steps-30", 1, 30, 1e-5, 1), ("steps-50", 1, 50, 1e-5, 1), ("lr-3e-5", 1, 10, 3e-5, 1),
             ("L-2", 1, 10, 1e-5, 2)]
 TIE_POINTS, BAR_POINTS = 1.0, 2.0
+# prefixes on top of sampling (the protocol's section of that name): each SOURCE@T=t row of
+# bench/claim_a.py against none@T=t, the same temperature and sampling noise without a prefix
+ON_TOP_TEMPERATURES, ON_TOP_SOURCES = ("0.7", "1"), ("vae", "noise", "rsp")
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dir", default="runs/smollm2", help="the directory runs/smollm2.sh fills")
@@ -50,12 +53,13 @@ def rows_by(results):
     return out
 
 
-def mean_ci(values):
-    """(mean, half-width of the normal 95% interval of the mean) of per-problem values, in points:
-    every claim (a) number (bench/claim_a.py's rows and the paired differences here)."""
+def mean_ci(values, scale=100):
+    """(mean, half-width of the normal 95% interval of the mean) of per-problem values, times scale
+    (100: shares in points): every claim (a) number (bench/claim_a.py's rows and the paired
+    differences here)."""
     n, m = len(values), sum(values) / len(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / max(n - 1, 1))
-    return 100 * m, 100 * 1.96 * sd / math.sqrt(n)
+    return scale * m, scale * 1.96 * sd / math.sqrt(n)
 
 
 def paired(a, b, k=1):
@@ -67,6 +71,12 @@ def paired(a, b, k=1):
             return r["per_problem_pass@1"]
         return [pass_at_k(n, round(p * n), k) for p in r["per_problem_pass@1"]]
     return mean_ci([x - y for x, y in zip(per_problem(a), per_problem(b))])
+
+
+def paired_distinct(a, b):
+    """(mean, 95% half-width) of a - b in distinct answers per problem (bench/claim_a.py's
+    per_problem_distinct, written for every row measured since the sampling rows were added)."""
+    return mean_ci([x - y for x, y in zip(a["per_problem_distinct"], b["per_problem_distinct"])], scale=1)
 
 
 def choose(tuning):
@@ -100,10 +110,20 @@ def tuning_table(tuning, costs, chosen):
 
 
 def wall_minutes(times):
-    """times.tsv's (step, seconds) as wall time: the final models run side by side, so only the
-    longer of them counts."""
-    finals = [int(t) for name, t in times if name.startswith("final-")]
-    return (sum(int(t) for name, t in times if not name.startswith("final-")) + max(finals, default=0)) / 60
+    """times.tsv's (step, seconds) as wall time: the two final models run side by side, and so do the
+    two temperatures of the sampling rows (sampled-T=...), so only the longer of each pair counts."""
+    side_by_side = ("final-", "sampled-")
+    alone = sum(int(t) for name, t in times if not name.startswith(side_by_side))
+    return (alone + sum(max((int(t) for name, t in times if name.startswith(group)), default=0)
+                        for group in side_by_side)) / 60
+
+
+def table_order(item):
+    """The full tables' order: the converted model first; the sampling rows after the others, by
+    temperature, none@T=t first; otherwise the order they were measured in."""
+    label, _, row = item[0].split(" | ")
+    prefix, at, t = row.partition("@T=")
+    return label != "converted", bool(at), float(t) if at else 0.0, prefix != "none"
 
 
 def final_tables(final, k):
@@ -111,7 +131,7 @@ def final_tables(final, k):
     for task in dict.fromkeys(key.split(" | ")[1] for key in final):
         lines += [f"*{task}*", "", f"| model | decoding | pass@1 | pass@{k} | distinct answers | cut off % | broken % |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for key, r in sorted(final.items(), key=lambda kv: not kv[0].startswith("converted |")):  # converted first
+        for key, r in sorted(final.items(), key=table_order):
             label, t, row = key.split(" | ")
             if t == task:
                 at_k = f"{r[f'pass@{k}'][0]:.1f} ± {r[f'pass@{k}'][1]:.1f}" if f"pass@{k}" in r else "–"
@@ -160,6 +180,73 @@ def in_words(final, label, k):
     return words
 
 
+def on_top(final, label, k):
+    """Prefixes on top of sampling: {(task, t, source): (pass@1, pass@k, distinct answers)}, each the
+    paired difference SOURCE@T=t minus none@T=t over problems, for every pair measured for label."""
+    out = {}
+    for (lab, task), rows in rows_by(final).items():
+        for t in ON_TOP_TEMPERATURES:
+            base = rows.get(f"none@T={t}")
+            for source in ON_TOP_SOURCES:
+                r = rows.get(f"{source}@T={t}")
+                if lab == label and base and r:
+                    out[task, t, source] = (paired(r, base), paired(r, base, k), paired_distinct(r, base))
+    return out
+
+
+def adds_exploration(differences):
+    """The protocol's test: distinct answers and pass@k both up, both 95% intervals above 0."""
+    _, at_k, distinct = differences
+    return at_k[0] - at_k[1] > 0 and distinct[0] - distinct[1] > 0
+
+
+def on_top_tables(final, label, k):
+    """One table per task: none@T=t's numbers, then each prefix's paired difference from them."""
+    diffs, by, lines = on_top(final, label, k), rows_by(final), []
+    f = lambda d, digits=1: f"{d[0]:+.{digits}f} ± {d[1]:.{digits}f}"
+    for task in dict.fromkeys(task for task, _, _ in diffs):
+        lines += [f"*{task}*", "", f"| T | prefix | pass@1 | pass@{k} | distinct answers | adds exploration |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for t in ON_TOP_TEMPERATURES:
+            base = by[label, task].get(f"none@T={t}")
+            if base is None:
+                continue
+            at_k = f"{base[f'pass@{k}'][0]:.1f} ± {base[f'pass@{k}'][1]:.1f}" if f"pass@{k}" in base else "–"
+            lines.append(f"| {t} | none | {base['pass@1'][0]:.1f} ± {base['pass@1'][1]:.1f} | {at_k} | "
+                         f"{base['distinct_answers']:.2f} | |")
+            for source in ON_TOP_SOURCES:
+                if (task, t, source) in diffs:
+                    d = diffs[task, t, source]
+                    lines.append(f"| {t} | {source} − none | {f(d[0])} | {f(d[1])} | {f(d[2], 2)} | "
+                                 f"{'yes' if adds_exploration(d) else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def on_top_in_words(final, label, k):
+    """The on-top tables' numbers in words: per prefix and temperature, on how many tasks the prefix
+    adds exploration; the protocol's answer (yes where it does on at least 2 of the 3 tasks)."""
+    diffs = on_top(final, label, k)
+    if not diffs:
+        return "Not measured in this run."
+    n_tasks = len({task for task, _, _ in diffs})
+    span = lambda ds, digits=1: f"{min(d[0] for d in ds):+.{digits}f} to {max(d[0] for d in ds):+.{digits}f}"
+    pass1, at_k, distinct = ([d[m] for d in diffs.values()] for m in range(3))
+    counts = {(source, t): sum(adds_exploration(d) for (_, t2, s2), d in diffs.items() if (s2, t2) == (source, t))
+              for t in ON_TOP_TEMPERATURES for source in ON_TOP_SOURCES
+              if any((s2, t2) == (source, t) for _, t2, s2 in diffs)}
+    each = "; ".join(f"{source} at T = {t} on {c} of {n_tasks}" for (source, t), c in counts.items())
+    yes = [f"{source} at T = {t}" for (source, t), c in counts.items() if c >= 2]
+    answer = (f"So on this model a prefix does add exploration on top of sampling: {', '.join(yes)} "
+              f"(on at least 2 of the {n_tasks} tasks)." if yes else
+              f"So on this model no prefix adds exploration on top of sampling (none does so on at least 2 of the "
+              f"{n_tasks} tasks).")
+    return (f"In words: against the same temperature without a prefix, a prefix changes distinct answers per "
+            f"problem by {span(distinct, 2)}, pass@{k} by {span(at_k)} points and pass@1 by {span(pass1)} points "
+            f"(over prefixes, temperatures and tasks). It adds exploration (distinct answers and pass@{k} "
+            f"both up, both 95% intervals above 0) for {each}. {answer}")
+
+
 def main():
     args = parser.parse_args()
     world = args.dir
@@ -176,6 +263,7 @@ def main():
     bars += "\n\n" + in_words(final, chosen[0], k)
     times = [line.split("\t") for line in open(f"{world}/times.tsv")] if os.path.exists(f"{world}/times.tsv") else []
     minutes = wall_minutes(times)
+    side_by_side = ", and the sampling rows' two temperatures" if any(n.startswith("sampled-") for n, _ in times) else ""
     name, scale, steps, lr, L = chosen
     verdict = (f"**The bar is met on every task** with the {name} setting." if met else
                f"**The bar is not met on every task** with the {name} setting, the best of the tuning by the rule.")
@@ -189,7 +277,7 @@ greedy decoding under a VAE-prior prefix against plain greedy, noise prefixes an
 
 By the protocol written before the runs, [docs/smollm2_protocol.md](../smollm2_protocol.md);
 `runs/smollm2.sh` makes every number here ({minutes:.0f} minutes of wall time on the 2-core CPU
-machine, the two final models side by side; per step in `{world}/times.tsv`). Numbers are what came out, whatever their sign.
+machine, the two final models side by side{side_by_side}; per step in `{world}/times.tsv`). Numbers are what came out, whatever their sign.
 
 ## Tuning (problems {tune['offset']}-{tune['offset'] + tune['problems'] - 1})
 
@@ -201,6 +289,16 @@ smallest worst-task gap, ties within {TIE_POINTS:g} point to the standard settin
 ## Final (problems {settings['offset']}-{settings['offset'] + settings['problems'] - 1}, not used to choose)
 
 {headline}
+
+## Prefixes on top of sampling (problems {settings['offset']}-{settings['offset'] + settings['problems'] - 1}, after the chosen warm-up)
+
+RL samples at a temperature under a prefix. Each candidate sampled at T under its own prefix
+(vae prior, noise, RSP), against the same temperature without one, candidate j of a problem drawing the same
+sampling noise in every row: the none row's numbers, then each prefix minus none, paired by problem
+(points; distinct answers per problem; 95% intervals over problems):
+
+{on_top_tables(final, name, k)}
+{on_top_in_words(final, name, k)}
 
 Every row, on the converted model (no warm-up) and after the chosen warm-up (± is a 95% interval
 over problems; a cut-off answer is wrong; broken: empty or one repeated token):

