@@ -226,8 +226,8 @@ def run_script(script, *args):
 
 @pytest.mark.parametrize("script, flag, value, message", [
     ("train_vae.py", "--batch-size", "0", "error: --batch-size must be >= 1, got 0 (see python train_vae.py --help)"),
-    ("sft_warmup.py", "--micro-batch-size", "0",
-     "error: --micro-batch-size must be >= 1, got 0 (see python sft_warmup.py --help)"),
+    ("sft_warmup.py", "--micro-batch-size", "-1",
+     "error: --micro-batch-size must be >= 0, got -1 (see python sft_warmup.py --help)"),
     ("infer.py", "--temperature", "-1", "error: --temperature must be >= 0, got -1 (see python infer.py --help)"),
     ("evaluate.py", "--top-p", "nan", "error: --top-p must be a finite number, got nan (see python evaluate.py --help)"),
     ("rl.py", "--L", "-1", "error: --L must be >= 0, got -1 (see python rl.py --help)"),

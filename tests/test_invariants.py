@@ -80,7 +80,8 @@ import test_pairwise
 import train_vae
 from data import HELD_OUT_SEED, format_prompt, load_mixture, load_rows
 from guard import UserError, read_jsonl
-from test_pairwise import RL_FACTORS, accepted_by, argv_of, covering_array, world  # noqa: F401 (world: a fixture)
+from test_pairwise import (RL_FACTORS, accepted_by, argv_of, covering_array, pairwise_reward,  # noqa: F401
+                           parity, world)                     # (fixtures: pairwise_reward, world)
 
 TIMING = re.compile(r"^time_|^gen_tokens_per_s$")
 
@@ -90,26 +91,9 @@ TIMING = re.compile(r"^time_|^gen_tokens_per_s$")
 # length, and group 0 of every step failing whole, so that rewards vary within groups and
 # --resample always has a group to resample.
 
-def parity(text, answer=None, kind=None):
-    return float(len(text) % 2)
-
-
 def regraded(sample):
     """The grader's verdict on a logged rollout, recomputed from its text."""
     return 0.0 if sample["group"] == 0 and not sample["resampled"] else parity(sample["completion"])
-
-
-@pytest.fixture
-def pairwise_reward(monkeypatch):
-    monkeypatch.setattr(rl, "grade", parity)
-    real_score = rl.score
-
-    def score(rollouts, tokenizer, args):
-        real_score(rollouts, tokenizer, args)
-        if not rollouts.resampled.any() and len(rollouts) == args.prompts_per_step * args.group_size:
-            rollouts.correct[:args.group_size] = rollouts.rewards[:args.group_size] = 0.0
-        return rollouts
-    monkeypatch.setattr(rl, "score", score)
 
 
 def fixed_rl(world, out, clip=()):

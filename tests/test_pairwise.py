@@ -267,10 +267,15 @@ def check_rl_run(out, row_argv, before):
     return sum(r.get("rescued_groups", 0) for r in steps)
 
 
-def test_rl_pairwise(world, tmp_path, monkeypatch, capsys, one_thread):
-    # a reward that varies within groups (the parity of the completion's length), and the first
-    # group of every step fails whole, so that --resample always has a group to resample
-    monkeypatch.setattr(rl, "grade", lambda text, answer, kind: float(len(text) % 2))
+def parity(text, answer=None, kind=None):
+    return float(len(text) % 2)
+
+
+@pytest.fixture
+def pairwise_reward(monkeypatch):
+    """A reward that varies within groups (the parity of the completion's length), and the first
+    group of every step failing whole, so that --resample always has a group to resample."""
+    monkeypatch.setattr(rl, "grade", parity)
     real_score = rl.score
 
     def score(rollouts, tokenizer, args):
@@ -279,6 +284,9 @@ def test_rl_pairwise(world, tmp_path, monkeypatch, capsys, one_thread):
             rollouts.correct[:args.group_size] = rollouts.rewards[:args.group_size] = 0.0
         return rollouts
     monkeypatch.setattr(rl, "score", score)
+
+
+def test_rl_pairwise(world, tmp_path, pairwise_reward, capsys, one_thread):
     fixed = ["--model", str(world / "model"), "--data", str(world / "train.jsonl"), "--steps", "2", "--lr", "1e-3"]
     rows, refused, total = covering_array(RL_FACTORS, accepted_by(rl, RL_FACTORS, fixed + ["--out", "x"], world))
     before, rescued = load_file(str(world / "model" / "model.safetensors")), 0

@@ -24,6 +24,11 @@ STAGES = ("base", "vae", "sft", "sft_plain", "rl_none", "rl_linear")
 ARMS = ("baseline", "linear L=1", "two-stage L=1", "linear L=8")      # toy/report.py's, in its order
 THREADS = int(os.environ.get("OMP_NUM_THREADS", 1))                  # TINY=1's one thread unless set
 PNG = b"\x89PNG\r\n\x1a\n"
+# runs/toy.sh's CPU settings (the reproducible mode) unless the caller's environment sets them
+MKL_CBWR = os.environ.get("MKL_CBWR", "COMPATIBLE")
+CAPABILITY = subprocess.run(
+    ["python", "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"], capture_output=True, text=True,
+    env={**os.environ, "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", "avx2")}).stdout.strip()
 
 
 def git(cwd, *args):
@@ -92,7 +97,7 @@ def test_every_stage_wrote_its_output(job):
     w = f"{root}/{W}"
     world = read_json(f"{w}/base/world_report.json")
     assert world["n_problems"] == 40 and 0 <= world["greedy_pass@1"] <= 1
-    assert world["provenance"] == {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": THREADS,
+    assert world["provenance"] == {"cpu_capability": CAPABILITY, "threads": THREADS, "mkl_cbwr": MKL_CBWR,
                                    "weights_sha256": fingerprint(f"{w}/base")}
     assert len(read_jsonl(f"{w}/data/math_test.jsonl")) == 100
     assert -1 <= read_json(f"{w}/vae/vae.json")["silhouette"] <= 1
@@ -161,7 +166,7 @@ def test_the_summary_says_where_each_output_is_and_its_numbers_are_the_stages(jo
     assert lines[-6].startswith("Summary (a tiny world (TINY=1): its numbers show only that every stage ran")
     assert lines[-5:] == [
         f"  world    base greedy pass@1 {pct(world['greedy_pass@1'])}; base weights sha256 {fingerprint(f'{w}/base')}, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, threads {THREADS}",
+        f"CPU capability {CAPABILITY}, MKL_CBWR {MKL_CBWR}, threads {THREADS}",
         f"  warm-up  greedy pass@1 without prefix {pct(sft['before']['pass1_no_prefix'])} -> "
         f"{pct(sft['after']['pass1_no_prefix'])}",
         f"  (a)      pass@4 (distinct answers per problem): {a}",

@@ -97,7 +97,9 @@ def test_world_report_has_its_provenance_and_the_fingerprint_follows_the_weights
         w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
     model.save_pretrained(str(tmp_path / "moved"), tokenizer_dir=os.path.join(out, "tokenizer"))
     assert provenance(str(tmp_path / "moved")).weights_sha256 != here.weights_sha256
-    assert str(here) == f"base weights sha256 {here.weights_sha256}, CPU capability {here.cpu_capability}, threads {here.threads}"
+    assert here.mkl_cbwr == os.environ.get("MKL_CBWR", "")
+    assert str(here) == (f"base weights sha256 {here.weights_sha256}, CPU capability {here.cpu_capability}, "
+                         f"MKL_CBWR {here.mkl_cbwr or 'unset'}, threads {here.threads}")
 
 
 def test_second_build_is_skipped(world):
