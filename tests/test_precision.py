@@ -71,6 +71,9 @@ def test_bf16_moves_every_kind_of_weight_as_far_as_fp32(world, tmp_path, monkeyp
         distance[dtype] = moved(before, after)
     assert {k for k in distance["float32"] if "norm" in k} >= {"model.norm.weight", "model.input_layernorm.weight",
                                                                  "model.self_attn.q_norm.weight"}
+    ratios = {k: distance["bfloat16"][k] / fp32 for k, fp32 in distance["float32"].items() if fp32 > 0}
+    print(f"\n{stage} lr {lr}: bf16 / fp32 distance moved, per kind of weight: min {min(ratios.values()):.3f}, "
+          f"max {max(ratios.values()):.3f} over {len(ratios)} kinds")
     for k, fp32 in distance["float32"].items():
         assert fp32 > 0, k
         assert 1 / 1.5 <= distance["bfloat16"][k] / fp32 <= 1.5, (k, distance["bfloat16"][k], fp32)

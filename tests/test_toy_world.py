@@ -149,3 +149,39 @@ def test_bad_flags_are_one_line_before_anything_is_built(tmp_path, capsys, argv,
     err = capsys.readouterr().err
     assert refused.value.code == 2 and err.strip().splitlines()[-1].endswith(message)
     assert "Traceback" not in err and not (tmp_path / "w").exists()
+
+
+def test_the_headline_over_builds_states_only_what_every_build_shows(tmp_path, capsys):
+    """toy.report --across: one column per build, each (b) cell mean ± std over seeds, and a sign said
+    to hold only when every build has it; a build without its report is one line naming the command."""
+    from toy.report import across_builds
+
+    def build(name, base, gaps):
+        world = tmp_path / name
+        (world / "report").mkdir(parents=True)
+        rl = {e: {"baseline": [0.80, 0.84], **{arm: [0.80 + gap, 0.84 + gap] for arm, gap in gaps.items()}}
+              for e in ("grpo", "rloo")}
+        inference = {"greedy (no prefix)": {"pass@1": 0.4}, "token sampling T=1": {"pass@1": 0.2, "pass@4": 0.5},
+                     "greedy per latent, vae L=1": {"pass@1": 0.3, "pass@4": 0.45}}
+        report = {"world": str(world), "provenance": {"weights_sha256": name * 3}, "base_greedy_pass@1": base,
+                  "warmup_pass1_no_prefix": [0.3, 0.4], "silhouette": 0.5, "inference": inference,
+                  "rl_steps": 40, "seeds": 2, "rl": rl}
+        (world / "report" / "report.json").write_text(json.dumps(report))
+        (world / "report" / "report.md").write_text(f"report of {name} ![latent space](toy_latents.png)")
+        return str(world)
+
+    first = build("abc", 0.36, {"linear L=1": -0.10, "linear L=8": -0.20})
+    across_builds([first, build("def", 0.43, {"linear L=1": -0.03, "linear L=8": -0.05})], publish=False)
+    out = capsys.readouterr().out
+    assert "| base weights sha256 | abcabcabc | defdefdef |" in out
+    assert "| base greedy pass@1 | 36.0 | 43.0 |" in out
+    assert "| grpo linear L=1 | 72.0 ± 2.8 | 79.0 ± 2.8 |" in out
+    assert "-10.0 points (linear L=1) in build 0, -3.0 points (linear L=1) in build 1: every palette arm ends below" in out
+    assert "(a) pass@4 of greedy decoding under a vae latent per candidate minus token sampling at T = 1: -5.0 points " \
+           "in build 0, -5.0 points in build 1; lower in every build" in out
+    assert "report of abc ![latent space](toy_latents.png)" in out and "report of def ![latent space](toy_latents1.png)" in out
+
+    across_builds([first, build("ghi", 0.43, {"linear L=1": +0.02, "linear L=8": -0.05})], publish=False)
+    assert "the sign differs between builds, so no verdict holds across them" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="report.json is missing; run runs/toy.sh for that build first"):
+        across_builds([first, str(tmp_path / "none")], publish=False)

@@ -14,6 +14,10 @@ the VAE and both warm-ups, and ends with where each output lives and a five-line
     python -m toy.report --world runs/toy --seeds 1 --rl-steps 20                 # a quick look
     python -m toy.report --world runs/toy --publish   # maintainers: docs/results/toy.md, the README's
                                                       # headline and the pictures in docs/results/
+    python -m toy.report --across runs/toy runs/toy_build1 --publish
+        # maintainers: the headline over world builds (BUILD_SEED=1 bash runs/toy.sh makes the
+        # second), each build's numbers side by side and in words only what holds in every build;
+        # it reads each build's report/report.json and runs nothing
 """
 
 import argparse
@@ -39,6 +43,8 @@ parser.add_argument("--seeds", type=ranged(int, 1), default=3)
 parser.add_argument("--rl-steps", type=ranged(int, 1), default=40)
 parser.add_argument("--rl-flags", default="--prompts-per-step 16 --group-size 8 --lr 2e-5 --max-new-tokens 64",
                     help="flags shared by every RL run")
+parser.add_argument("--across", nargs="+", metavar="WORLD",
+                    help="report over these world builds (each with report/report.json) instead of one")
 parser.add_argument("--publish", action="store_true",
                     help="also write docs/results/toy.md, the README's headline and docs/results/ pictures "
                          "(tracked files: a maintainer's step, never part of a user's run)")
@@ -172,6 +178,8 @@ def plot_curves(curves, path):
 
 def main():
     args = parser.parse_args()
+    if args.across:
+        return across_builds(args.across, args.publish)
     world = args.world
     out = f"{world}/report"
     os.makedirs(out, exist_ok=True)
@@ -267,6 +275,78 @@ def summary(r):
         f"  (b)      held-out greedy pass@1 after {r['rl_steps']} RL steps, mean of {r['seeds']} seed"
         f"{'s' * (r['seeds'] != 1)}: " + "; ".join(b),
         f"  (c)      silhouette of math / code / qa in latent space {r['silhouette']:.3f}"])
+
+
+def across_builds(worlds, publish):
+    """The headline over world builds: one column per build for every number of (a), (b) and (c),
+    each build's spread over seeds in (b), and sentences that say a sign only where every build
+    agrees on it. docs/results/toy.md then holds this and each build's own report below it."""
+    reports = []
+    for world in worlds:
+        path = f"{world}/report/report.json"
+        if not os.path.exists(path):
+            sys.exit(f"error: {path} is missing; run runs/toy.sh for that build first (BUILD_SEED=N bash runs/toy.sh)")
+        reports.append(json.load(open(path)))
+    if len({tuple(sorted(r["rl"])) for r in reports}) != 1 or len({(r["rl_steps"], r["seeds"]) for r in reports}) != 1:
+        sys.exit("error: the builds' reports were made with other RL settings; rerun them with the same ones")
+    pct = lambda v: f"{100 * v:.1f}"
+    mean = lambda v: sum(v) / len(v)
+    std = lambda v: (sum((x - mean(v)) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
+    names = [f"build {i}" for i in range(len(reports))]
+    head = lambda first: f"| {first} | " + " | ".join(names) + " |\n|" + " --- |" * (len(names) + 1)
+    world_rows = [head("the world"),
+                  "| directory | " + " | ".join(f"`{r['world']}`" for r in reports) + " |",
+                  "| base weights sha256 | " + " | ".join(r["provenance"]["weights_sha256"] for r in reports) + " |",
+                  "| base greedy pass@1 | " + " | ".join(pct(r["base_greedy_pass@1"]) for r in reports) + " |",
+                  "| warm-up greedy pass@1 (no prefix), before -> after | " +
+                  " | ".join(f"{pct(r['warmup_pass1_no_prefix'][0])} -> {pct(r['warmup_pass1_no_prefix'][1])}"
+                             for r in reports) + " |",
+                  "| (c) silhouette of the domains in latent space | " +
+                  " | ".join(f"{r['silhouette']:.3f}" for r in reports) + " |"]
+    n = max(int(k[5:]) for k in reports[0]["inference"]["token sampling T=1"] if k.startswith("pass@"))
+    a_rows = [head(f"(a) decoding: pass@1 / pass@{n}")]
+    for config in reports[0]["inference"]:
+        cells = [r["inference"][config] for r in reports]
+        a_rows.append(f"| {config} | " + " | ".join(f"{pct(c['pass@1'])} / {pct(c[f'pass@{n}'])}" if f"pass@{n}" in c
+                                                  else pct(c["pass@1"]) for c in cells) + " |")
+    b_rows = [head(f"(b) held-out greedy pass@1 after RL, mean ± std over {reports[0]['seeds']} seeds")]
+    words = []
+    for estimator, arms in reports[0]["rl"].items():
+        for arm in arms:
+            b_rows.append(f"| {estimator} {arm} | " + " | ".join(
+                f"{pct(mean(r['rl'][estimator][arm]))} ± {pct(std(r['rl'][estimator][arm]))}" for r in reports) + " |")
+        gaps = [{arm: mean(v) - mean(r["rl"][estimator]["baseline"]) for arm, v in r["rl"][estimator].items()
+                 if arm != "baseline"} for r in reports]
+        best = [max(g, key=g.get) for g in gaps]
+        sign = ("below" if all(g[b] < 0 for g, b in zip(gaps, best)) else
+                "above" if all(g[b] > 0 for g, b in zip(gaps, best)) else None)
+        told = ", ".join(f"{100 * g[b]:+.1f} points ({b}) in {name}" for g, b, name in zip(gaps, best, names))
+        words.append(f"{estimator.upper()}: the best palette arm minus the plain baseline is {told}: " +
+                     (f"every palette arm ends {sign} the baseline in every build" if sign == "below" and
+                      all(v < 0 for g in gaps for v in g.values()) else
+                      f"the best palette arm ends {sign} the baseline in every build" if sign else
+                      "the sign differs between builds, so no verdict holds across them"))
+    vae, sampling = "greedy per latent, vae L=1", "token sampling T=1"
+    diff = [r["inference"][vae][f"pass@{n}"] - r["inference"][sampling][f"pass@{n}"] for r in reports]
+    words.insert(0, f"(a) pass@{n} of greedy decoding under a vae latent per candidate minus token sampling at T = 1: " +
+                 ", ".join(f"{100 * d:+.1f} points in {name}" for d, name in zip(diff, names)) +
+                 ("; lower in every build" if all(d < 0 for d in diff) else "; higher in every build"
+                  if all(d > 0 for d in diff) else "; its sign differs between builds"))
+    tables = "\n\n".join("\n".join(rows) for rows in (world_rows, a_rows, b_rows))
+    headline = (f"Over {len(reports)} builds of the toy world (the same code, data recipe and settings, "
+                f"build seeds differing; {reports[0]['rl_steps']} RL steps):\n\n{tables}\n\n"
+                "In words, only what holds in every build is stated as holding:\n\n" +
+                "\n".join(f"- {w}." for w in words))
+    full = headline + "".join(f"\n\n## {name}: `{r['world']}`\n\n" + open(f"{r['world']}/report/report.md").read()
+                              .replace("(toy_latents.png)", f"(toy_latents{i or ''}.png)")
+                              .replace("(toy_reward_curves.png)", f"(toy_reward_curves{i or ''}.png)")
+                              for i, (name, r) in enumerate(zip(names, reports)))
+    print(full)
+    if publish:
+        pictures = [(f"{r['world']}/{source}", f"toy_{name}{i or ''}.png") for i, r in enumerate(reports)
+                    for source, name in (("vae/latents.png", "latents"), ("report/rl/reward_curves.png", "reward_curves"))]
+        publish_results("toy", full, headline, "python -m toy.report --across " + " ".join(worlds) + " --publish",
+                        pictures=pictures)
 
 
 if __name__ == "__main__":
