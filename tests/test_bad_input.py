@@ -260,6 +260,34 @@ def test_vae_batch_size_zero_and_a_one_row_dataset_are_named(world, tmp_path):
     assert "more than the 24 pairs" in message, message
 
 
+@pytest.mark.parametrize("damage, expected", [
+    ("missing", "the tokenizer encodes text to no tokens"),
+    ("corrupt", "the tokenizer does not load"),
+    ("another model's", "but the model has only 12 embeddings; the tokenizer belongs to another model")])
+def test_train_vae_checks_the_tokenizer_in_one_line(world, tmp_path, damage, expected):
+    """train_vae.py reads only the embedding matrix and the tokenizer: a missing or corrupt tokenizer,
+    or one whose ids exceed the embeddings, is one line naming the directory (it used to be a
+    "non-finite VAE loss", a JSONDecodeError or an IndexError from deep inside the pooling)."""
+    import shutil
+    import train_vae
+    from safetensors.torch import load_file, save_file
+    model = tmp_path / "model"
+    shutil.copytree(world / "base", model)
+    if damage == "missing":
+        for name in os.listdir(model):
+            if name.startswith("tokenizer") or name == "special_tokens_map.json":
+                os.remove(model / name)
+    elif damage == "corrupt":
+        (model / "tokenizer.json").write_text('{"model": ')
+    else:                                     # 12 embeddings, fewer than the toy tokenizer's ids
+        tensors = load_file(str(model / "model.safetensors"))
+        tensors = {k: v[:12].contiguous() if k.endswith("embed_tokens.weight") else v for k, v in tensors.items()}
+        save_file(tensors, str(model / "model.safetensors"))
+    argv = with_flag(valid_commands(world, str(tmp_path / "out"))["train_vae.py"], "--model", str(model))
+    message = refusal(train_vae, argv)
+    assert expected in message and str(model) in message and "\n" not in message, message
+
+
 def test_sft_leaves_out_pairs_longer_than_the_context_and_checks_eval_prompts(world, tmp_path, capsys):
     import sft_warmup
     long_row = {"problem": "1+1=?", "answer": "2", "solution": "1+1=2\n" * 30 + "answer: 2",

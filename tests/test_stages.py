@@ -146,6 +146,32 @@ def test_sft_uses_prior_samples_and_changes_the_model(world, tmp_path, monkeypat
     after = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert len(metrics(tmp_path)) == 3
+    # the warm-up is recorded in the checkpoint, and rl.py's start-up note reads it
+    import diagnostics
+    warmup = json.load(open(tmp_path / "model" / "config.json"))["nanopalette_warmup"]
+    assert warmup == {"prefix_source": "vae", "L": 1, "steps": 3}
+    assert model_module.Transformer.from_pretrained(str(tmp_path / "model")).config.warmup == warmup
+    assert diagnostics.warmup_notes(warmup, "vae", 1) == [] == diagnostics.warmup_notes(warmup, "none", 8)
+    assert diagnostics.warmup_notes(warmup, "vae", 8) == [
+        "note: the policy was warmed up with --prefix-source vae --L 1; this run gives it vae prefixes of L = 8"]
+    assert "records no prefix warm-up" in diagnostics.warmup_notes(None, "noise", 1)[0]
+
+
+def test_the_warmup_check_counts_a_cut_off_answer_zero(world, monkeypatch):
+    """diagnostics.prefix_sensitivity (the warm-up's before/after pass@1) scores as rl.py and
+    evaluate.py do: a right last line in an answer cut off at max_new_tokens is worth 0."""
+    import diagnostics
+    import model as model_module
+    tokenizer = model_module.load_tokenizer(str(world / "base"), 10**6)
+    from data import load_rows
+    rows = load_rows(str(world / "math_test.jsonl"), limit=4)
+    right = [tokenizer(r["solution"], add_special_tokens=False)["input_ids"] for r in rows]
+    policy = model_module.Transformer.from_pretrained(str(world / "base"))
+    for stopped, expected in (([True] * 4, 1.0), ([True, False, True, False], 0.5), ([False] * 4, 0.0)):
+        monkeypatch.setattr(diagnostics, "greedy_answers", lambda *a, stopped=stopped: (right, stopped))
+        result = diagnostics.prefix_sensitivity(policy, tokenizer, rows, model_module.make_prefix_source("none", policy.embed_tokens.weight),
+                                                0, "plain", 8)
+        assert result == {"pass1_no_prefix": expected}
 
 
 def test_rl_raises_the_reward(world, tmp_path):
