@@ -70,6 +70,20 @@ def tiny_toy_model(tokenizer_dir=None, layers=1, context=128, tied=True, std=Non
     return model, tokenizer
 
 
+def stopping_toy_model(root):
+    """tiny_toy_model (2 layers, untied) saved under root/model (tokenizer under root/tokenizer), its
+    first embedding dimension set so that about one token in five is eos: runs of it hold both
+    stopped and cut-off completions. The model of the RL flag, rank and kill tests."""
+    from toy.tokenizer import EOS_ID
+    model, tokenizer = tiny_toy_model(root / "tokenizer", layers=2, tied=False)
+    with torch.no_grad():
+        model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[EOS_ID, 0] = 0.5
+    model.save_pretrained(str(root / "model"), tokenizer_dir=str(root / "tokenizer"))
+    return model, tokenizer
+
+
 def tiny_float64_model(vocab_size, seed=0, tied=False):
     """A 2-layer float64 model (hidden 16) with weights large enough for peaked, varied
     distributions: for losses and gradients checked against hand computations."""

@@ -279,16 +279,10 @@ def left_on_disk(run):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The tiny model and data of tests/test_rl_flags.py, and every scenario run by the driver."""
-    from conftest import tiny_toy_model
+    from conftest import stopping_toy_model
     from toy.task import generate as toy_rows, write_jsonl
-    from toy.tokenizer import EOS_ID
     root = tmp_path_factory.mktemp("kill_resume")
-    model, _ = tiny_toy_model(root / "tokenizer", layers=2, tied=False)
-    with torch.no_grad():            # about one token in five is eos: completions stop and get cut off
-        model.embed_tokens.weight[:, 0] = 1.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[EOS_ID, 0] = 0.5
-    model.save_pretrained(str(root / "model"), tokenizer_dir=str(root / "tokenizer"))
+    model, _ = stopping_toy_model(root)
     write_jsonl(toy_rows("math", 20, seed=1, digits=1), str(root / "train.jsonl"))
     write_jsonl(toy_rows("math", 4, seed=2, digits=1), str(root / "test.jsonl"))
     (root / "kill_driver.py").write_text(DRIVER)

@@ -67,16 +67,10 @@ def world(tmp_path_factory):
     five is eos, so completions of up to 6 tokens both stop and get cut off), 1-digit additions
     with solutions (rl.py and sft_warmup.py), 10 rows of each of three domains (train_vae.py), 7
     held-out problems (evaluate.py), and the driver script."""
-    from conftest import tiny_toy_model
+    from conftest import stopping_toy_model
     from toy.task import generate as toy_rows, write_jsonl
-    from toy.tokenizer import EOS_ID
     root = tmp_path_factory.mktemp("ranks")
-    model, tokenizer = tiny_toy_model(root / "tokenizer", layers=2, tied=False)
-    with torch.no_grad():
-        model.embed_tokens.weight[:, 0] = 1.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[EOS_ID, 0] = 0.5
-    model.save_pretrained(str(root / "model"), tokenizer_dir=str(root / "tokenizer"))
+    model, tokenizer = stopping_toy_model(root)
     write_jsonl(toy_rows("math", 20, seed=1, digits=1), str(root / "train.jsonl"))
     write_jsonl(toy_rows("math", 7, seed=4, digits=1), str(root / "bench.jsonl"))
     for domain in ("math", "code", "qa"):

@@ -30,15 +30,9 @@ def tiny(tmp_path_factory):
     that dimension, so about one token in five is eos: runs hold both stopped and truncated
     completions of at most 6 tokens."""
     from toy.task import generate as toy_rows, write_jsonl
-    from toy.tokenizer import EOS_ID
-    from conftest import tiny_toy_model
+    from conftest import stopping_toy_model
     root = tmp_path_factory.mktemp("tiny_rl")
-    model, tokenizer = tiny_toy_model(root / "tokenizer", layers=2, tied=False)
-    with torch.no_grad():
-        model.embed_tokens.weight[:, 0] = 1.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[EOS_ID, 0] = 0.5
-    model.save_pretrained(str(root / "model"), tokenizer_dir=str(root / "tokenizer"))
+    model, tokenizer = stopping_toy_model(root)
     rows = toy_rows("math", 20, seed=1, digits=1)
     for row in rows[::2]:
         del row["id"]
