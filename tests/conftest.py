@@ -3,6 +3,7 @@
 Run the whole suite with:  python -m pytest -q
 """
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,6 +11,27 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_finish(session):
+    """When tests/test_toy_sh.py is among the tests to run, start its job (TINY=1 bash runs/toy.sh,
+    one thread, about 90 s) now, so that it runs beside the tests before it; its fixture waits."""
+    if any(item.path.name == "test_toy_sh.py" for item in session.items):
+        import shutil
+        import tempfile
+        import test_toy_sh
+        scratch = tempfile.mkdtemp(prefix="pytest-toy-sh-")
+        root = os.path.join(scratch, "nanopalette")
+        session.config.toy_sh_job = (root, *test_toy_sh.start_job(root))
+        process = session.config.toy_sh_job[1]
+        def stop():                                         # an interrupted session leaves no job behind
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            shutil.rmtree(scratch, ignore_errors=True)
+        session.config.add_cleanup(stop)
+
+
 sys.path.insert(0, REPO)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never reach a hub

@@ -4,7 +4,8 @@ repository of its own so that `git status` can say what the job changed. Then wh
 wrote is checked for what it is: the world's fingerprint against one recomputed from its weights,
 one metrics record per RL step under each arm's schedule, the report's rows and pictures, and the
 five-line summary against the stage outputs its numbers come from. A second run (QUICK=1) must
-skip every stage and redo none.
+skip every stage and redo none. In a session that collects this file, conftest.py starts the job
+as soon as the tests are collected, so that its 90 s on one thread overlap the tests before it.
 
 Run:  python -m pytest tests/test_toy_sh.py -q        (about 2 minutes on 2 cores)
 """
@@ -36,10 +37,9 @@ def git(cwd, *args):
     return subprocess.run(["git", *identity, *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    """(the copy's root, the job's stdout, the second run's stdout)."""
-    root = str(tmp_path_factory.mktemp("clone") / "nanopalette")
+def copy_of_the_working_tree(root):
+    """The working tree (tracked and untracked files, nothing ignored) copied to root and made a git
+    repository of its own, so that `git status` there says what the job changed."""
     for name in git(REPO, "ls-files", "--cached", "--others", "--exclude-standard").splitlines():
         if os.path.isfile(os.path.join(REPO, name)):                  # a deleted tracked file stays deleted
             os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
@@ -48,16 +48,38 @@ def job(tmp_path_factory):
     git(root, "add", "-A")
     git(root, "commit", "-qm", "the working tree")
     assert git(root, "status", "--porcelain") == ""
-    env = {k: v for k, v in os.environ.items() if k not in ("TINY", "QUICK", "SETTING")}
-    first = subprocess.run("TINY=1 bash runs/toy.sh", shell=True, cwd=root, env=env, capture_output=True,
-                           text=True, timeout=900)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+
+
+ENV = {k: v for k, v in os.environ.items() if k not in ("TINY", "QUICK", "SETTING")}
+
+
+def start_job(root):
+    """Start `TINY=1 bash runs/toy.sh` in a copy of the working tree at root. conftest.py calls it
+    when the session's tests are collected, so the job (one thread, about 90 s) runs beside the
+    tests before this file's; the fixture below waits for it."""
+    copy_of_the_working_tree(root)
+    out, err = (open(os.path.join(os.path.dirname(root), name), "w") for name in ("job.out", "job.err"))
+    return subprocess.Popen("TINY=1 bash runs/toy.sh", shell=True, cwd=root, env=ENV, stdout=out, stderr=err,
+                            start_new_session=True), out.name
+
+
+@pytest.fixture(scope="module")
+def job(request, tmp_path_factory):
+    """(the copy's root, the job's output, the second run's stdout)."""
+    started = getattr(request.config, "toy_sh_job", None)
+    if started is None:                                     # not started at collection: start it now
+        root = str(tmp_path_factory.mktemp("clone") / "nanopalette")
+        started = (root, *start_job(root))
+    root, process, out = started
+    returncode = process.wait(timeout=900)
+    first = open(out).read()
+    assert returncode == 0, first[-2000:] + open(out[:-3] + "err").read()[-3000:]
     made = {s: os.path.getmtime(f"{root}/{W}/{s}") for s in STAGES}
-    second = subprocess.run("TINY=1 QUICK=1 bash runs/toy.sh", shell=True, cwd=root, env=env, capture_output=True,
+    second = subprocess.run("TINY=1 QUICK=1 bash runs/toy.sh", shell=True, cwd=root, env=ENV, capture_output=True,
                             text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert {s: os.path.getmtime(f"{root}/{W}/{s}") for s in STAGES} == made      # no stage was redone
-    return root, first.stdout, second.stdout
+    return root, first, second.stdout
 
 
 def read_json(path):
