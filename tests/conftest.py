@@ -155,18 +155,22 @@ def stages_world(tmp_path_factory):
     model = Transformer(config)
     model.init_weights()
     args = build_world.parse_args(["--out", str(root), "--steps", "400", "--warmup", "20"])
+    # one thread: as fast for a model this small, and undisturbed by test_toy_sh's job on the other core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     build_world.train(model, build_world.encode_examples(rows, tokenizer), args, RunDir(str(root / "pretrain"), args))
+    torch.set_num_threads(threads)
     model.save_pretrained(str(root / "base"), tokenizer_dir=str(root / "tokenizer"))
     run_script("train_vae.py", "--model", root / "base", "--out", root / "vae", "--steps", "300",
-               "--data", ",".join(f"{d}={root}/vae_{d}.jsonl" for d in ("math", "code", "qa")))
+               "--data", ",".join(f"{d}={root}/vae_{d}.jsonl" for d in ("math", "code", "qa")), threads=1)
     return root
 
 
-def run_script(script, *args, nproc=None, check=True):
+def run_script(script, *args, nproc=None, check=True, threads=2):
     cmd = [sys.executable, os.path.join(REPO, script)] if nproc is None else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
          os.path.join(REPO, script)]
-    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc else "2", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc else str(threads), PYTHONPATH=REPO)
     result = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env,
                             cwd=REPO, timeout=600)
     if check and result.returncode != 0:
