@@ -276,9 +276,10 @@ def memory_need(c, bf16=False, ranks=1, fsdp=False, sampler_copy=False, ref=Fals
     The peak is the larger of generation (no gradients) and training (gradients, saved activations,
     the bf16 weights autocast keeps for the backward, a logits chunk). Without train_rows: inference
     alone, weights in their own dtype. loss_len: the tokens of a row that carry loss (the completion;
-    default all of train_len), whose logits are taken chunk by chunk. kv_held: (rows, tokens) of the KV caches a compiled decode
-    keeps from one call to the next (model.bucketed_cache), held throughout instead. prompt_len: the
-    prefilled part of gen_len (default all of it): one layer's activations and the attention mask."""
+    default all of train_len), whose logits are taken chunk by chunk. kv_held: (rows, tokens) of the
+    KV caches a compiled decode keeps from one call to the next (model.bucketed_cache), held
+    throughout instead. prompt_len: the prefilled part of gen_len (default all of it): one layer's
+    activations and the attention mask."""
     P, b, layers, V = parameter_count(c), 2 if bf16 else 4, c.num_hidden_layers, c.vocab_size
     shard = ranks if fsdp else 1
     part = {"weights": (4 if train_rows else b) * P / shard}

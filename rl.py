@@ -255,8 +255,8 @@ def memory_plan(args, config, world_size, train_len, generations, device):
     held = {decode_buckets(rows, tokens) for rows, tokens in generations if rows} if device.type == "cuda" else ()
     need = lambda micro, checkpointing: memory_need(
         config, args.dtype == "bfloat16", world_size, args.fsdp, sampler_copy=not args.fsdp, ref=args.kl_coef > 0,
-        train_rows=micro, train_len=train_len, loss_len=args.max_new_tokens, checkpointing=checkpointing, gen_rows=gen_rows, gen_len=gen_len,
-        prompt_len=gen_len - args.max_new_tokens, kv_held=held)
+        train_rows=micro, train_len=train_len, loss_len=args.max_new_tokens, checkpointing=checkpointing,
+        gen_rows=gen_rows, gen_len=gen_len, prompt_len=gen_len - args.max_new_tokens, kv_held=held)
     return fit_memory(need, device, args.micro_batch_size, args.activation_checkpointing,
                       "--prompts-per-step x --group-size or --max-new-tokens")
 
@@ -510,7 +510,8 @@ def log_samples(run, step, r, args):
     mine = [{"step": step, "group": int(r.group[i]), "problem": r.problems[i]["problem"], "completion": r.texts[i],
              "tokens": len(r.completions[i]), "reward": r.rewards[i].item(), "correct": r.correct[i].item(),
              "truncated": bool(r.truncated[i]), "kept": bool(r.keep[i]), "prefix_source": r.sources[i],
-             "prefix_rows": 0 if r.prefixes[i] is None else len(r.prefixes[i]), "credit": r.credit[i].name if r.prefixes[i] is not None else None,
+             "prefix_rows": 0 if r.prefixes[i] is None else len(r.prefixes[i]),
+             "credit": None if r.prefixes[i] is None else r.credit[i].name,
              "trained_with_prefix": r.train_prefixes[i] is not None, "resampled": bool(r.resampled[i]),
              "trained": bool(r.trained[i]), "advantage": r.advantages[i].item(),
              **{f"update_{k}": float(v[i]) for k, v in r.stats.items()}} for i in range(len(r))]
