@@ -273,6 +273,9 @@ greedy decoding under a VAE-prior prefix against plain greedy, noise prefixes an
 (paired differences in points, 95% intervals over problems):
 
 {bars}"""
+    if on_top(final, name, k):  # the sampling rows' answer, in the README's words too
+        headline += f"\n\nPrefixes on top of sampling (problems {settings['offset']}-" \
+                    f"{settings['offset'] + settings['problems'] - 1}): {on_top_in_words(final, name, k)[len('In words: '):]}"
     full = f"""# Claim (a) on SmolLM2-135M-Instruct
 
 By the protocol written before the runs, [docs/smollm2_protocol.md](../smollm2_protocol.md);

@@ -193,3 +193,33 @@ def test_prefixes_on_top_of_sampling_tables_and_words_by_hand():
     wide = {key: row(r["per_problem_pass@1"] * 4, r["per_problem_distinct"] * 4) for key, r in final.items()}
     words = report.on_top_in_words(wide, "w", 4)
     assert "vae at T = 0.7 on 2 of 2" in words and "a prefix does add exploration on top of sampling: vae at T = 0.7" in words
+
+
+def test_the_report_headline_answers_the_sampling_question_only_where_it_was_measured(tmp_path, monkeypatch):
+    def row(shares, distinct=None, candidates=4):
+        return {"per_problem_pass@1": shares, "per_problem_distinct": distinct or [1] * len(shares),
+                "candidates": candidates, "pass@1": report.mean_ci(shares),
+                "pass@4": report.mean_ci([s > 0 for s in shares]), "distinct_answers": 1.0, "cut_off": 0.0,
+                "broken": 0.0, "settings": {"offset": 40, "problems": 40, "candidates": candidates}}
+    half, more = [0.5, 0.0] * 20, [0.5, 0.25] * 20   # more: a right answer among 4 on every problem
+    tasks = ("t1", "t2")
+    tuning = {f"standard | {t} | {r}": row(half) for t in tasks for r in ("greedy", "vae")}
+    final = {f"standard | {t} | {r}": row(half) for t in tasks for r in ("greedy", "vae", "noise", "T=0.7")}
+    (tmp_path / "tuning").mkdir(), (tmp_path / "final").mkdir(), (tmp_path / "vae").mkdir()
+    (tmp_path / "tuning" / "results.json").write_text(json.dumps(tuning))
+    (tmp_path / "vae" / "vae.json").write_text(json.dumps({"silhouette": 0.1, "n_pairs": 9, "norms": {
+        "token_embedding": 1.0, "mean_pooled_h": 1.0, "prefix": 1.0}}))
+
+    def headline():
+        (tmp_path / "final" / "results.json").write_text(json.dumps(final))
+        monkeypatch.setattr(sys, "argv", ["report", "--dir", str(tmp_path)])
+        report.main()
+        text = (tmp_path / "report" / "report.md").read_text()
+        return text[text.index("## Final"):text.index("## Prefixes on top of sampling (")]
+
+    assert "**The bar is met on every task**" in headline() and "Prefixes on top of sampling" not in headline()
+    for t in tasks:
+        final.update({f"standard | {t} | none@T=0.7": row(half, [2] * 40), f"standard | {t} | vae@T=0.7": row(more, [3] * 40)})
+    words = headline()
+    assert "Prefixes on top of sampling (problems 40-79): against the same temperature" in words
+    assert "vae at T = 0.7 on 2 of 2" in words and "a prefix does add exploration on top of sampling: vae" in words
