@@ -273,9 +273,10 @@ greedy decoding under a VAE-prior prefix against plain greedy, noise prefixes an
 (paired differences in points, 95% intervals over problems):
 
 {bars}"""
+    sampling_words = on_top_in_words(final, name, k)
     if on_top(final, name, k):  # the sampling rows' answer, in the README's words too
         headline += f"\n\nPrefixes on top of sampling (problems {settings['offset']}-" \
-                    f"{settings['offset'] + settings['problems'] - 1}): {on_top_in_words(final, name, k)[len('In words: '):]}"
+                    f"{settings['offset'] + settings['problems'] - 1}): {sampling_words.removeprefix('In words: ')}"
     full = f"""# Claim (a) on SmolLM2-135M-Instruct
 
 By the protocol written before the runs, [docs/smollm2_protocol.md](../smollm2_protocol.md);
@@ -301,7 +302,7 @@ sampling noise in every row: the none row's numbers, then each prefix minus none
 (points; distinct answers per problem; 95% intervals over problems):
 
 {on_top_tables(final, name, k)}
-{on_top_in_words(final, name, k)}
+{sampling_words}
 
 Every row, on the converted model (no warm-up) and after the chosen warm-up (± is a 95% interval
 over problems; a cut-off answer is wrong; broken: empty or one repeated token):

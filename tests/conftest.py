@@ -22,8 +22,8 @@ def pytest_collection_finish(session):
         import test_toy_sh
         scratch = tempfile.mkdtemp(prefix="pytest-toy-sh-")
         root = os.path.join(scratch, "nanopalette")
-        session.config.toy_sh_job = (root, *test_toy_sh.start_job(root))
-        process = session.config.toy_sh_job[1]
+        process = test_toy_sh.start_job(root)
+        session.config.toy_sh_job = (root, process)
         def stop():                                         # an interrupted session leaves no job behind
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)

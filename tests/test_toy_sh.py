@@ -60,9 +60,14 @@ def start_job(root):
     idle, and yields to a test's second thread (the tests slowed 5x beside it at equal priority);
     the fixture below waits for it."""
     copy_of_the_working_tree(root)
-    out, err = (open(os.path.join(os.path.dirname(root), name), "w") for name in ("job.out", "job.err"))
-    return subprocess.Popen("TINY=1 bash runs/toy.sh", shell=True, cwd=root, env=ENV, stdout=out, stderr=err,
-                            start_new_session=True, preexec_fn=lambda: os.nice(19)), out.name
+    with open(job_log(root, "out"), "w") as out, open(job_log(root, "err"), "w") as err:
+        return subprocess.Popen("TINY=1 bash runs/toy.sh", shell=True, cwd=root, env=ENV, stdout=out, stderr=err,
+                                start_new_session=True, preexec_fn=lambda: os.nice(19))
+
+
+def job_log(root, stream):
+    """Where the job started at root writes its stdout ("out") or stderr ("err"): beside the copy."""
+    return os.path.join(os.path.dirname(root), f"job.{stream}")
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +76,11 @@ def job(request, tmp_path_factory):
     started = getattr(request.config, "toy_sh_job", None)
     if started is None:                                     # not started at collection: start it now
         root = str(tmp_path_factory.mktemp("clone") / "nanopalette")
-        started = (root, *start_job(root))
-    root, process, out = started
+        started = (root, start_job(root))
+    root, process = started
     returncode = process.wait(timeout=900)
-    first = open(out).read()
-    assert returncode == 0, first[-2000:] + open(out[:-3] + "err").read()[-3000:]
+    first = open(job_log(root, "out")).read()
+    assert returncode == 0, first[-2000:] + open(job_log(root, "err")).read()[-3000:]
     made = {s: os.path.getmtime(f"{root}/{W}/{s}") for s in STAGES}
     second = subprocess.run("TINY=1 QUICK=1 bash runs/toy.sh", shell=True, cwd=root, env=ENV, capture_output=True,
                             text=True, timeout=600)
