@@ -314,13 +314,16 @@ class RunDir:
         if os.path.exists(self.file("args.json")):
             check_same_run(read_json(self.file("args.json"), "the run's flags"), json.loads(to_json(vars(self.args))),
                            self.file("args.json"))
-        for name in sorted(n for n in os.listdir(self.path) if n.startswith("checkpoint-")):
-            if not is_complete(self.file(name)):
-                print(f"warning: {self.file(name)} is not a complete checkpoint; it is not resumed from", flush=True)
+        damaged = {n: lacks for n in checkpoint_names(self.path) if (lacks := missing(self.file(n)))}
+        for name, lacks in damaged.items():
+            print(f"warning: {self.file(name)} is not a complete checkpoint; it is not resumed from (it lacks "
+                  f"{', '.join(lacks)})", flush=True)
         last = latest_checkpoint(self.path)
         if last is None:
-            raise UserError(f"--resume: {self.path} holds no complete checkpoint to continue from (the run stopped "
-                            "before its first one); delete it or choose a new --out, and start without --resume")
+            why = f"{self.file(max(damaged))} lacks {', '.join(damaged[max(damaged)])}" if damaged else \
+                "the run stopped before its first one"
+            raise UserError(f"--resume: {self.path} holds no complete checkpoint to continue from ({why}); delete it "
+                            "or choose a new --out, and start without --resume")
         return last
 
     def begin(self, step):
@@ -361,23 +364,40 @@ def remove(path):
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.safetensors", "model/config.json", "model/model.safetensors")
 
 
+def missing(path):
+    """What a checkpoint lacks of CHECKPOINT_FILES; [] for a complete one."""
+    return [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, name))]
+
+
 def is_complete(path):
-    return all(os.path.isfile(os.path.join(path, name)) for name in CHECKPOINT_FILES)
+    return not missing(path)
+
+
+def checkpoint_names(out):
+    """The checkpoint-NNNNNN entries in `out`, whole or not, oldest first (other names are not ours)."""
+    names = [n for n in os.listdir(out) if n[:11] == "checkpoint-" and n[11:].isdecimal()] if os.path.isdir(out) else []
+    return sorted(names, key=lambda n: int(n.removeprefix("checkpoint-")))
 
 
 def latest_checkpoint(out):
     """The newest complete checkpoint-NNNNNN directory in `out`, or None. Checkpoints are renamed in
     only once whole; one damaged later (an empty directory left by hand) is passed over."""
-    found = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) if os.path.isdir(out) else []
-    complete = [n for n in found if is_complete(os.path.join(out, n))]
+    complete = [n for n in checkpoint_names(out) if is_complete(os.path.join(out, n))]
     return os.path.join(out, complete[-1]) if complete else None
+
+
+def kept_note(out):
+    last = latest_checkpoint(out)
+    return f"the last checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
 
 
 def save_checkpoint(out, step, model, opt_state, trainer_state=None, keep=1):
     """Write out/checkpoint-{step:06d}/: model/ (a Hugging Face directory), optimizer.safetensors
     (the optimiser's tensors, keyed "param.name") and trainer_state.json (the step, the optimiser's
     other entries, `trainer_state`). Written under a temporary name and renamed into place, so a kill
-    at any moment leaves the previous checkpoints whole; then all but the newest `keep` are removed.
+    at any moment leaves the previous checkpoints whole; then the directories older than the newest
+    `keep` complete ones up to `step` are removed (a half-removed one too). A newer entry, or a file, is
+    not this run's: it is left alone and never counted among the `keep`.
     A complete checkpoint of that step already there (a resumed run reaching it again) is kept as it
     is, nothing is rewritten in place, and the older ones are pruned as after a write. A failed write
     is one line naming the checkpoint kept."""
@@ -395,10 +415,12 @@ def save_checkpoint(out, step, model, opt_state, trainer_state=None, keep=1):
                 atomic_write_json(os.path.join(tmp, "trainer_state.json"), {
                     "step": step, "param_groups": opt_state["param_groups"], "state_layout": layout, **(trainer_state or {})})
         except UserError as e:
-            last = latest_checkpoint(out)
-            raise UserError(f"{e}; " + (f"the last checkpoint, {last}, is kept" if last else "no checkpoint was written yet")) from None
-    for old in sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))[:-keep]:
-        remove(os.path.join(out, old))
+            raise UserError(f"{e}; {kept_note(out)}") from None
+    mine = [n for n in checkpoint_names(out) if int(n.removeprefix("checkpoint-")) <= step]
+    oldest_kept = [n for n in mine if is_complete(os.path.join(out, n))][-keep:][0]
+    for old in mine[:mine.index(oldest_kept)]:
+        if os.path.isdir(os.path.join(out, old)):
+            remove(os.path.join(out, old))
     return path
 
 

@@ -89,7 +89,7 @@ import diagnostics
 import fsdp
 import resample
 from common import (RunDir, all_reduce_mean, all_reduce_sum, check_ranks_in_sync, compute_init, derived_seed,
-                    gather_objects, latest_checkpoint, load_checkpoint, print0, progress, run_main,
+                    gather_objects, kept_note, load_checkpoint, print0, progress, run_main,
                     save_checkpoint, seed_everything, sync_gradients)
 from data import HELD_OUT_SEED, TEMPLATES, check_gold_answers, format_prompt, grade, load_mixture
 from guard import SEED, ArgumentParser, UserError, check_fits_context, fit_memory, memory_need, ranged, refuse_unused
@@ -528,7 +528,7 @@ def checkpoint(run, step, model, opt, args):
     finite = all(fsdp.local(p.detach()).isfinite().all() for p in model.parameters())
     if all_reduce_mean([float(finite)], model.embed_tokens.weight.device)[0] < 1.0:
         raise UserError(f"non-finite weights after step {step - 1}, so no checkpoint is written; "
-                        f"{kept_note(run)}; lower --lr or use --dtype float32")
+                        f"{kept_note(run.path)}; lower --lr or use --dtype float32")
     whole, opt_state = fsdp.whole(model, opt) if args.fsdp else (model, opt.state_dict())
     if run.master:
         save_checkpoint(run.path, step, whole, opt_state, keep=args.keep_checkpoints)
@@ -547,11 +547,6 @@ def resume(run, opt, model, args):
                         "with the flags that wrote it") from None
     print0(f"resumed from {run.checkpoint} at step {trainer['step']}")
     return trainer["step"]
-
-
-def kept_note(run):
-    last = latest_checkpoint(run.path)
-    return f"the last checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
 
 
 class Stopwatch:
@@ -644,7 +639,7 @@ def main(argv=None):
         try:
             record.update(update_policy(model, sampler, opt, ref_model, rollouts, args))
         except FloatingPointError as e:
-            raise UserError(f"{e} at step {step}; stopped before the optimiser step; {kept_note(run)}; "
+            raise UserError(f"{e} at step {step}; stopped before the optimiser step; {kept_note(run.path)}; "
                             "lower --lr or check the data") from None
         clock.lap("update")
         log_step(run, record, clock.laps, rollouts, history, bar, args)

@@ -167,6 +167,40 @@ def test_checkpoints_are_new_directories_and_the_old_ones_are_pruned(tmp_path):
     assert (tmp_path / "checkpoint-000005" / "model" / "weights.txt").read_text() == "w"
 
 
+@pytest.mark.parametrize("stray", ["an empty folder", "a file"])
+def test_a_stray_newer_entry_prunes_no_real_checkpoint(tmp_path, capsys, stray):
+    """checkpoint-000099 left by hand beside a run at step 4 (issue 45): the resume names it and
+    passes it over, the next save keeps its own newest checkpoint (it used to keep the stray, the last
+    name in sort order, and delete every real one), and entries that are not this run's stay."""
+    RunDir(str(tmp_path), flags()).log({"step": 0})
+    checkpoint(tmp_path, 4)
+    stray_path = tmp_path / "checkpoint-000099"
+    os.makedirs(stray_path) if stray == "an empty folder" else write(str(stray_path), "x")
+    os.makedirs(tmp_path / "checkpoint-000002-backup" / "model")          # a name save_checkpoint never writes
+    run = RunDir(str(tmp_path), flags(resume=True), resume=True)
+    assert run.checkpoint == str(tmp_path / "checkpoint-000004")
+    assert f"{stray_path} is not a complete checkpoint; it is not resumed from" in capsys.readouterr().out
+    checkpoint(tmp_path, 6)                                                  # --save-every 2, keep 1
+    assert sorted(os.listdir(tmp_path)) == [".lock", "args.json", "checkpoint-000002-backup", "checkpoint-000006",
+                                            "checkpoint-000099", "metrics.jsonl"]
+    assert RunDir(str(tmp_path), flags(resume=True), resume=True).checkpoint == str(tmp_path / "checkpoint-000006")
+
+
+@pytest.mark.parametrize("lost", ["optimizer.safetensors", "trainer_state.json", "model/config.json", "model"])
+def test_a_damaged_only_checkpoint_is_named_with_what_it_lacks(tmp_path, lost):
+    """The only checkpoint lost a file: the one-line refusal names it and what it lacks (it used to say
+    that the run stopped before its first checkpoint)."""
+    RunDir(str(tmp_path), flags()).log({"step": 0})
+    checkpoint(tmp_path, 2)
+    common.remove(str(tmp_path / "checkpoint-000002" / lost))
+    with pytest.raises(UserError) as e:
+        RunDir(str(tmp_path), flags(resume=True), resume=True)
+    lacks = "model/config.json, model/model.safetensors" if lost == "model" else lost
+    message = str(e.value)
+    assert f"holds no complete checkpoint to continue from ({tmp_path}/checkpoint-000002 lacks {lacks})" in message
+    assert "first one" not in message and "\n" not in message
+
+
 def test_a_half_written_checkpoint_is_never_taken_and_is_cleared_at_the_next_start(tmp_path):
     RunDir(str(tmp_path), flags()).log({"step": 0})
     checkpoint(tmp_path, 2)
