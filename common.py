@@ -8,6 +8,7 @@ gradient sync. Every script works unchanged with or without torchrun:
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -340,10 +341,18 @@ class RunDir:
         return os.path.join(self.path, name)
 
     def log(self, record, name="metrics.jsonl"):
-        """Append one record; with --tensorboard, metrics.jsonl's numbers go to TensorBoard too."""
+        """Append one record; with --tensorboard, metrics.jsonl's numbers go to TensorBoard too. A
+        failed append (a full disk) is cut back to the lines before it and stops in one line."""
         if self.master:
-            with open(self.file(name), "a") as f:
-                f.write(to_json(record) + "\n")
+            line = (to_json(record) + "\n").encode()
+            with open(self.file(name), "ab", buffering=0) as f:     # unbuffered: the write fails here
+                size = f.tell()
+                try:
+                    if f.write(line) != len(line):              # a short write is a full disk too
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                except OSError as e:
+                    f.truncate(size)
+                    raise UserError(f"{_write_failed(self.file(name), e)}; {kept_note(self.path)}") from None
         if self.board is not None and name == "metrics.jsonl":
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":

@@ -201,6 +201,38 @@ def test_a_damaged_only_checkpoint_is_named_with_what_it_lacks(tmp_path, lost):
     assert "first one" not in message and "\n" not in message
 
 
+class HalfLine:
+    """A log file on a disk that fills up in the middle of a line: half of it is written, then ENOSPC."""
+    def __init__(self, f):
+        self.f = f
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "samples.jsonl"])
+def test_a_full_disk_on_a_log_append_is_one_line_and_leaves_no_half_line(tmp_path, monkeypatch, name):
+    run = RunDir(str(tmp_path), flags())
+    run.log({"step": 0}, name=name)
+    checkpoint(tmp_path, 1)
+    monkeypatch.setattr(common, "open", lambda *a, **k: HalfLine(open(*a, **k)), raising=False)
+    with pytest.raises(UserError) as e:
+        run.log({"step": 1, "completion": "x" * 40}, name=name)
+    assert str(e.value) == (f"could not write {tmp_path}/{name} (No space left on device); what was there before is "
+                            f"kept; the last checkpoint, {tmp_path}/checkpoint-000001, is kept")
+    assert (tmp_path / name).read_text() == '{"step": 0}\n'                   # no half line
+
+
 def test_a_half_written_checkpoint_is_never_taken_and_is_cleared_at_the_next_start(tmp_path):
     RunDir(str(tmp_path), flags()).log({"step": 0})
     checkpoint(tmp_path, 2)
