@@ -597,6 +597,7 @@ def main(argv=None):
 
     # -- the policy (fp32 master weights), its bf16 sampler, the reference
     model = Transformer.from_pretrained(f"{run.checkpoint}/model" if run.checkpoint else path, device)
+    model.source_dir = path              # tokenizer files are copied from --model, also on resume
     model.gradient_checkpointing = checkpointing
     ref_model = Transformer.from_pretrained(args.model, device, torch.bfloat16 if bf16 else torch.float32).eval() \
         .requires_grad_(False) if args.kl_coef > 0 else None          # the initial checkpoint as loaded

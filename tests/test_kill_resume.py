@@ -55,6 +55,7 @@ Run:  python -m pytest -q tests/test_kill_resume.py      (about half a minute on
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -399,3 +400,27 @@ def test_the_final_window_keeps_the_final_checkpoint_and_writes_model(runs):
     assert not any(p.startswith("model/") for p in killed)
     assert {p: resumed[p][:2] for p in final} == {p: s[:2] for p, s in final.items()}
     assert "model/model.safetensors" in resumed and history[1]["status"] == 0
+
+
+def test_a_checkpoint_without_its_tokenizer_files_resumes_with_those_of_model(tmp_path):
+    """The tokenizer files come from --model, the source of truth: a checkpoint that lost them still
+    resumes into a next checkpoint and a model/ that carry them (both used to be written without)."""
+    import rl
+    from conftest import stopping_toy_model
+    from model import load_tokenizer
+    from toy.task import generate as toy_rows, write_jsonl
+    stopping_toy_model(tmp_path)
+    write_jsonl(toy_rows("math", 20, seed=1, digits=1), str(tmp_path / "train.jsonl"))
+    argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
+            "--out", str(tmp_path / "run"), *ARGV[:ARGV.index("--steps")], "--steps", "2", "--save-every", "1",
+            "--keep-checkpoints", "2"]
+    rl.main(argv)
+    for name in ("checkpoint-000002", "model"):               # as if killed after checkpoint-000001
+        shutil.rmtree(tmp_path / "run" / name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        os.remove(tmp_path / "run" / "checkpoint-000001" / "model" / name)
+    rl.main(argv + ["--resume"])
+    for written in ("checkpoint-000002/model", "model"):
+        path = tmp_path / "run" / written
+        assert (path / "tokenizer.json").exists() and (path / "tokenizer_config.json").exists(), written
+        assert load_tokenizer(str(path), 64).get_vocab() == load_tokenizer(str(tmp_path / "model"), 64).get_vocab()
