@@ -325,7 +325,6 @@ class Transformer(nn.Module):
             save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             hf = c.to_hf()
             hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-            atomic_write_json(os.path.join(tmp, "config.json"), hf)
             gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
                    "pad_token_id": c.pad_token_id, "do_sample": False}
             atomic_write_json(os.path.join(tmp, "generation_config.json"), gen)
@@ -333,6 +332,10 @@ class Transformer(nn.Module):
                 src = os.path.join(tokenizer_dir, name)
                 if os.path.exists(src):
                     shutil.copy(src, os.path.join(tmp, name))
+            if os.path.exists(os.path.join(tmp, "tokenizer_config.json")):   # the ids these weights were trained on
+                from transformers import AutoTokenizer
+                hf["nanopalette_vocab"] = vocab_hash(AutoTokenizer.from_pretrained(tmp))
+            atomic_write_json(os.path.join(tmp, "config.json"), hf)
 
 
 def load_tokenizer(path, vocab_size):
@@ -344,7 +347,17 @@ def load_tokenizer(path, vocab_size):
     except Exception as e:  # a corrupt file surfaces as a JSON, tokenizers or OS error
         tokenizer = e
     check_tokenizer(tokenizer, path, TOKENIZER_FILES, vocab_size)
+    config = os.path.join(path, "config.json")        # a hub model has no record: taken as it is
+    recorded = read_json(config, "config").get("nanopalette_vocab") if os.path.exists(config) else None
+    if recorded not in (None, vocab_hash(tokenizer)):
+        raise UserError(f"{path}: the tokenizer's vocabulary (hash {vocab_hash(tokenizer)}) is not the one the "
+                        f"weights were saved with ({recorded}); copy back the tokenizer files they were saved with")
     return tokenizer
+
+
+def vocab_hash(tokenizer):
+    """A short hash of the (token, id) pairs: a tokenizer whose ids moved reads other embeddings."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:12]
 
 
 def load_policy(path_or_id, device="cpu", dtype=torch.float32):

@@ -288,6 +288,31 @@ def test_train_vae_checks_the_tokenizer_in_one_line(world, tmp_path, damage, exp
     assert expected in message and str(model) in message and "\n" not in message, message
 
 
+@pytest.mark.parametrize("stage", ["rl", "sft_warmup", "train_vae"])
+def test_a_tokenizer_with_moved_ids_is_refused_in_one_line(world, tmp_path, stage):
+    """The digits' ids rotated by one in a checkpoint this project wrote: every text would read other
+    embeddings. The vocabulary's hash in config.json refuses it (it used to run); without that record
+    (a hub model) the tokenizer is taken as it is."""
+    import importlib
+    import shutil
+    from model import load_tokenizer
+    model = tmp_path / "model"
+    shutil.copytree(world / "base", model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    vocab, digits = spec["model"]["vocab"], "0123456789"
+    ids = [vocab[d] for d in digits]
+    vocab.update(zip(digits, ids[1:] + ids[:1]))
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    argv = with_flag(valid_commands(world, str(tmp_path / "out"))[f"{stage}.py"], "--model", str(model))
+    message = refusal(importlib.import_module(stage), argv)
+    assert f"{model}: the tokenizer's vocabulary (hash " in message, message
+    assert "is not the one the weights were saved with" in message and "\n" not in message, message
+    config = json.loads((model / "config.json").read_text())
+    del config["nanopalette_vocab"]
+    (model / "config.json").write_text(json.dumps(config))
+    assert load_tokenizer(str(model), 64)("12")["input_ids"] == [ids[2], ids[3]]
+
+
 def test_sft_leaves_out_pairs_longer_than_the_context_and_checks_eval_prompts(world, tmp_path, capsys):
     import sft_warmup
     long_row = {"problem": "1+1=?", "answer": "2", "solution": "1+1=2\n" * 30 + "answer: 2",
