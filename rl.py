@@ -188,9 +188,10 @@ def check_args(args, world_size):
     if args.schedule == "constant" and prefix_plan("constant", 0.0, args.group_size, args.rho, args.L)[0] == 0:
         raise UserError(f"--rho {args.rho} prefixes round({args.rho} x {args.group_size}) = 0 rollouts of each group: "
                         "none at all; use --schedule none for the baseline")
-    if args.fsdp and (args.truncated == "mask" or credit.CREDIT_RULES[args.credit].distill_coef):
-        raise UserError("--fsdp needs the same forward passes on every rank (each is a collective), which --truncated "
-                        "mask and --credit nudge's distillation pass do not give; use --truncated zero and another --credit")
+    if args.fsdp and (args.truncated == "mask" or credit.CREDIT_RULES[args.credit].distill_coef
+                      or credit.CREDIT_RULES[args.resample_credit].distill_coef):
+        raise UserError("--fsdp needs the same forward passes on every rank (each is a collective), which --truncated mask "
+                        "and nudge's distillation pass do not give; use --truncated zero and another --credit / --resample-credit")
     used = [("--prefix-source", args.prefix_source)] if args.schedule != "none" else []
     used += resample.check_args(args, parser)
     unused = {} if args.schedule == "constant" else {"rho": "it is the prefixed fraction of --schedule constant"}

@@ -135,6 +135,7 @@ REFUSED = [
     (["--schedule", "none", "--rho", "0.5", "--prefix-source", "none", "--L", "3"], "--L 3 has no effect here (--schedule none"),
     (["--vae", "somewhere"], "--vae has no effect here: no prefix source of this run reads a VAE"),
     (["--fsdp", "--credit", "nudge"], "--fsdp needs the same forward passes on every rank"),
+    (["--fsdp", "--resample", "3", "--resample-credit", "nudge"], "--fsdp needs the same forward passes on every rank"),
     (["--resample", "3", "--resample-source", "vae"], "--resample-source vae needs --vae DIR"),
     (["--resample", "3", "--resample-L", "-1"], "--resample-L must be >= 0"),
     (["--resample", "3", "--resample-source", "noise", "--resample-L", "0"],
