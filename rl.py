@@ -57,8 +57,8 @@ fsdp.py; docs/fsdp.md gives the memory per GPU.
 
 Precision: weights and AdamW's moments stay fp32; --dtype bfloat16 computes the training forward
 under autocast (FSDP2's bf16 parameters with fp32 gradient reduction under --fsdp), takes the
-log-probs from fp32 logits, and samples with a bf16 copy of the policy refreshed after every
-update. Memory: guard.memory_need models what a rank holds; at start-up --micro-batch-size 0 and
+log-probs from fp32 logits (the KL reference too: fp32 weights on the same path, so k3 = 0 before
+the first update), and samples with a bf16 copy of the policy refreshed after every update. Memory: guard.memory_need models what a rank holds; at start-up --micro-batch-size 0 and
 --activation-checkpointing auto take the first setting that fits the free memory, and a run that
 cannot fit is refused before the model is loaded.
 
@@ -604,8 +604,10 @@ def main(argv=None):
     # -- the policy (fp32 master weights), its bf16 sampler, the reference
     model = Transformer.from_pretrained(f"{run.checkpoint}/model" if run.checkpoint else path, device)
     model.gradient_checkpointing = checkpointing
-    ref_model = Transformer.from_pretrained(args.model, device, torch.bfloat16 if bf16 else torch.float32).eval() \
-        .requires_grad_(False) if args.kl_coef > 0 else None          # the initial checkpoint as loaded
+    # the initial checkpoint as loaded, in fp32 like the policy, so that both take the same path (autocast,
+    # fp32 logits) and k3 is 0 before the first update; under --fsdp the policy computes with bf16 weights
+    ref_model = Transformer.from_pretrained(args.model, device, torch.bfloat16 if bf16 and args.fsdp else torch.float32) \
+        .eval().requires_grad_(False) if args.kl_coef > 0 else None
     if args.fsdp:
         fsdp.shard(model, bf16)          # the optimiser below then holds only this rank's shards
     sampler = model

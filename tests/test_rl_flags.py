@@ -383,3 +383,11 @@ def test_tensorboard_gets_the_records_of_metrics_jsonl(tiny, tmp_path, parity_re
     assert {e.step for e in board.Scalars("reward_mean")} == {0, 1, 2}
     rl.main(tiny_args(tiny, tmp_path / "plain"))
     assert not (tmp_path / "plain" / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kl_to_the_reference_is_exactly_0_before_the_first_update(tiny, tmp_path, dtype, one_thread):
+    """The reference is the initial checkpoint on the policy's own path (fp32 weights, the same
+    autocast, fp32 logits): at step 0 the weights are equal, so every k3 is exactly 0, in bf16 too."""
+    rl.main(tiny_args(tiny, tmp_path, "--steps", "1", "--kl-coef", "0.5", "--dtype", dtype))
+    assert records(tmp_path)[0]["kl"] == 0.0
