@@ -391,3 +391,21 @@ def test_kl_to_the_reference_is_exactly_0_before_the_first_update(tiny, tmp_path
     autocast, fp32 logits): at step 0 the weights are equal, so every k3 is exactly 0, in bf16 too."""
     rl.main(tiny_args(tiny, tmp_path, "--steps", "1", "--kl-coef", "0.5", "--dtype", dtype))
     assert records(tmp_path)[0]["kl"] == 0.0
+
+
+def test_the_bf16_sampler_holds_the_updated_policy_after_every_step(tiny, tmp_path, monkeypatch, parity_reward,
+                                                                    one_thread):
+    """Under --dtype bfloat16 rollouts read a bf16 copy of the policy: after each update it must equal
+    the policy's new fp32 weights rounded to bf16, or the next rollouts come from a stale policy."""
+    update, seen = rl.update_policy, []
+
+    def update_then_compare(model, sampler, *args):
+        before = [p.detach().clone() for p in model.parameters()]
+        metrics = update(model, sampler, *args)
+        assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))        # it moved
+        seen.append(sampler is not model and all(torch.equal(s, p.to(torch.bfloat16))
+                                                 for s, p in zip(sampler.parameters(), model.parameters())))
+        return metrics
+    monkeypatch.setattr(rl, "update_policy", update_then_compare)
+    rl.main(tiny_args(tiny, tmp_path, "--dtype", "bfloat16", "--steps", "3"))
+    assert seen == [True] * 3
