@@ -24,9 +24,12 @@ The objective, per minibatch (sum over completion tokens t of the kept rollouts 
             none) and c_i the context it is trained in, set by its credit rule (credit.py;
             --credit for the schedule's prefixed rollouts): c_i = p_i (prefixed, nudge) or none
             (naive, naive-shaped, which also shape the term as LoPE does); pi_old is the policy
-            before the batch's first update, so r = 1 with one update per batch and c_i = p_i; the
+            before the batch's first update: with one update per batch and c_i = p_i it is pi
+            itself and r = 1; with more, it is recomputed in other micro-batches, and the first
+            update's r is 1 in fp32 but under bf16 off by up to about 3e-3 in |log r|; the
             sampler's own log-probs are never used
     A_i   = grpo:   (R_i - mean_g R) / (std_g R + 1e-6), std with Bessel's correction
+            (under nudge sqrt((G - 1) / G) times NudgeRL's, which divides by the population std)
             rloo:   R_i - mean of the other G - 1 rewards of the group
             drgrpo: R_i - mean_g R
             where R is the reward, except under nudge, whose prefixed rollouts read
@@ -39,7 +42,8 @@ The objective, per minibatch (sum over completion tokens t of the kept rollouts 
     w_it  = token-mean: 1 / (kept completion tokens of the minibatch); seq-mean: 1 / (B' |o_i|);
             constant: 1 / (B' * max_new_tokens) (Dr. GRPO); B' = kept rollouts of the minibatch.
             Every rollout is kept, except cut-off ones under --truncated mask.
-    d_i   = 0.1 for a prefixed rollout under nudge, else 0 (credit.py)
+    d_i   = 0.1 for a prefixed rollout under nudge, else 0 (credit.py; NudgeRL distills every
+            rollout, but for a prefix-free one the term repeats the policy gradient)
 Minibatch m holds the trained rollouts at places k of groups j with (j G + k) mod M = m, the same
 rollouts on any number of ranks; each rank splits its share into micro-batches of
 --micro-batch-size kept rollouts, and the gradient accumulated over micro-batches and ranks is the
