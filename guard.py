@@ -271,8 +271,9 @@ def memory_need(c, bf16=False, ranks=1, fsdp=False, sampler_copy=False, ref=Fals
     """Bytes one rank holds at its peak, by part; "total" is the peak. c: ModelConfig; bf16: fp32
     master weights with bf16 compute (autocast, or FSDP's bf16 parameters); ranks and fsdp: replicated
     or sharded weights, gradients and AdamW moments; sampler_copy: a bf16 copy of the policy for
-    generation; ref: a frozen reference model. A training micro-batch of train_rows rows of train_len
-    tokens, with or without activation checkpointing; generation of gen_rows rows of gen_len tokens.
+    generation; ref: a frozen reference model (fp32; bf16 under fsdp). A training micro-batch of
+    train_rows rows of train_len tokens, with or without activation checkpointing; generation of
+    gen_rows rows of gen_len tokens.
     The peak is the larger of generation (no gradients) and training (gradients, saved activations,
     the bf16 weights autocast keeps for the backward, a logits chunk). Without train_rows: inference
     alone, weights in their own dtype. loss_len: the tokens of a row that carry loss (the completion;
@@ -287,7 +288,7 @@ def memory_need(c, bf16=False, ranks=1, fsdp=False, sampler_copy=False, ref=Fals
         part["optimizer"] = 8 * P / shard                                        # AdamW's two moments
         part["gradients"] = 4 * P / shard + (4 * min(P, 2**26) if ranks > 1 and not fsdp else 0)  # + the sync bucket
     part["sampler copy"] = 2 * P if sampler_copy and bf16 else 0
-    part["reference model"] = b * P if ref else 0
+    part["reference model"] = (2 if bf16 and fsdp else 4) * P if ref else 0     # as rl.py loads it
     tokens, layer_bytes = train_rows * train_len, activation_bytes(c, bf16)
     if checkpointing:   # each layer's input kept; one layer's activations alive again in the backward
         part["activations"] = tokens * (4 * c.hidden_size * layers + layer_bytes)

@@ -611,22 +611,26 @@ class KVCache:
 
 
 def keyed_uniform(keys, t, V):
-    """Uniform noise in (0, 1), (B, V), a function of (keys[b], t, v) alone: a counter-based
-    generator (a 32-bit integer hash, computed in int64 without overflow), so that a row's sampling
-    noise does not depend on the batch, the rank or the process that draws it. keys (B,) int64."""
+    """Uniform noise strictly inside (0, 1), (B, V) float64, a function of (keys[b], t, v) alone: a
+    counter-based generator (a 32-bit integer hash, computed in int64 without overflow), so that a
+    row's sampling noise does not depend on the batch, the rank or the process that draws it. keys (B,)
+    int64, below 2^32."""
     def mix(x):                      # avalanche hash of 32-bit values (products stay below 2^59)
         x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
         x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
         return x ^ (x >> 16)
     row = mix(mix(keys) ^ t)                                                             # (B,)
     x = mix((row[:, None] + 0x9E3779B9 * torch.arange(V, device=keys.device)) & 0xFFFFFFFF)  # (B, V)
-    return ((x >> 8).float() + 0.5) / 2**24                                # 24 bits, like a float
+    # All 32 bits, in float64 (exact, from 2^-33 to 1 - 2^-33): the hash is a bijection of the key, so
+    # for each (t, v) the 2^32 keys meet every value once, and q = -log u resolves a draw of a token
+    # at 1e-9 of the top one; 24 bits in float32 rounded the top value to 1 and tail tokens away
+    return (x.double() + 0.5) / 2**32
 
 
 def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, keys=None, t=0):
     """logits (B, V) -> next tokens (B,). temperature 0 is greedy. No host synchronisation:
-    the exponential-race trick, argmax(p / q) with q ~ Exp(1), draws from p on the device. q comes
-    from keyed_uniform(keys, t) when keys are given, else from generator."""
+    the exponential-race trick, argmax(p / q) with q = -log u ~ Exp(1), draws from p on the device. u
+    comes from keyed_uniform(keys, t) when keys are given, else from generator."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -637,10 +641,12 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, keys=None, t
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    q = -keyed_uniform(keys, t, probs.shape[1]).log() if keys is not None else \
-        torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax(-1)
+    logp = logits.log_softmax(-1).double()                                                # (B, V)
+    u = keyed_uniform(keys, t, logp.shape[1]) if keys is not None else torch.rand(
+        logp.shape, dtype=torch.float64, device=logp.device, generator=generator).clamp_(2**-53, 1 - 2**-53)
+    # in log space, with u strictly inside (0, 1): 0 < q < inf, so every token of probability 0
+    # (outside top-p, or a logit of -inf) scores -inf, below any other, and is never drawn, not even by a tie
+    return (logp - (-u.log()).log()).argmax(-1)
 
 
 @dataclass

@@ -24,9 +24,12 @@ The objective, per minibatch (sum over completion tokens t of the kept rollouts 
             none) and c_i the context it is trained in, set by its credit rule (credit.py;
             --credit for the schedule's prefixed rollouts): c_i = p_i (prefixed, nudge) or none
             (naive, naive-shaped, which also shape the term as LoPE does); pi_old is the policy
-            before the batch's first update, so r = 1 with one update per batch and c_i = p_i; the
+            before the batch's first update: with one update per batch and c_i = p_i it is pi
+            itself and r = 1; with more, it is recomputed in other micro-batches, and the first
+            update's r is 1 in fp32 but under bf16 off by up to about 3e-3 in |log r|; the
             sampler's own log-probs are never used
     A_i   = grpo:   (R_i - mean_g R) / (std_g R + 1e-6), std with Bessel's correction
+            (under nudge sqrt((G - 1) / G) times NudgeRL's, which divides by the population std)
             rloo:   R_i - mean of the other G - 1 rewards of the group
             drgrpo: R_i - mean_g R
             where R is the reward, except under nudge, whose prefixed rollouts read
@@ -39,7 +42,8 @@ The objective, per minibatch (sum over completion tokens t of the kept rollouts 
     w_it  = token-mean: 1 / (kept completion tokens of the minibatch); seq-mean: 1 / (B' |o_i|);
             constant: 1 / (B' * max_new_tokens) (Dr. GRPO); B' = kept rollouts of the minibatch.
             Every rollout is kept, except cut-off ones under --truncated mask.
-    d_i   = 0.1 for a prefixed rollout under nudge, else 0 (credit.py)
+    d_i   = 0.1 for a prefixed rollout under nudge, else 0 (credit.py; NudgeRL distills every
+            rollout, but for a prefix-free one the term repeats the policy gradient)
 Minibatch m holds the trained rollouts at places k of groups j with (j G + k) mod M = m, the same
 rollouts on any number of ranks; each rank splits its share into micro-batches of
 --micro-batch-size kept rollouts, and the gradient accumulated over micro-batches and ranks is the
@@ -57,8 +61,8 @@ fsdp.py; docs/fsdp.md gives the memory per GPU.
 
 Precision: weights and AdamW's moments stay fp32; --dtype bfloat16 computes the training forward
 under autocast (FSDP2's bf16 parameters with fp32 gradient reduction under --fsdp), takes the
-log-probs from fp32 logits, and samples with a bf16 copy of the policy refreshed after every
-update. Memory: guard.memory_need models what a rank holds; at start-up --micro-batch-size 0 and
+log-probs from fp32 logits (the KL reference too: fp32 weights on the same path, so k3 = 0 before
+the first update), and samples with a bf16 copy of the policy refreshed after every update. Memory: guard.memory_need models what a rank holds; at start-up --micro-batch-size 0 and
 --activation-checkpointing auto take the first setting that fits the free memory, and a run that
 cannot fit is refused before the model is loaded.
 
@@ -188,9 +192,10 @@ def check_args(args, world_size):
     if args.schedule == "constant" and prefix_plan("constant", 0.0, args.group_size, args.rho, args.L)[0] == 0:
         raise UserError(f"--rho {args.rho} prefixes round({args.rho} x {args.group_size}) = 0 rollouts of each group: "
                         "none at all; use --schedule none for the baseline")
-    if args.fsdp and (args.truncated == "mask" or credit.CREDIT_RULES[args.credit].distill_coef):
-        raise UserError("--fsdp needs the same forward passes on every rank (each is a collective), which --truncated "
-                        "mask and --credit nudge's distillation pass do not give; use --truncated zero and another --credit")
+    if args.fsdp and (args.truncated == "mask" or credit.CREDIT_RULES[args.credit].distill_coef
+                      or credit.CREDIT_RULES[args.resample_credit].distill_coef):
+        raise UserError("--fsdp needs the same forward passes on every rank (each is a collective), which --truncated mask "
+                        "and nudge's distillation pass do not give; use --truncated zero and another --credit / --resample-credit")
     used = [("--prefix-source", args.prefix_source)] if args.schedule != "none" else []
     used += resample.check_args(args, parser)
     unused = {} if args.schedule == "constant" else {"rho": "it is the prefixed fraction of --schedule constant"}
@@ -599,8 +604,10 @@ def main(argv=None):
     model = Transformer.from_pretrained(f"{run.checkpoint}/model" if run.checkpoint else path, device)
     model.source_dir = path              # tokenizer files are copied from --model, also on resume
     model.gradient_checkpointing = checkpointing
-    ref_model = Transformer.from_pretrained(args.model, device, torch.bfloat16 if bf16 else torch.float32).eval() \
-        .requires_grad_(False) if args.kl_coef > 0 else None          # the initial checkpoint as loaded
+    # the initial checkpoint as loaded, in fp32 like the policy, so that both take the same path (autocast,
+    # fp32 logits) and k3 is 0 before the first update; under --fsdp the policy computes with bf16 weights
+    ref_model = Transformer.from_pretrained(args.model, device, torch.bfloat16 if bf16 and args.fsdp else torch.float32) \
+        .eval().requires_grad_(False) if args.kl_coef > 0 else None
     if args.fsdp:
         fsdp.shard(model, bf16)          # the optimiser below then holds only this rank's shards
     sampler = model

@@ -132,6 +132,19 @@ def test_fsdp_refuses_what_it_cannot_shard():
     rl.check_args(rl.parser.parse_args(base + ["--schedule", "none"]), 2)     # the plain case runs
 
 
+def test_fsdp_refuses_nudge_resampling_on_two_ranks(tmp_path):
+    """--resample-credit nudge's distillation pass runs only on a rank holding a rescued rollout, so
+    under --fsdp its collectives would hang: two ranks stop at start-up with one line, in time."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(REPO, "rl.py"),
+           "--model", "m", "--data", "d.jsonl", "--out", str(tmp_path / "o"), "--schedule", "none",
+           "--fsdp", "--resample", "2", "--resample-credit", "nudge"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith("error: --fsdp needs the same forward passes on every rank"), errors
+
+
 def test_sft_step_is_the_same_on_one_process_and_two_ranks(world, tmp_path):
     """The warm-up's loss is a token mean over the whole batch, so one step from the same model,
     data and seed gives the same weights whether the batch is split over ranks or not (no prefix,

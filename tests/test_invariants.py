@@ -14,9 +14,12 @@ does something.
   are trained (LoPE's regrouping) and the resample counts; each advantage from the rewards of its
   group's trained rollouts (credit.py's shift by hand, then model.ADVANTAGE_ESTIMATORS, 3e-7 as it
   is logged in float32); the updates from the minibatch layout, each rollout's update tokens, loss
-  (= -A times its aggregation weight where the ratio is 1), loss / clip_frac / entropy / kl from the
-  update_* sums; eval_pass1 by greedy decoding under the weights of its step (where the run kept
-  them). A metric without a recomputation here fails the test. Not recomputable from samples.jsonl:
+  (= -A times its aggregation weight where the ratio is 1: independent of the update's sums), and
+  loss / clip_frac / entropy / kl from the update_* sums. Those four are a bookkeeping check only (the
+  update_* fields and the metrics come from the same accumulators, so a wrong loss, ratio, k3 or
+  entropy would pass it); tests/test_rl_losses.py recomputes them independently, by hand in float64
+  (test_update_metrics_equal_a_replay_by_hand and the *_by_hand tests). eval_pass1 by greedy
+  decoding under the weights of its step (where the run kept them). A metric without a recomputation here fails the test. Not recomputable from samples.jsonl:
   grad_norm (it needs the gradients: checked to be 0 where the loss has none, > 0 under an entropy
   bonus) and time_* (gen_tokens_per_s x time_generate is checked to be the on-policy tokens).
 - test_every_flag_changes_the_run_or_is_refused[stage]: rl.py, sft_warmup.py, train_vae.py,
@@ -453,6 +456,7 @@ def check_rl_run(out, argv, checks, grade=parity, regrade=regraded):
                               "constant": x["tokens"] / (n_seq * args.max_new_tokens)}[args.aggregation]
                     checks.close(f"rollout {x['group']}: loss share -A w", x["update_loss"], -x["advantage"] * weight,
                                  scale=1e-12, rel=1e-5)
+        # bookkeeping: the same accumulators as the metrics (independent values: tests/test_rl_losses.py)
         tokens = sum(x["update_tokens"] for x in mine)
         per_token = lambda key: sum(x[f"update_{key}"] for x in mine) / tokens if tokens else None
         exp["loss"] = sum(x["update_loss"] for x in mine) / max(exp["updates"], 1)

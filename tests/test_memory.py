@@ -72,6 +72,13 @@ def test_parameter_count_is_the_models():
             assert parameter_count(config) == sum(p.numel() for p in Transformer(config).parameters()), (family, tied)
 
 
+
+def test_the_reference_model_is_counted_in_the_dtype_rl_loads_it_in():
+    """rl.py's KL reference is fp32 (the policy's path under autocast), bf16 only under --fsdp."""
+    config = small("qwen3")
+    for bf16, fsdp, nbytes in ((False, False, 4), (True, False, 4), (True, True, 2)):
+        assert memory_need(config, bf16, 2, fsdp, ref=True)["reference model"] == nbytes * parameter_count(config)
+
 PEAK_PROBE = r'''
 """Two training steps of one shape, or one generation: the peak resident memory they add, from
 /proc (VmHWM), and the memory model's prediction. One measurement per process (memory a previous

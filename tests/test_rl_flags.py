@@ -135,6 +135,7 @@ REFUSED = [
     (["--schedule", "none", "--rho", "0.5", "--prefix-source", "none", "--L", "3"], "--L 3 has no effect here (--schedule none"),
     (["--vae", "somewhere"], "--vae has no effect here: no prefix source of this run reads a VAE"),
     (["--fsdp", "--credit", "nudge"], "--fsdp needs the same forward passes on every rank"),
+    (["--fsdp", "--resample", "3", "--resample-credit", "nudge"], "--fsdp needs the same forward passes on every rank"),
     (["--resample", "3", "--resample-source", "vae"], "--resample-source vae needs --vae DIR"),
     (["--resample", "3", "--resample-L", "-1"], "--resample-L must be >= 0"),
     (["--resample", "3", "--resample-source", "noise", "--resample-L", "0"],
@@ -382,3 +383,29 @@ def test_tensorboard_gets_the_records_of_metrics_jsonl(tiny, tmp_path, parity_re
     assert {e.step for e in board.Scalars("reward_mean")} == {0, 1, 2}
     rl.main(tiny_args(tiny, tmp_path / "plain"))
     assert not (tmp_path / "plain" / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kl_to_the_reference_is_exactly_0_before_the_first_update(tiny, tmp_path, dtype, one_thread):
+    """The reference is the initial checkpoint on the policy's own path (fp32 weights, the same
+    autocast, fp32 logits): at step 0 the weights are equal, so every k3 is exactly 0, in bf16 too."""
+    rl.main(tiny_args(tiny, tmp_path, "--steps", "1", "--kl-coef", "0.5", "--dtype", dtype))
+    assert records(tmp_path)[0]["kl"] == 0.0
+
+
+def test_the_bf16_sampler_holds_the_updated_policy_after_every_step(tiny, tmp_path, monkeypatch, parity_reward,
+                                                                    one_thread):
+    """Under --dtype bfloat16 rollouts read a bf16 copy of the policy: after each update it must equal
+    the policy's new fp32 weights rounded to bf16, or the next rollouts come from a stale policy."""
+    update, seen = rl.update_policy, []
+
+    def update_then_compare(model, sampler, *args):
+        before = [p.detach().clone() for p in model.parameters()]
+        metrics = update(model, sampler, *args)
+        assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))        # it moved
+        seen.append(sampler is not model and all(torch.equal(s, p.to(torch.bfloat16))
+                                                 for s, p in zip(sampler.parameters(), model.parameters())))
+        return metrics
+    monkeypatch.setattr(rl, "update_policy", update_then_compare)
+    rl.main(tiny_args(tiny, tmp_path, "--dtype", "bfloat16", "--steps", "3"))
+    assert seen == [True] * 3
