@@ -1,24 +1,14 @@
-"""The model side of nanopalette, in one file:
-
-1. Transformer   decoder for the Qwen2 / Qwen3 / Llama families, parameter names identical to
-                 Hugging Face's, so checkpoints load and save with short loops over safetensors.
-2. Prefixes      every forward takes inputs_embeds, so a row can be [prefix (L x d); E(prompt)].
-3. Generation    a preallocated KV cache, batched left-padded prefill + decode, sampling.
-4. Palette       the VAE over mean-pooled trace embeddings and the prefix sources.
-5. RL losses     GRPO / RLOO advantages and the clipped policy-gradient loss.
-
-Layout of a batch everywhere in this file: rows are LEFT padded, so the newest token of every
-row sits in the last column. `attention_mask` (B, T) is True on real positions (prefix or token);
-a row's positions count its real positions from 0, so padding never shifts RoPE and every row
-gives the logits it would give alone.
-"""
+"""The model side of nanopalette: 1. a Qwen2 / Qwen3 / Llama decoder with Hugging Face's parameter names,
+2. prefixed inputs, 3. generation with a KV cache, 4. the palette (a VAE, the prefix sources), 5. the RL losses.
+Rows are LEFT padded for generation (the newest token of every row in the last column), RIGHT padded for
+training. `attention_mask` (B, T) is True on real positions (prefix or token); a row's positions count its
+real positions from 0, so padding never shifts RoPE and a row gives the logits it gives alone."""
 
 import functools
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass, fields
 
@@ -27,18 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from common import atomic_dir, atomic_write_json
-from guard import (UserError, check_config, check_state, check_tokenizer, check_vae_json, check_weights, ranged,
-                   read_json, read_safetensors_file)
+from common import UserError, atomic_dir, atomic_write_json, read_json, read_safetensors_file
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
-                   "added_tokens.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
 
 # -----------------------------------------------------------------------------
 # 1. Config and Transformer
-
 
 @dataclass
 class ModelConfig:
@@ -62,131 +48,88 @@ class ModelConfig:
     warmup: dict | None = None            # the prefixes sft_warmup.py taught: {"prefix_source", "L", "steps"}
 
     @classmethod
-    def from_hf(cls, d, source="config.json"):
-        """Read a Hugging Face config.json dict (transformers 4.x or 5.x spelling of RoPE)."""
-        check_config(d, source, SUPPORTED_MODEL_TYPES)          # families and RoPE types we run
-        model_type = d["model_type"]
+    def from_hf(cls, d):
+        """config.json's dict (transformers 4.x or 5.x RoPE); ValueError if we do not run it (hf.config_error)."""
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        n_heads = d["num_attention_heads"]
-        return cls(
-            model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=n_heads,
-            num_key_value_heads=d.get("num_key_value_heads") or n_heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-            rope_scaling=rope if rope_type == "llama3" else None,
-            attention_bias=True if model_type == "qwen2" else d.get("attention_bias", False),
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
-            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"), warmup=d.get("nanopalette_warmup"))
+        rope_type, heads = rope.get("rope_type", rope.get("type", "default")), d["num_attention_heads"]
+        c = cls(**{f.name: d[f.name] for f in fields(cls)[:6]},          # model_type .. num_attention_heads: required
+                **{k: d[k] for k in ("rms_norm_eps", "attention_bias", "tie_word_embeddings", "max_position_embeddings",
+                                     "bos_token_id", "eos_token_id", "pad_token_id") if k in d},
+                num_key_value_heads=d.get("num_key_value_heads") or heads,
+                head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                rope_theta=rope.pop("rope_theta", d.get("rope_theta", 10000.0)),
+                rope_scaling=rope if rope_type == "llama3" else None, warmup=d.get("nanopalette_warmup"))
+        c.attention_bias = c.model_type == "qwen2" or c.attention_bias     # Qwen2: q/k/v biases by construction
+        numbers = [getattr(c, f.name) for f in fields(c) if f.type in (int, float)]     # sizes, eps, theta
+        if (c.model_type not in SUPPORTED_MODEL_TYPES or rope_type not in ("default", "llama3") or d.get("mlp_bias")
+                or d.get("use_sliding_window") or not all(type(v) in (int, float) and v > 0 for v in numbers)
+                or heads % c.num_key_value_heads):
+            raise ValueError("a config.json nanopalette does not run")
+        return c
 
-    def to_hf(self):
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        rope_scaling = d.pop("rope_scaling")
-        if d.pop("warmup") is not None:       # transformers keeps unknown keys of config.json as they are
-            d["nanopalette_warmup"] = self.warmup
-        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default",
-                                **(rope_scaling or {})}
-        d["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                               "llama": "LlamaForCausalLM"}[self.model_type]]
-        d["hidden_act"] = "silu"
-        d["torch_dtype"] = "float32"
-        if self.model_type == "qwen2":
-            d.pop("attention_bias")   # Qwen2 has q/k/v biases by construction
-        return d
-
+    def to_hf(self, dtype):   # transformers keeps unknown keys of config.json (nanopalette_warmup) as they are
+        skip = ("rope_scaling", "warmup", "attention_bias" if self.model_type == "qwen2" else None)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        warmup = {} if self.warmup is None else {"nanopalette_warmup": self.warmup}
+        rope = {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
+        arch = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}[self.model_type] + "ForCausalLM"
+        return {**d, **warmup, "rope_parameters": rope, "architectures": [arch], "hidden_act": "silu", "torch_dtype": dtype}
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
-    def forward(self, x):
-        # normalise in fp32 like the reference implementation, then cast back before scaling
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x):   # normalised in fp32 like the reference implementation, cast back before scaling
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-
-def rope_inv_freq(config):
-    """Inverse frequencies (head_dim/2,), with Llama 3's frequency-dependent scaling if set."""
-    dim = config.head_dim
+def rope_inv_freq(config):   # (head_dim/2,)
+    dim, s = config.head_dim, config.rope_scaling
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    s = config.rope_scaling
     if s is None:
         return inv_freq
-    # Llama 3: low frequencies (long wavelengths) are divided by `factor`, high ones kept,
-    # and the band in between interpolated smoothly.
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
+    # Llama 3: low frequencies (long wavelengths) divided by `factor`, high ones kept, the band between interpolated
+    factor, low, high, old_len = (s[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings"))
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, smoothed, scaled)
-
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 def apply_rope(x, cos, sin):
     # x: (B, H, T, D); cos/sin: (B, 1, T, D). Halves rotated as in the HF checkpoints' layout.
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
-
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.head_dim
-        qkv_bias = config.attention_bias
-        o_bias = config.attention_bias and config.model_type != "qwen2"
-        d, hd = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=qkv_bias)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
+        d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, n * hd, bias=bias) for n in
+                                                 (self.n_heads, self.n_kv_heads, self.n_kv_heads))
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias and config.model_type != "qwen2")
         if config.model_type == "qwen3":   # Qwen3 normalises queries and keys per head
-            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.q_norm, self.k_norm = RMSNorm(hd, config.rms_norm_eps), RMSNorm(hd, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, kv_cache):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        k, v = (proj(x).view(B, T, self.n_kv_heads, self.head_dim) for proj in (self.k_proj, self.v_proj))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)   # (B, Hkv, S, hd): every slot of the cache
-        gqa = self.n_kv_heads != self.n_heads                # each kv head serves n_heads / n_kv heads
-        if mask is None:   # right-padded training rows: plain causal attention, no mask to build or save
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:              # (B, 1, T, S) bool, True = may attend: left-padded rows, a KV cache
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        # mask None: right-padded training rows, causal with no mask to build or save; else (B, 1, T, S) bool,
+        # True = may attend (left-padded rows, a KV cache). GQA: each kv head serves n_heads / n_kv_heads queries
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
@@ -194,45 +137,35 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        d, f = config.hidden_size, config.intermediate_size      # the SwiGLU MLP
+        self.mlp = nn.ModuleDict(dict(gate_proj=nn.Linear(d, f, bias=False), up_proj=nn.Linear(d, f, bias=False),
+                                      down_proj=nn.Linear(f, d, bias=False)))
 
     def forward(self, x, cos, sin, mask, kv_cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Decoder(nn.Module):
-    """Holds the `model.*` parameters, so state-dict keys match Hugging Face's."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
+        h, mlp = self.post_attention_layernorm(x), self.mlp
+        return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
 
 class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
+        self.model = nn.ModuleDict(dict(          # `model.*`, so state-dict keys match Hugging Face's
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.source_dir = None          # where tokenizer files are copied from on save
         self.gradient_checkpointing = False
 
-    def init_weights(self, std=0.02):
-        """Random init for models trained from scratch (the toy world); checkpoints skip this."""
+    def init_weights(self, std=0.02):   # models trained from scratch (the toy world); checkpoints skip this
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     @property
     def embed_tokens(self):
@@ -242,22 +175,15 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:         # one matrix for the embedding and lm_head
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def hidden_states(self, inputs_embeds, attention_mask=None, kv_cache=None):
-        """inputs_embeds (B, T, d) -> final-norm hidden (B, T, d). Without attention_mask the rows are
-        right padded (training: padding follows every real position, so causal attention is exact and
-        needs no mask); with it, (B, T) bool marks the real positions of left-padded rows, which a
-        KV cache (generation) records."""
-        B, T, _ = inputs_embeds.shape
-        device = inputs_embeds.device
-        mask = None
+    def hidden_states(self, x, attention_mask=None, kv_cache=None):
+        """inputs_embeds x (B, T, d) -> final-norm hidden (B, T, d): right-padded rows (training, causal
+        attention without a mask), or left-padded ones whose real positions attention_mask (B, T) marks."""
+        (B, T, _), device, mask = x.shape, x.device, None
         if attention_mask is None:
             positions = torch.arange(T, device=device).expand(B, T)                     # (B, T)
-        else:
-            if kv_cache is None:
-                positions = (attention_mask.cumsum(1) - 1).clamp(min=0)                  # (B, T)
-                key_valid, query_slots = attention_mask, torch.arange(T, device=device)   # (B, S=T)
-            else:
-                positions, key_valid, query_slots = kv_cache.prepare(attention_mask)
+        else:   # positions (B, T), key_valid (B, S), query_slots (T,)
+            positions, key_valid, query_slots = kv_cache.prepare(attention_mask) if kv_cache is not None else (
+                (attention_mask.cumsum(1) - 1).clamp(min=0), attention_mask, torch.arange(T, device=device))
             # A query may see real keys at or before its own slot. Padded queries also see their own
             # slot, only so that no softmax row is empty (NaN); their outputs are never used.
             key_slots = torch.arange(key_valid.shape[1], device=device)
@@ -266,87 +192,69 @@ class Transformer(nn.Module):
             mask = ((causal[None] & key_valid[:, None, :]) | own[None])[:, None]         # (B,1,T,S)
         freqs = positions[..., None].float() * self.inv_freq                          # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]                           # (B,1,T,D)
-        cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
-        x = inputs_embeds
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         # recompute layers in backward only on a training forward: a forward that fills a KV cache
         # (generation, in either mode) must run the blocks with it
         checkpointed = self.gradient_checkpointing and self.training and kv_cache is None
         for block in self.model.layers:
-            if checkpointed:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None,
-                                                      use_reentrant=False)
-            else:
-                x = block(x, cos, sin, mask, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(attention_mask)
+            x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, use_reentrant=False) \
+                if checkpointed else block(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:   # the cache moves past this forward's slots and real positions
+            kv_cache.seen += attention_mask.sum(1)
+            kv_cache.slot += attention_mask.shape[1]
         return self.model.norm(x)
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, kv_cache=None):
-        """Token ids (B, T) or embeddings (B, T, d) -> logits (B, T, V)."""
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
-        return self.lm_head(self.hidden_states(inputs_embeds, attention_mask, kv_cache))
-
-    # -- checkpoints ---------------------------------------------------------------------
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):   # -> (B, T, V)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.lm_head(self.hidden_states(x, attention_mask))
 
     @classmethod
-    def from_pretrained(cls, path_or_id, device="cpu", dtype=torch.float32):
-        """Load a Hugging Face checkpoint directory (or hub id) of a supported family."""
+    def from_pretrained(cls, path_or_id, device="cpu", dtype=torch.float32):   # a checkpoint directory or hub id
         path = resolve_checkpoint(path_or_id)
         config = load_config(path)
         with torch.device("meta"):
             model = cls(config)
-        tensors = read_safetensors(path)
-        expected = dict(model.state_dict())
-        if config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-            tensors.pop("lm_head.weight", None)
-        check_weights(expected, tensors, path, config.model_type)
-        state = {k: tensors[k].to(device=device, dtype=dtype) for k in expected}
-        if config.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
+        tensors, tied = read_safetensors(path), config.tie_word_embeddings
+        expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        try:   # a tied lm_head is the embedding matrix (tie_weights), not a tensor of the file
+            model.load_state_dict({k: tensors[k].to(device, dtype) for k in expected}, strict=not tied, assign=True)
+        except Exception as e:
+            import hf  # names the tensor that is missing or of another shape, in one line
+            raise hf.tensors_error(expected, tensors, path, e) from None
         model.tie_weights()
-        model.inv_freq = rope_inv_freq(config).to(device)
-        model.source_dir = path
+        model.inv_freq, model.source_dir = rope_inv_freq(config).to(device), path
         return model
 
-    def save_pretrained(self, out_dir, tokenizer_dir=None):
-        """Write config.json, model.safetensors, generation_config.json and the tokenizer files (of
-        tokenizer_dir, else of the checkpoint it was loaded from) under a temporary name, renamed
-        into place when whole."""
-        tokenizer_dir = tokenizer_dir or self.source_dir
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")   # safetensors refuses shared storage; HF re-ties on load
-        c = self.config
-
+    def save_pretrained(self, out_dir, tokenizer_dir=None):   # + tokenizer_dir's (else source_dir's) tokenizer files
+        c, tokenizer_dir = self.config, tokenizer_dir or self.source_dir
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()   # safetensors refuses shared
+                 if not (c.tie_word_embeddings and k == "lm_head.weight")}               # storage; HF re-ties on load
         with atomic_dir(out_dir) as tmp:
             save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            hf = c.to_hf()
-            hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-            gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
-                   "pad_token_id": c.pad_token_id, "do_sample": False}
-            atomic_write_json(os.path.join(tmp, "generation_config.json"), gen)
+            hf = c.to_hf(str(next(iter(state.values())).dtype).removeprefix("torch."))
+            ids = {k: getattr(c, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            atomic_write_json(os.path.join(tmp, "generation_config.json"), {**ids, "do_sample": False})
             for name in TOKENIZER_FILES if tokenizer_dir else ():
-                src = os.path.join(tokenizer_dir, name)
-                if os.path.exists(src):
-                    shutil.copy(src, os.path.join(tmp, name))
+                if os.path.exists(os.path.join(tokenizer_dir, name)):
+                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
             if os.path.exists(os.path.join(tmp, "tokenizer_config.json")):   # the ids these weights were trained on
                 from transformers import AutoTokenizer
                 hf["nanopalette_vocab"] = vocab_hash(AutoTokenizer.from_pretrained(tmp))
             atomic_write_json(os.path.join(tmp, "config.json"), hf)
 
-
-def load_tokenizer(path, vocab_size):
-    """The tokenizer of a checkpoint directory, checked: it loads, encodes text into this model's
-    vocabulary and has an eos token (generation stops at it; the warm-up ends every answer with it)."""
+def load_tokenizer(path, vocab_size):   # checked: it loads, fits the model's vocabulary, has an eos token to stop at
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        probe = tokenizer("Question: 12 + 30 = ?\nAnswer:", add_special_tokens=False)["input_ids"]
     except Exception as e:  # a corrupt file surfaces as a JSON, tokenizers or OS error
-        tokenizer = e
-    check_tokenizer(tokenizer, path, TOKENIZER_FILES, vocab_size)
+        tokenizer, probe = e, []
+    if not probe or tokenizer.eos_token_id is None:
+        import hf  # which of the three, and the tokenizer files it finds
+        raise hf.tokenizer_error(tokenizer, probe, path)
+    if (top := max(probe + [tokenizer.eos_token_id])) >= vocab_size:
+        raise UserError(f"{path}: the tokenizer gives token id {top}, but the model has only {vocab_size} "
+                        "embeddings; the tokenizer belongs to another model")
     config = os.path.join(path, "config.json")        # a hub model has no record: taken as it is
     recorded = read_json(config, "config").get("nanopalette_vocab") if os.path.exists(config) else None
     if recorded not in (None, vocab_hash(tokenizer)):
@@ -354,22 +262,41 @@ def load_tokenizer(path, vocab_size):
                         f"weights were saved with ({recorded}); copy back the tokenizer files they were saved with")
     return tokenizer
 
-
-def vocab_hash(tokenizer):
-    """A short hash of the (token, id) pairs: a tokenizer whose ids moved reads other embeddings."""
+def vocab_hash(tokenizer):   # of the (token, id) pairs: a tokenizer whose ids moved reads other embeddings
     return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:12]
 
-
-def load_policy(path_or_id, device="cpu", dtype=torch.float32):
-    """The policy and its tokenizer, as the inference stages load them."""
+def load_policy(path_or_id, device="cpu", dtype=torch.float32):   # the policy and its tokenizer
     model = Transformer.from_pretrained(path_or_id, device=device, dtype=dtype)
     return model, load_tokenizer(model.source_dir, model.config.vocab_size)
 
+def resolve_checkpoint(path_or_id):   # a local checkpoint directory, or a hub id fetched into the local cache
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    import hf  # a hub id (or no such directory)
+    return hf.download(path_or_id)
+
+def load_config(path):
+    try:
+        return ModelConfig.from_hf(read_json(os.path.join(path, "config.json"), "config"))
+    except Exception:
+        import hf  # says in one line what is wrong with config.json
+        raise hf.config_error(path) from None
+
+def read_safetensors(path, names=None):   # the tensors of a checkpoint directory (all, or those in `names`)
+    if os.path.exists(file := os.path.join(path, "model.safetensors")):
+        return read_safetensors_file(file, names)
+    import hf  # sharded (model.safetensors.index.json), or no weights at all
+    return hf.read_shards(path, names)
+
+def load_embedding_matrix(path_or_id):   # E (V, d) alone, all the VAE needs (1 GB of an 8B model's 16)
+    path, name = resolve_checkpoint(path_or_id), "model.embed_tokens.weight"
+    if name not in (tensors := read_safetensors(path, names={name})):
+        raise UserError(f"{path}: checkpoint has no {name!r}")
+    return tensors[name].float()
 
 def _chunk_logprobs(hidden, targets, weight, temperature):
-    # logits in float32 (float64 for a float64 model) and outside autocast: bf16 logits are rounded
-    # to about 3 significant digits, so pi and pi_old of one token, from micro-batches padded
-    # differently, would disagree and the PPO ratio would clip on rounding noise
+    # logits in float32 (float64 for a float64 model) outside autocast: bf16 logits keep ~3 digits, so pi and
+    # pi_old of one token, from micro-batches padded differently, would differ and the ratio clip on noise
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     with torch.autocast(hidden.device.type, enabled=False):
         logits = hidden.to(dtype) @ weight.to(dtype).t()                                   # (n, V)
@@ -377,244 +304,84 @@ def _chunk_logprobs(hidden, targets, weight, temperature):
     entropy = -(logp.exp() * logp).sum(-1)                                                # (n,)
     return logp.gather(-1, targets[:, None]).squeeze(-1), entropy
 
-
 def token_logprobs(model, inputs_embeds, targets, loss_mask, temperature=1.0, chunk=2048):
-    """The training path, for the warm-up's loss and the policy update: log p(target_t | context) at
-    temperature, and the entropy of the next-token distribution (its graph kept, so an entropy
-    bonus has a gradient), at the positions where loss_mask is True; each (B, T), zero elsewhere.
-
-    inputs_embeds (B, T, d) right padded (completion_batch), targets (B, T) = the token that follows
-    each position, loss_mask (B, T) bool. Logits are taken only at loss positions, in chunks
-    recomputed in the backward pass, so a 150K vocabulary never materialises (B, T, V). A batch
-    without a loss position still returns tensors on the graph (backward() then gives zero
-    gradients instead of failing)."""
+    """log p(target_t | context) at temperature and the next-token entropy (on the graph, for an entropy bonus),
+    (B, T) each, zero off loss_mask. Logits only at loss positions, in chunks: never a (B, T, V) tensor."""
     hidden = model.hidden_states(inputs_embeds)                                  # (B, T, d)
     picked, picked_targets = hidden[loss_mask], targets[loss_mask]                # (N, d), (N,)
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    logprobs, entropy = [], []
-    for i in range(0, picked.shape[0], chunk):   # recomputed in backward: no (N, V) kept
-        lp, ent = torch.utils.checkpoint.checkpoint(
-            _chunk_logprobs, picked[i:i + chunk], picked_targets[i:i + chunk],
-            model.lm_head.weight, temperature, use_reentrant=False)
-        logprobs.append(lp)
-        entropy.append(ent)
-    empty = picked.sum(-1).to(dtype)                        # (0,), on the graph when N == 0
+    chunks = [torch.utils.checkpoint.checkpoint(_chunk_logprobs, picked[i:i + chunk], picked_targets[i:i + chunk],
+                                                model.lm_head.weight, temperature, use_reentrant=False)
+              for i in range(0, picked.shape[0], chunk)]           # recomputed in backward: no (N, V) kept
+    # (N,) each, on the graph even when N == 0
+    logprobs, entropy = (torch.cat(x) for x in zip(*chunks)) if chunks else [picked.sum(-1).to(dtype)] * 2
     zeros = hidden.new_zeros(targets.shape, dtype=dtype)                         # (B, T)
-    return (zeros.masked_scatter(loss_mask, torch.cat(logprobs) if logprobs else empty),
-            zeros.masked_scatter(loss_mask, torch.cat(entropy) if entropy else empty))
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint directories: resolve, read config and tensors (safetensors and JSON only)
-
-def resolve_checkpoint(path_or_id):
-    """A local directory, or a hub id fetched into the local cache (config, weights, tokenizer)."""
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path_or_id) is not None \
-        and not os.path.isdir(path_or_id.split("/")[0])
-    if not is_hub_id:
-        raise UserError(f"model directory {path_or_id!r} does not exist; "
-                        "pass a checkpoint directory or a hub id such as Qwen/Qwen3-4B-Base")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                             "*.model", "*.jinja"])
-    except Exception as e:
-        raise UserError(f"could not fetch {path_or_id!r} from the hub ({type(e).__name__}); "
-                        "without network access pass a local checkpoint directory") from None
-
-
-def load_config(path):
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise UserError(f"{path}: no config.json; a checkpoint directory needs config.json and *.safetensors")
-    d = read_json(config_path, "config")
-    try:
-        config = ModelConfig.from_hf(d, source=config_path)
-    except KeyError as e:
-        raise UserError(f"{config_path}: malformed config (no {e} field)") from None
-    if config.num_attention_heads % config.num_key_value_heads:
-        raise UserError(f"{config_path}: num_attention_heads {config.num_attention_heads} is not a "
-                        f"multiple of num_key_value_heads {config.num_key_value_heads}")
-    return config
-
-
-def _safetensors_files(path, names=None):
-    """The safetensors files holding `names` (all files if None), via the shard index if any."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        weight_map = read_json(index, "shard index").get("weight_map")
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(f, str) and f and os.path.basename(f) == f for f in weight_map.values()):
-            raise UserError(f"{index}: 'weight_map' must map tensor names to shard file names "
-                            "in the same directory")
-        wanted = weight_map.values() if names is None else \
-            [weight_map[n] for n in names if n in weight_map]
-        files = sorted(set(wanted))
-        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
-        if missing:
-            raise UserError(f"{index}: names the shard {missing[0]}, which is not in {path}"
-                            + (f" ({len(missing)} shards missing)" if len(missing) > 1 else ""))
-        return [os.path.join(path, f) for f in files]
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                        "(only safetensors checkpoints are loaded)")
-    return [single]
-
-
-def read_safetensors(path, names=None):
-    """The tensors of a checkpoint directory (all, or those in `names`), across its shards."""
-    tensors = {}
-    for file in _safetensors_files(path, names):
-        tensors.update(read_safetensors_file(file, names))
-    return tensors
-
-
-def load_embedding_matrix(path_or_id):
-    """Only the token-embedding matrix E (V, d) of a checkpoint, without building the model:
-    the VAE stage needs E and nothing else (1 GB instead of 16 for an 8B model)."""
-    path = resolve_checkpoint(path_or_id)
-    name = "model.embed_tokens.weight"
-    tensors = read_safetensors(path, names={name})
-    if name not in tensors:
-        raise UserError(f"{path}: checkpoint has no {name!r}")
-    return tensors[name].float()
-
-
-def embedding_fingerprint(E, n_rows=64, n_cols=16):
-    """A small signature of an embedding matrix: n_rows evenly spaced rows, first n_cols values.
-    Compared by cosine similarity so that fine-tuned descendants (after SFT or RL, whose
-    embeddings moved a little) still match, while any other model does not."""
-    rows = torch.linspace(0, E.shape[0] - 1, n_rows).long()
-    return E[rows, :n_cols].float().flatten().tolist()
-
-
-def fingerprints_match(a, b, threshold=0.95):
-    a, b = torch.tensor(a), torch.tensor(b)
-    return a.shape == b.shape and F.cosine_similarity(a, b, dim=0).item() >= threshold
-
-
-def short_hash(values):
-    return hashlib.sha256(json.dumps([round(v, 4) for v in values]).encode()).hexdigest()[:12]
-
+    return zeros.masked_scatter(loss_mask, logprobs), zeros.masked_scatter(loss_mask, entropy)
 
 # -----------------------------------------------------------------------------
 # 2. Prefixed inputs: left padded for generation, right padded for training
 
 def embed_rows(model, token_rows, prefixes=None, left_pad=True):
-    """Build the batch [prefix_i; E(tokens_i)], padded to a common length: on the left for
-    generation (the newest token of every row in the last column), on the right for training
-    (every row starts at position 0 and causal attention needs no mask).
-
-    token_rows: B lists of token ids; prefixes: None or B entries, each None, embeddings (L_i, d),
-    or token ids (L_i,) of a text prefix (embedded by `model` like the prompt). Returns
-    inputs_embeds (B, T, d) and attention_mask (B, T) bool. Gradients reach embedding prefixes only
-    if the caller passed ones that require grad; a text prefix's rows are the model's embeddings.
-    """
-    B = len(token_rows)
-    prefixes = prefixes if prefixes is not None else [None] * B
-    prefix_lens = [0 if p is None else p.shape[0] for p in prefixes]
-    lengths = [pl + len(t) for pl, t in zip(prefix_lens, token_rows)]
-    T = max(lengths)
-    E = model.embed_tokens
-    device = E.weight.device
-    ids = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    vectors = []                                    # (row, first slot, (L, d)) of embedding prefixes
-    for i, (tokens, p, pl, n) in enumerate(zip(token_rows, prefixes, prefix_lens, lengths)):
-        start = T - n if left_pad else 0
-        ids[i, start + pl:start + n] = torch.as_tensor(tokens, dtype=torch.long)
+    """The batch [prefix_i; E(tokens_i)] (B, T, d) and its attention_mask (B, T), left or right padded.
+    prefixes: None or B entries, each None, embeddings (L_i, d) or the token ids (L_i,) of a text prefix."""
+    prefixes = prefixes if prefixes is not None else [None] * len(token_rows)
+    lengths = [len(t) + (0 if p is None else len(p)) for t, p in zip(token_rows, prefixes)]
+    B, T, device = len(token_rows), max(lengths), model.embed_tokens.weight.device
+    ids, mask = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.bool)       # (B, T) each
+    starts = [T - n if left_pad else 0 for n in lengths]                  # each row's first real slot
+    for i, (tokens, p, start, n) in enumerate(zip(token_rows, prefixes, starts, lengths)):
+        ids[i, start + n - len(tokens):start + n] = torch.as_tensor(tokens, dtype=torch.long)
         mask[i, start:start + n] = True
         if p is not None and not p.is_floating_point():
-            ids[i, start:start + pl] = p.cpu()                          # text: tokens like the prompt's
-        elif p is not None:
-            vectors.append((i, start, p))
-    embeds = E(ids.to(device))                                                  # (B, T, d)
-    if vectors:
-        block = torch.zeros_like(embeds)
-        is_prefix = torch.zeros(B, T, 1, dtype=torch.bool, device=device)
-        for i, start, p in vectors:
-            block[i, start:start + len(p)] = p.to(embeds)
-            is_prefix[i, start:start + len(p)] = True
-        embeds = torch.where(is_prefix, block, embeds)
+            ids[i, start:start + len(p)] = p.cpu()                          # text: tokens like the prompt's
+    embeds = model.embed_tokens(ids.to(device))                                                  # (B, T, d)
+    for i, (p, start) in enumerate(zip(prefixes, starts)):
+        if p is not None and p.is_floating_point():                         # vectors: in place of embeddings
+            embeds[i, start:start + len(p)] = p.to(embeds)
     return embeds, mask.to(device)
 
-
 def completion_batch(model, prompts, completions, prefixes=None):
-    """The training layout: rows [prefix_i; prompt_i; completion_i], right padded.
-
-    Returns inputs_embeds (B, T, d), targets (B, T) and loss_mask (B, T): position t predicts
-    targets[:, t], and loss_mask is True exactly at the positions that predict a completion token,
-    so prefix, prompt and padding never carry loss.
-    """
+    """Rows [prefix_i; prompt_i; completion_i], right padded: inputs_embeds (B, T, d), targets (B, T)
+    (position t predicts targets[:, t]) and loss_mask (B, T), True where a completion token is predicted."""
     rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
     embeds, mask = embed_rows(model, rows, prefixes, left_pad=False)
-    B, T = mask.shape
-    targets = torch.zeros(B, T, dtype=torch.long)
-    loss_mask = torch.zeros(B, T, dtype=torch.bool)
+    targets, loss_mask = torch.zeros(mask.shape, dtype=torch.long), torch.zeros(mask.shape, dtype=torch.bool)
     for i, (c, n) in enumerate(zip(completions, mask.sum(1).tolist())):
         if c:   # row i is real at 0 .. n - 1; positions n - |c| - 1 .. n - 2 predict its completion
             targets[i, n - len(c) - 1:n - 1] = torch.as_tensor(c, dtype=torch.long)
             loss_mask[i, n - len(c) - 1:n - 1] = True
     return embeds, targets.to(mask.device), loss_mask.to(mask.device)
 
-
 # -----------------------------------------------------------------------------
 # 3. KV cache and generation
 
 class KVCache:
-    """Keys and values of every layer, preallocated for the batch and the longest sequence, one
-    buffer per layer so that a compiled decode step updates each in place. The prompts fill slots
-    [0, T) (the prefill); each decode step writes slot `slot`, a tensor, so the step's shapes never
-    change. Attention reads every slot under a mask: `key_valid` marks the slots that hold a real
-    position of each row, `seen` counts each row's real positions so far (its next RoPE position)."""
+    """Keys and values of every layer, preallocated, updated in place at slot `slot` (a tensor: a decode step's shapes
+    never change). key_valid (B, S): slots holding a real position; seen (B,): each row's next RoPE position."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+                          for _ in "kv")
         for buffer in self.k + self.v:      # a CUDA graph reads them where they are, without a copy
             torch._dynamo.mark_static_address(buffer)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.seen, self.slot = (torch.zeros(n, dtype=torch.long, device=device) for n in (batch_size, 1))
 
-    def reset(self):
-        """Empty, for the next generate() call: the slots are overwritten, only the counters restart."""
-        self.key_valid.zero_()
-        self.seen.zero_()
-        self.slot.zero_()
-        return self
-
-    def slots(self, T):
-        return self.slot + torch.arange(T, device=self.slot.device)                      # (T,)
-
-    def prepare(self, attention_mask):
-        """Record the new positions; returns (positions (B, T), key_valid (B, S), query_slots (T,))."""
-        slots = self.slots(attention_mask.shape[1])
+    def prepare(self, attention_mask):   # -> positions (B, T), key_valid (B, S), query_slots (T,)
+        slots = self.slot + torch.arange(attention_mask.shape[1], device=self.slot.device)          # (T,)
         self.key_valid.index_copy_(1, slots, attention_mask)
-        positions = self.seen[:, None] + attention_mask.cumsum(1) - 1
-        return positions.clamp(min=0), self.key_valid, slots
+        return (self.seen[:, None] + attention_mask.cumsum(1) - 1).clamp(min=0), self.key_valid, slots
 
-    def update(self, layer, k, v):
-        """Store this step's k, v (B, Hkv, T, hd); returns every slot's keys and values (B, Hkv, S, hd)."""
-        slots = self.slots(k.shape[2])
+    def update(self, layer, k, v):   # k, v (B, Hkv, T, hd) -> every slot's keys and values (B, Hkv, S, hd)
+        slots = self.slot + torch.arange(k.shape[2], device=self.slot.device)
         self.k[layer].index_copy_(2, slots, k)
         self.v[layer].index_copy_(2, slots, v)
         return self.k[layer], self.v[layer]
 
-    def advance(self, attention_mask):
-        self.seen += attention_mask.sum(1)
-        self.slot += attention_mask.shape[1]
-
-
 def keyed_uniform(keys, t, V):
-    """Uniform noise strictly inside (0, 1), (B, V) float64, a function of (keys[b], t, v) alone: a
-    counter-based generator (a 32-bit integer hash, computed in int64 without overflow), so that a
-    row's sampling noise does not depend on the batch, the rank or the process that draws it. keys (B,)
-    int64, below 2^32."""
+    """Uniform noise inside (0, 1), (B, V) float64, a hash of (keys[b], t, v) alone (keys (B,) int64, below 2^32):
+    a row's sampling noise does not depend on the batch, the rank or the process that draws it."""
     def mix(x):                      # avalanche hash of 32-bit values (products stay below 2^59)
         x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
         x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
@@ -626,11 +393,9 @@ def keyed_uniform(keys, t, V):
     # at 1e-9 of the top one; 24 bits in float32 rounded the top value to 1 and tail tokens away
     return (x.double() + 0.5) / 2**32
 
-
 def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, keys=None, t=0):
-    """logits (B, V) -> next tokens (B,). temperature 0 is greedy. No host synchronisation:
-    the exponential-race trick, argmax(p / q) with q = -log u ~ Exp(1), draws from p on the device. u
-    comes from keyed_uniform(keys, t) when keys are given, else from generator."""
+    """logits (B, V) -> next tokens (B,), greedy at temperature 0. The exponential race, argmax(p / q) with q = -log u
+    ~ Exp(1), draws from p with no host sync; u is keyed_uniform(keys, t) if keys are given, else from generator."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -639,8 +404,7 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, keys=None, t
         sorted_probs = sorted_logits.softmax(-1)
         # drop a token once the mass before it already reaches top_p (the top token always stays)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))   # order: a permutation
     logp = logits.log_softmax(-1).double()                                                # (B, V)
     u = keyed_uniform(keys, t, logp.shape[1]) if keys is not None else torch.rand(
         logp.shape, dtype=torch.float64, device=logp.device, generator=generator).clamp_(2**-53, 1 - 2**-53)
@@ -648,153 +412,102 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, keys=None, t
     # (outside top-p, or a logit of -inf) scores -inf, below any other, and is never drawn, not even by a tie
     return (logp - (-u.log()).log()).argmax(-1)
 
-
 @dataclass
 class Generation:
-    tokens: torch.Tensor    # (B, N) new tokens, the stop token included, pad_id after it
+    tokens: torch.Tensor    # (B, N) new tokens, the stop token included, 0 after it
     lengths: torch.Tensor   # (B,) number of new tokens of each row
     stopped: torch.Tensor   # (B,) True: ended on a stop token; False: hit max_new_tokens
 
     def token_lists(self):
         return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.lengths.tolist())]
 
-
-def _decode_step(model, tokens, cache):
-    """One decode step for every row: tokens (B,) -> logits (B, V)."""
+def _decode_step(model, tokens, cache):   # one decode step for every row: tokens (B,) -> logits (B, V)
     embeds = model.embed_tokens(tokens[:, None])                                 # (B, 1, d)
     mask = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
     return model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])
 
-
-@functools.cache
+@functools.cache   # once per process, symbolic sizes: one graph for every call; on a GPU, CUDA graphs per bucket
 def compiled_decode_step(device_type):
-    """_decode_step under torch.compile, built once per process: symbolic batch and cache sizes, so
-    that one graph serves every call; on a GPU captured in CUDA graphs (one recording per bucket)."""
     return torch.compile(_decode_step, fullgraph=True, dynamic=True,
                          mode="reduce-overhead" if device_type == "cuda" else None)
 
-
 def decode_buckets(batch, length):
-    """The shapes a compiled step runs at: the batch rounded up to a power of two (at least 2: a batch
-    of 1 would compile a graph of its own), the cache length to a multiple of 256, so that a run's
-    varied batches share a few graphs."""
+    # the shapes a compiled step runs at, so that varied batches share a few graphs: the batch rounded up to
+    # a power of two (at least 2: a batch of 1 compiles a graph of its own), the cache length to 256s
     return max(2, 1 << (batch - 1).bit_length()), -(-length // 256) * 256
 
-
-_CACHES = {}      # bucketed shape -> the KVCache a compiled step reuses (CUDA graphs keep its address)
-
+# bucketed shape -> its KVCache, made once: a CUDA graph recorded on its buffers replays without a copy or a
+# new recording (torch stops using graphs for a function recorded too often); memory.py counts it as held
+_CACHES = {}
 
 def bucketed_cache(config, batch, length, device, dtype):
-    """The KV cache of one bucketed shape, made once and reused by every later call of that shape:
-    a CUDA graph recorded on its buffers replays without a copy and without recording again (torch
-    stops using graphs for a function recorded too often). It stays allocated between calls;
-    guard.memory_need counts it as held throughout a run."""
     key = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, batch, length, dtype, str(device))
     if key not in _CACHES:
         _CACHES[key] = KVCache(config, batch, length, device, dtype)
-    return _CACHES[key].reset()
-
+    cache = _CACHES[key]
+    for counter in (cache.key_valid, cache.seen, cache.slot):   # slots are overwritten, only the counters restart
+        counter.zero_()
+    return cache
 
 @torch.inference_mode()
 def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0, top_p=1.0, stop_tokens=(),
-             keys=None, generator=None, pad_id=0, compile=None, check_every=16):
-    """Batched sampling with a KV cache: the one decode path of every script and of the benchmarks.
-
-    prompts: B lists of token ids; prefixes: None or B prefixes (embed_rows), each placed before its
-    prompt. temperature 0 = greedy. A row stops at its first token in stop_tokens or after
-    max_new_tokens. Sampling noise: with keys (B ints), row b's noise at its t-th new token is
-    keyed_uniform(keys[b], t), so a row samples the same tokens in any batch, on any rank, in any
-    run; without keys it comes from generator (a torch.Generator on the model's device).
-    Decoding keeps fixed shapes: a finished row stays in the batch (masked), and whether every row
-    has finished is read only every check_every tokens, the one host synchronisation. compile
-    (default: on CUDA) runs the decode step compiled (compiled_decode_step), at bucketed shapes
-    (decode_buckets) on a cache kept for its shape (bucketed_cache): the batch is padded with copies
-    of row 0 that count as finished from the start.
-    """
-    device = model.embed_tokens.weight.device
+             keys=None, generator=None, compile=None, check_every=16):
+    """Batched sampling with a KV cache: B prompts (token ids) after B prefixes (embed_rows), each row until its first
+    stop token or max_new_tokens; row b's noise at its t-th token is keyed_uniform(keys[b], t), else from generator.
+    Shapes stay fixed (a finished row stays, masked); one host sync every check_every tokens; compile: bucketed."""
+    device, B = model.embed_tokens.weight.device, len(prompts)
     compile = device.type == "cuda" if compile is None else compile
-    B = len(prompts)
-    padded_batch = decode_buckets(B, 0)[0] if compile else B
     if compile:
-        pad = padded_batch - B
-        prompts = list(prompts) + [prompts[0]] * pad
+        pad = decode_buckets(B, 0)[0] - B
+        prompts, keys = list(prompts) + [prompts[0]] * pad, None if keys is None else list(keys) + [0] * pad
         prefixes = None if prefixes is None else list(prefixes) + [prefixes[0]] * pad
-        keys = None if keys is None else list(keys) + [0] * pad
     embeds, mask = embed_rows(model, prompts, prefixes)                          # (B', T, d)
     length = embeds.shape[1] + max_new_tokens
-    cache = bucketed_cache(model.config, padded_batch, decode_buckets(B, length)[1], device, embeds.dtype) \
+    cache = bucketed_cache(model.config, len(prompts), decode_buckets(B, length)[1], device, embeds.dtype) \
         if compile else KVCache(model.config, B, length, device, embeds.dtype)
     # The prefill needs the next-token logits of the last position only: the full (B, T, V) would
     # be 4 GB for 64 prompts of 300 tokens with a 49K vocabulary, and a fifth of the prefill's work.
     logits = model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])    # (B', V)
-
     key_tensor = None if keys is None else torch.tensor([k % 2**32 for k in keys], device=device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-    out = torch.full((padded_batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    finished = torch.arange(padded_batch, device=device) >= B      # the bucket's padding rows
-    stopped = torch.zeros(padded_batch, dtype=torch.bool, device=device)
-    lengths = torch.zeros(padded_batch, dtype=torch.long, device=device)
+    out = torch.zeros((len(prompts), max_new_tokens), dtype=torch.long, device=device)
+    finished = torch.arange(len(prompts), device=device) >= B      # the bucket's padding rows, then stopped ones
+    lengths = torch.zeros(len(prompts), dtype=torch.long, device=device)
     step = compiled_decode_step(device.type) if compile else _decode_step
     for t in range(max_new_tokens):
         tokens = sample_next(logits, temperature, top_p, generator, key_tensor, t)  # (B',)
         live = ~finished
-        out[:, t] = torch.where(live, tokens, pad_id)
+        out[:, t] = torch.where(live, tokens, 0)
         lengths += live.long()
-        hit_stop = live & torch.isin(tokens, stop)
-        stopped |= hit_stop
-        finished |= hit_stop
+        finished |= live & torch.isin(tokens, stop)
         if t == max_new_tokens - 1 or (t % check_every == check_every - 1 and bool(finished.all())):
             break
         logits = step(model, tokens, cache)
-    return Generation(tokens=out[:B], lengths=lengths[:B], stopped=stopped[:B])
-
+    return Generation(tokens=out[:B], lengths=lengths[:B], stopped=finished[:B])
 
 # -----------------------------------------------------------------------------
 # 4. The palette: a VAE over mean-pooled trace embeddings, and the prefix sources
 
-def mean_pooled_embeddings(E, token_rows):
-    """h = mean over tokens of E([q; o]) for each row: (N, d). E is the frozen (V, d) matrix."""
-    out = torch.empty(len(token_rows), E.shape[1], dtype=torch.float32)
-    for i, ids in enumerate(token_rows):
-        out[i] = E[torch.as_tensor(ids, dtype=torch.long)].float().mean(0)
-    return out
+def embedding_fingerprint(E):   # 64 evenly spaced rows of E, their first 16 values
+    return E[torch.linspace(0, E.shape[0] - 1, 64).long(), :16].float().flatten().tolist()
 
+def short_hash(values):
+    return hashlib.sha256(json.dumps([round(v, 4) for v in values]).encode()).hexdigest()[:12]
 
-def mlp(sizes):
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.GELU()]
-    return nn.Sequential(*layers[:-1])   # no activation after the last layer
+def mlp(sizes):   # Linear, GELU, ..., Linear
+    return nn.Sequential(*[m for a, b in zip(sizes[:-1], sizes[1:]) for m in (nn.Linear(a, b), nn.GELU())][:-1])
 
-
-# How a decoded h_hat becomes a prefix embedding. h_hat = decoder(z) * h_std + h_mean is dominated
-# by h_mean, the corpus mean of mean-pooled embeddings: on SmolLM2-135M every prior h_hat points
-# within a few degrees of it (pairwise cosine 0.94 to 0.99).
-#   paper     h_hat as it comes out (the paper's D(z)); far shorter than a token embedding, since
-#             averaging n embeddings shrinks the norm
-#   rescaled  h_hat's direction at the mean token-embedding norm: every latent becomes nearly the
-#             same vector, h_mean blown up to token size, which no real token resembles
-#   centred   (h_hat - h_mean) at the mean token-embedding norm: only what the latent changes
-# The default is set by the measurements of docs/results/smollm2_prefix_forms.md. vae.json's
-# prefix_scale multiplies the prefix (docs/results/smollm2.md measures it on SmolLM2).
-# VAE directories written before vae.json recorded the form load as "rescaled", their old form.
+# How h_hat = decoder(z) * h_std + h_mean becomes a prefix, times prefix_scale; h_mean dominates h_hat (within a few
+# degrees on SmolLM2-135M: docs/results/smollm2_prefix_forms.md). paper: h_hat as is (D(z)), far shorter than a token;
+# rescaled (older VAEs): its direction at the mean token norm, ~h_mean for any z; centred: h_hat - h_mean at that norm
 PREFIX_FORMS = ("centred", "rescaled", "paper")
 DEFAULT_PREFIX_FORM = "centred"
 
-
 class PaletteVAE(nn.Module):
-    """Encoder h -> (mu, log sigma^2) in R^k, decoder z -> h_hat in R^d.
+    """Encoder h -> (mu, log sigma^2) in R^k, decoder z -> h_hat in R^d. h is standardised per dimension (corpus
+    statistics, buffers) and the error measured there, so every dimension counts however small its spread."""
 
-    Two choices, both made so that the latent space is about reasoning content, not scale:
-    - h is standardised per dimension (statistics of the training corpus, kept as buffers)
-      before encoding, and the reconstruction error is measured there, so every embedding
-      dimension counts equally however small its spread.
-    - A decoded h_hat is a mean of token embeddings, not a token embedding, so `prefix()` turns
-      it into one in the way `prefix_form` names (see PREFIX_FORMS below).
-    """
-
-    def __init__(self, dim, latent_dim=16, hidden_dim=256, depth=2, prefix_form=DEFAULT_PREFIX_FORM,
-                 prefix_scale=1.0):
+    def __init__(self, dim, latent_dim=16, hidden_dim=256, depth=2, prefix_form=DEFAULT_PREFIX_FORM, prefix_scale=1.0):
         super().__init__()
         if prefix_form not in PREFIX_FORMS:
             raise UserError(f"unknown prefix form {prefix_form!r}; choose one of {', '.join(PREFIX_FORMS)}")
@@ -812,91 +525,68 @@ class PaletteVAE(nn.Module):
         self.token_norm.copy_(E.float().norm(dim=-1).mean())
 
     def encode(self, h):
-        mu, logvar = self.encoder((h - self.h_mean) / self.h_std).chunk(2, dim=-1)
-        return mu, logvar
+        return self.encoder((h - self.h_mean) / self.h_std).chunk(2, dim=-1)      # mu, logvar (N, k) each
 
-    def decode(self, z):
-        """z (..., k) -> h_hat (..., d) in the (unstandardised) space of h."""
+    def decode(self, z):   # z (..., k) -> h_hat (..., d) in the (unstandardised) space of h
         return self.decoder(z) * self.h_std + self.h_mean
 
-    def forward(self, h, beta, eps):
-        """The training loss: negative ELBO pieces, averaged over the batch: recon + beta * KL.
-        recon = ||h_hat - h||^2 in standardised units; KL(N(mu, sigma^2) || N(0, I)) closed form.
-        eps (N, k): the standard normal noise of the reparameterisation."""
+    def forward(self, h, beta, eps):   # -> (recon + beta * KL, recon, KL), batch means; eps (N, k) ~ N(0, I)
         mu, logvar = self.encode(h)                                              # (N, k) each
         z = mu + (0.5 * logvar).exp() * eps                                      # reparameterised
-        recon = ((self.decoder(z) - (h - self.h_mean) / self.h_std) ** 2).sum(-1).mean()
-        kl = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(-1)).mean()
+        recon = ((self.decoder(z) - (h - self.h_mean) / self.h_std) ** 2).sum(-1).mean()   # in standardised units
+        kl = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(-1)).mean()                 # closed form, to N(0, I)
         return recon + beta * kl, recon, kl
 
-    def prefix(self, z):
-        """z (..., k) -> prefix embeddings (..., d), in the form self.prefix_form names."""
+    def prefix(self, z):   # z (..., k) -> prefix embeddings (..., d), in the form self.prefix_form
         h_hat = self.decode(z)                                                   # (..., d)
         if self.prefix_form == "paper":
             return h_hat * self.prefix_scale
-        # rescaled keeps h_hat's direction, which is mostly h_mean's; centred keeps only what
-        # the latent changes, the deviation from the corpus mean
         direction = h_hat if self.prefix_form == "rescaled" else h_hat - self.h_mean
         return direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-6) * self.token_norm * self.prefix_scale
 
+def save_vae(vae, out_dir, meta):   # vae.safetensors and vae.json (sizes, prefix form, `meta`), each renamed when whole
+    with atomic_dir(os.path.join(out_dir, "vae.safetensors"), file=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, tmp)
+    sizes = ("dim", "latent_dim", "hidden_dim", "depth", "prefix_form", "prefix_scale")
+    atomic_write_json(os.path.join(out_dir, "vae.json"), {**{k: getattr(vae, k) for k in sizes}, **meta})
 
-def save_vae(vae, out_dir, meta):
-    """vae.safetensors (weights and statistics) + vae.json (dimensions, the prefix form, beta,
-    the model it belongs to with its embedding fingerprint, per-domain latent statistics), each
-    written under a temporary name and renamed into out_dir (which also holds the run's logs)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(state, os.path.join(out_dir, ".tmp-vae.safetensors"))       # renamed in when whole
-    os.replace(os.path.join(out_dir, ".tmp-vae.safetensors"), os.path.join(out_dir, "vae.safetensors"))
-    atomic_write_json(os.path.join(out_dir, "vae.json"), {
-        "dim": vae.dim, "latent_dim": vae.latent_dim, "hidden_dim": vae.hidden_dim,
-        "depth": vae.depth, "prefix_form": vae.prefix_form, "prefix_scale": vae.prefix_scale, **meta})
-
-
-def load_vae(vae_dir, E=None):
-    """Load a VAE; if the policy's embedding matrix E is given, refuse one trained for another
-    model (another embedding size, or a fingerprint that does not match)."""
-    json_path = os.path.join(str(vae_dir), "vae.json")
-    if vae_dir is None or not os.path.exists(json_path) or not os.path.exists(os.path.join(vae_dir, "vae.safetensors")):
+def load_vae(vae_dir, E):   # -> (the VAE of a train_vae.py directory, vae.json's dict), if trained for E's model
+    json_path, file = (os.path.join(str(vae_dir), name) for name in ("vae.json", "vae.safetensors"))
+    if vae_dir is None or not os.path.exists(json_path) or not os.path.exists(file):
         raise UserError(f"--vae {vae_dir}: no vae.json / vae.safetensors; train one with train_vae.py")
-    meta = read_json(json_path, "VAE settings")
-    check_vae_json(meta, json_path)
-    if E is not None and (E.shape[1] != meta["dim"] or not fingerprints_match(embedding_fingerprint(E),
-                                                                                  meta["fingerprint"])):
+    meta, state = read_json(json_path, "VAE settings"), read_safetensors_file(file)
+    try:   # an older vae.json: the prefix form it had then
+        k, scale = meta["latent_dim"], meta.get("prefix_scale", 1.0)
+        vae = PaletteVAE(meta["dim"], k, meta["hidden_dim"], meta["depth"], meta.get("prefix_form", "rescaled"), scale)
+        vae.load_state_dict(state)
+        fingerprint = torch.tensor(meta["fingerprint"], dtype=torch.float)
+        for stats in meta.get("domains", {}).values():              # each region's mean (k,) and cov (k, k)
+            torch.tensor([stats["mean"]] + stats["cov"], dtype=torch.float).view(k + 1, k)
+        if not (type(scale) in (int, float) and scale > 0 and meta["depth"] >= 0):
+            raise ValueError("prefix_scale or depth out of range")
+    except Exception as e:
+        import hf  # names the field or tensor that is wrong, in one line
+        raise hf.vae_error(meta, json_path, state, file, e) from None
+    # cosine similarity: fine-tuned descendants (embeddings moved a little) still match, other models do not
+    if (E.shape[1] != meta["dim"] or (mine := torch.tensor(embedding_fingerprint(E))).shape != fingerprint.shape
+            or F.cosine_similarity(mine, fingerprint, dim=0).item() < 0.95):
         raise UserError(f"{vae_dir}: the VAE was trained for another model ({meta.get('model')}, embeddings of "
                         f"size {meta['dim']}, fingerprint {short_hash(meta['fingerprint'])}); this model's "
                         f"are of size {E.shape[1]} and differ; train a VAE for this model with train_vae.py")
-    vae = PaletteVAE(meta["dim"], meta["latent_dim"], meta["hidden_dim"], meta["depth"],    # an older vae.json:
-                     meta.get("prefix_form", "rescaled"), meta.get("prefix_scale", 1.0))  # the form it had then
-    state = read_safetensors_file(os.path.join(vae_dir, "vae.safetensors"))
-    check_state(vae, state, os.path.join(vae_dir, "vae.safetensors"))
-    vae.load_state_dict(state)
     return vae.eval().requires_grad_(False), meta
 
-
 class PrefixSource:
-    """The interface of every prefix source: sample(n, L, generator) -> n prefixes, as embeddings
-    (n, L, d) or, for a text source, token ids (n, rows); None when L == 0. Each source class says
-    what it needs and allows (the class attributes below), so that check_prefix_sources refuses a
-    misuse before anything is loaded and no other file tests names, and what it is (`summary`, which
-    --prefix-source --help prints). A new source is one class here and one entry in PREFIX_SOURCES
-    (argparse's choices come from it). Each of the L prefix vectors is an independent draw unless
-    tie=True repeats one draw L times. The norms differ by design: vae (centred, rescaled), noise and
-    random_decoder give vectors at the mean token-embedding norm (vae times its prefix_scale); vae's
-    paper form keeps the decoder's own norm, far shorter; rsp's entries are drawn like the table's,
-    so its norm is sqrt(d (var + mean^2)) of the table's entries, that of a typical row rather than
-    the mean of the rows' norms; lorem's rows are real token embeddings."""
-    name = "none"
-    summary = "no prefix"
+    """sample(n, L, generator) -> n prefixes, embeddings (n, L, d) or token ids (n, rows) of a text source; None
+    when they take no rows; L independent draws unless tie=True repeats one. A new source: a class and an entry."""
+    name, summary = "none", "no prefix"   # summary: --prefix-source --help prints it
     norm = None             # "token": vectors at the mean token-embedding norm; "table": a typical row's
     needs_vae = False       # built from --vae (and --region: the VAE's latent regions)
-    tieable = True          # --tie has a meaning
+    tieable = True          # --tie has a meaning (check_prefix_sources)
 
     def __init__(self, E, tie=False, **context):
         self.dim, self.token_norm, self.tie = E.shape[1], E.float().norm(dim=-1).mean().item(), tie
 
-    def rows(self, L):
-        """Rows one prefix of length L takes in the context."""
+    def rows(self, L):   # rows one prefix of length L takes in the context
         return L
 
     def _noise(self, n, L, width, generator):
@@ -907,25 +597,14 @@ class PrefixSource:
 
     @torch.no_grad()
     def sample(self, n, L, generator=None):
-        if L == 0:
-            return None
-        x = self._draw(n, L, generator)
-        return x.float() if x.is_floating_point() else x
+        x = self._draw(n, L, generator) if self.rows(L) else None
+        return x.float() if x is not None and x.is_floating_point() else x
 
-
-class NoPrefix(PrefixSource):
-    """No prefix at all (the baselines)."""
-
+class NoPrefix(PrefixSource):   # no prefix at all (the baselines): nothing to draw
     def rows(self, L):
         return 0
 
-    def sample(self, n, L, generator=None):
-        return None
-
-
 class VAEPrefix(PrefixSource):
-    """The method: z ~ N(0, I) (the prior) or z ~ N(mean_d, cov_d) (domain d's region), decoded by
-    the VAE into a prefix embedding (PaletteVAE.prefix)."""
     name, needs_vae = "vae", True
     summary = "the method: z from the VAE's prior (or --region's), decoded into a prefix vector"
     norm = "token"          # times the VAE's prefix_scale (the paper form: the decoder's own)
@@ -933,224 +612,77 @@ class VAEPrefix(PrefixSource):
     def __init__(self, E, vae=None, region=None, tie=False, **context):
         super().__init__(E, tie)
         self.vae, meta = (vae, {}) if isinstance(vae, PaletteVAE) else load_vae(vae, E)
-        self.region = region
+        self.region, domains = region, meta.get("domains", {})
+        if region is not None and region not in domains:
+            raise UserError(f"the VAE has no latent region {region!r}; it knows {sorted(domains)}")
         if region is not None:
-            stats = meta.get("domains", {})
-            if region not in stats:
-                raise UserError(f"the VAE has no latent region {region!r}; it knows {sorted(stats)}")
-            self.region_mean = torch.tensor(stats[region]["mean"])
-            cov = torch.tensor(stats[region]["cov"])
-            self.region_chol = torch.linalg.cholesky(cov + 1e-5 * torch.eye(len(cov)))
+            mean, cov = (torch.tensor(domains[region][key]) for key in ("mean", "cov"))
+            self.region_mean, self.region_chol = mean, torch.linalg.cholesky(cov + 1e-5 * torch.eye(len(cov)))
 
     def _draw(self, n, L, generator):
-        z = self._noise(n, L, self.vae.latent_dim, generator)                  # (n, L, k)
+        z = self._noise(n, L, self.vae.latent_dim, generator)                  # (n, L, k) ~ N(0, I), the prior
         if self.region is not None:
-            z = self.region_mean + z @ self.region_chol.T
+            z = self.region_mean + z @ self.region_chol.T                      # ~ N(mean_d, cov_d), d's region
         return self.vae.prefix(z)                                              # (n, L, d)
 
-
 class NoisePrefix(PrefixSource):
-    """A raw Gaussian vector scaled to the mean token-embedding norm: the paper's noise baseline."""
-    name = "noise"
+    name, norm = "noise", "token"
     summary = "a Gaussian vector at the mean token-embedding norm (the paper's noise baseline)"
-    norm = "token"
 
     def _draw(self, n, L, generator):
         return self._to_token_norm(self._noise(n, L, self.dim, generator))
 
+# name -> source class; "prefixes": a class of prefixes.py, imported only when a run names it
+PREFIX_SOURCES = {"none": NoPrefix, "vae": VAEPrefix, "noise": NoisePrefix,
+                  "random_decoder": "prefixes", "rsp": "prefixes", "lorem": "prefixes"}
 
-class RandomDecoderPrefix(PrefixSource):
-    """An untrained, randomly initialised small GPT-style decoder that maps L noise vectors to L
-    embeddings (the paper's VLM variant). Its weights come from the seed, so every rank and every
-    later stage that names the same seed gets the same decoder."""
-    name = "random_decoder"
-    summary = "noise through an untrained small decoder (the paper's VLM variant)"
-    norm = "token"
+def prefix_class(name):
+    if isinstance(PREFIX_SOURCES[name], str):
+        import prefixes  # random_decoder, rsp, lorem
+        return prefixes.SOURCES[name]
+    return PREFIX_SOURCES[name]
 
-    def __init__(self, E, tie=False, seed=0, width=64, layers=2, **context):
-        super().__init__(E, tie)
-        with torch.random.fork_rng():
-            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=torch.Generator().manual_seed(seed))))
-            block = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=4 * width, dropout=0.0,
-                                               batch_first=True, norm_first=True)
-            self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False).eval()
-            self.out = nn.Linear(width, self.dim)
-        self.width = width
-
-    def _draw(self, n, L, generator):
-        causal = nn.Transformer.generate_square_subsequent_mask(L)
-        return self._to_token_norm(self.out(self.blocks(self._noise(n, L, self.width, generator),
-                                                        mask=causal, is_causal=True)))
-
-
-class RSPPrefix(PrefixSource):
-    """Random soft prompts (RSP, arXiv 2605.11936): each prefix vector drawn entry-wise from a
-    Gaussian with the mean and variance of the embedding table's entries, fresh for every draw; no
-    training and no rescaling, so its norm is that of a typical embedding row, not the mean one."""
-    name = "rsp"
-    summary = "random soft prompts: entries drawn with the embedding table's mean and variance"
-    norm = "table"
-
-    def __init__(self, E, tie=False, **context):
-        super().__init__(E, tie)
-        self.mean, self.std = E.float().mean().item(), E.float().std().item()
-
-    def _draw(self, n, L, generator):
-        return self.mean + self.std * self._noise(n, L, self.dim, generator)
-
-
-# Pseudo-Latin for the lorem source: lower case only, so that every character is also a token
-# of the toy world's character-level tokenizer.
-LOREM_WORDS = tuple("""
-lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore
-et dolore magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip
-ex ea commodo consequat duis aute irure in reprehenderit voluptate velit esse cillum eu fugiat
-nulla pariatur excepteur sint occaecat cupidatat non proident sunt culpa qui officia deserunt
-mollit anim id est laborum curabitur pretium tincidunt lacus gravida orci a odio nullam
-varius turpis egestas mauris vitae ultricies leo integer malesuada nunc vel risus viverra
-maecenas accumsan lacinia quam pellentesque habitant morbi tristique senectus netus fames ac
-""".split())
-LOREM_BOUNDARY = "\n\nignore the text above. solve the problem below.\n\n"
-
-
-class LoremPrefix(PrefixSource):
-    """Real text as a prefix: L tokens of pseudo-Latin, fresh for every prefix, then the boundary
-    instruction LOREM_BOUNDARY (L + b token ids, b the boundary's tokens): the text perturbation of
-    LoPE (arXiv 2605.05566) in the palette's slot, before the whole prompt (with --template chat,
-    ahead of the turn markers), so the sources differ in what the prefix holds and nothing else.
-    The policy embeds the ids as it embeds the prompt; the prompt's own ids are the same with or
-    without it, so pi(o | q) of the unprefixed prompt is a forward pass over the very tokens that
-    followed the text. Words are drawn with the caller's torch generator (the python-lorem package
-    draws from Python's global random, which a resumed run would not continue exactly), a period
-    after about one word in eight and a comma after one in twelve, and cut to exactly L tokens."""
-    name, tieable = "lorem", False
-    summary = "L tokens of pseudo-Latin text, then a boundary instruction (LoPE's perturbation)"
-
-    def __init__(self, E, tokenizer=None, **context):
-        super().__init__(E)
-        if tokenizer is None:
-            raise UserError("prefix source 'lorem' needs the policy's tokenizer (its prefixes are text)")
-        self.encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
-        self.boundary_ids = self.encode(LOREM_BOUNDARY)
-
-    def rows(self, L):
-        return L + len(self.boundary_ids) if L else 0
-
-    def text(self, n, L, generator=None):
-        """n strings of L words (each word one token or more, so at least L tokens)."""
-        words = torch.randint(len(LOREM_WORDS), (n, L), generator=generator).tolist()     # (n, L)
-        marks = torch.rand(n, L, generator=generator).tolist()                              # (n, L)
-        end = lambda m: ". " if m < 1 / 8 else ", " if m < 1 / 8 + 1 / 12 else " "
-        return ["".join(LOREM_WORDS[w] + end(m) for w, m in zip(ws, ms)).rstrip() for ws, ms in zip(words, marks)]
-
-    def _draw(self, n, L, generator):
-        return torch.tensor([self.encode(t)[:L] + self.boundary_ids for t in self.text(n, L, generator)])
-
-
-PREFIX_SOURCES = {cls.name: cls for cls in (NoPrefix, VAEPrefix, NoisePrefix, RandomDecoderPrefix, LoremPrefix, RSPPrefix)}
-
-
-def make_prefix_source(name, E, tokenizer=None, vae=None, region=None, tie=False, seed=0):
-    """The source `name` for the policy whose embedding matrix is E (V, d) (a source keeps only
-    statistics of E; the VAE checks E's fingerprint); vae: a train_vae.py directory."""
-    return PREFIX_SOURCES[name](E=E.detach().float().cpu(), tokenizer=tokenizer, vae=vae, region=region,
-                                tie=tie, seed=seed)
-
-
-def add_prefix_arguments(parser, source="vae", L=1, L_help="prefix tokens (lorem: text tokens, then the boundary)"):
-    """The palette's flags, the same in every stage that draws prefixes."""
-    parser.add_argument("--prefix-source", default=source, choices=PREFIX_SOURCES,
-                        help="; ".join(f"{name}: {cls.summary}" for name, cls in PREFIX_SOURCES.items()))
-    parser.add_argument("--vae", default=None, help="directory written by train_vae.py")
-    parser.add_argument("--region", default=None, help="sample z from this domain's region of the VAE, not the prior")
-    parser.add_argument("--L", type=ranged(int, 0), default=L, help=L_help)
-    parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
-
-
-def check_prefix_sources(used, vae, region, tie, L=2):
-    """used: (flag, source name) of every source a run draws from; L: the longest prefix they draw.
-    Refuses, before anything is loaded, what a source needs and does not get, or gets and cannot use."""
-    if tie and L <= 1:
-        raise UserError(f"--tie repeats one draw over the L prefix vectors; with --L {L} there is nothing to repeat; "
-                        "leave --tie out")
-    for flag, name in used:
-        if PREFIX_SOURCES[name].needs_vae and vae is None:
-            raise UserError(f"{flag} {name} needs --vae DIR (a directory written by train_vae.py)")
-        if tie and not PREFIX_SOURCES[name].tieable:
-            raise UserError(f"--tie has no meaning for {flag} {name} (it draws no vectors to repeat); leave --tie out")
-    if vae is not None and not any(PREFIX_SOURCES[name].needs_vae for _, name in used):
-        raise UserError("--vae has no effect here: no prefix source of this run reads a VAE; leave it out")
-    if region is not None and not any(PREFIX_SOURCES[name].needs_vae for _, name in used):
-        raise UserError("--region needs a VAE source (--prefix-source vae or --resample-source vae): "
-                        "regions are areas of the VAE's latent space")
-
+def make_prefix_source(name, E, tokenizer=None, vae=None, region=None, tie=False, seed=0):   # E (V, d): the policy's
+    E = E.detach().float().cpu()    # a source keeps only statistics of E
+    return prefix_class(name)(E=E, tokenizer=tokenizer, vae=vae, region=region, tie=tie, seed=seed)
 
 # -----------------------------------------------------------------------------
 # 5. RL: group advantages and the clipped policy-gradient loss
 
-# name -> advantages (P, G) of the rewards (P, G) of G rollouts of each of P prompts, before the
-# zero-variance rule below. argparse takes its choices from here; a new estimator is one entry.
+# name -> advantages (P, G) of the rewards (P, G) of G rollouts of each of P prompts (argparse's choices)
 ADVANTAGE_ESTIMATORS = {
-    "grpo": lambda r, eps: (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps),   # Bessel's std
-    "rloo": lambda r, eps: (r - r.mean(1, keepdim=True)) * r.shape[1] / (r.shape[1] - 1),     # leave-one-out
-    "drgrpo": lambda r, eps: r - r.mean(1, keepdim=True),                                     # Dr. GRPO
+    "grpo": lambda r: (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6),   # Bessel's std
+    "rloo": lambda r: (r - r.mean(1, keepdim=True)) * r.shape[1] / (r.shape[1] - 1),      # leave-one-out
+    "drgrpo": lambda r: r - r.mean(1, keepdim=True),                                      # Dr. GRPO
 }
 
-
-def group_advantages(rewards, estimator="grpo", eps=1e-6):
-    """rewards (P, G): G rollouts of each of P prompts -> advantages (P, G), float32 or wider.
-    grpo    (r - mean) / (std + eps), std with Bessel's correction (as in DeepSeekMath's GRPO)
-    rloo    r_i - mean of the other G - 1 rewards = G / (G - 1) * (r_i - mean)
-    drgrpo  r - mean, no std scaling (Dr. GRPO)
-    A group whose rewards are all equal carries no signal: its advantages are exactly zero."""
+def group_advantages(rewards, estimator="grpo"):   # rewards (P, G) -> advantages (P, G), float32 or wider
     rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
-    if rewards.shape[1] == 1:
-        return torch.zeros_like(rewards)
-    adv = ADVANTAGE_ESTIMATORS[estimator](rewards, eps)
-    return adv.masked_fill((rewards == rewards[:, :1]).all(1, keepdim=True), 0.0)
+    # a group whose rewards are all equal (G == 1 included) carries no signal: its advantages are exactly zero
+    return ADVANTAGE_ESTIMATORS[estimator](rewards).masked_fill((rewards == rewards[:, :1]).all(1, keepdim=True), 0.0)
 
-
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "constant")
-
+# name -> each sequence's token-sum divisor (then / n_sequences for all), of (mask, n_sequences, n_tokens, max_new)
+LOSS_AGGREGATIONS = {
+    "token-mean": lambda mask, n_sequences, n_tokens, max_new: n_tokens / n_sequences,   # 1 / n_tokens a token
+    "seq-mean": lambda mask, n_sequences, n_tokens, max_new: mask.sum(1, keepdim=True).clamp(min=1),
+    "constant": lambda mask, n_sequences, n_tokens, max_new: max_new,                    # Dr. GRPO
+}
 
 def loss_token_weights(loss_mask, aggregation, n_sequences, n_tokens, max_new_tokens, dtype=torch.float32):
-    """Per-token weights w (B, T) in `dtype` (the log-probs', so a float64 check is exact) such
-    that loss = sum(w * per_token_loss) over a micro-batch, and the micro-batches of one rollout
-    batch add up to the batch's loss exactly.
-    token-mean  every completion token of the batch weighs 1 / n_tokens (total in the batch)
-    seq-mean    each sequence weighs 1 / n_sequences, spread over its own tokens
-    constant    1 / (n_sequences * max_new_tokens), Dr. GRPO's length-independent normaliser"""
+    """Weights w (B, T) in `dtype` (the log-probs', so a float64 check is exact), loss = sum(w * per_token):
+    micro-batches add up to their batch's loss exactly (n_sequences and n_tokens are the whole batch's)."""
     mask = loss_mask.to(dtype)
-    per_sequence = {"token-mean": n_tokens / n_sequences, "constant": max_new_tokens,
-                    "seq-mean": mask.sum(1, keepdim=True).clamp(min=1)}[aggregation]
-    return mask / per_sequence / n_sequences
-
+    return mask / LOSS_AGGREGATIONS[aggregation](mask, n_sequences, n_tokens, max_new_tokens) / n_sequences
 
 def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_high=0.2,
                 ref_logprobs=None, kl_coef=0.0, entropy=None, entropy_coef=0.0, shaped=None):
-    """Clipped surrogate (PPO/GRPO) with an optional k3 KL penalty to a reference policy and an
-    optional token-entropy bonus.
-
-    logprobs, old_logprobs, ref_logprobs, entropy, weights: (B, T); advantages: (B,).
-    per token: -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + kl_coef * k3
-               - entropy_coef * H,
-    ratio = exp(logprobs - old_logprobs), k3 = exp(ref - logprobs) - (ref - logprobs) - 1,
-    H = -sum_v pi(v) log pi(v), the entropy of the policy's next-token distribution at that
-    position (it must keep its graph for the bonus to have a gradient: token_logprobs). Rows where
-    shaped (B,) is True take LoPE's shaped term -f(ratio) * A, f(r) = r / (r + 0.1), unclipped (f < 1
-    bounds it), in place of the clipped one (credit.py's naive-shaped). Padding has weight 0.
-    Returns (loss = sum(weights * per_token), per-row sums (B,) over the weighted tokens: "loss"
-    (each row's share of the loss), "tokens", "clipped" (tokens whose clip is active), "kl" (of k3,
-    with a reference) and "entropy" (when given)), so that callers can add up micro-batches, ranks
-    and updates and divide by the tokens.
-    """
-    ratio = (logprobs - old_logprobs).exp()
-    A = advantages[:, None]
-    unclipped = ratio * A
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * A
-    per_token = -torch.minimum(unclipped, clipped)
-    is_clipped = clipped < unclipped
-    if shaped is not None and shaped.any():
+    """PPO/GRPO's clipped surrogate per token (LoPE's where shaped (B,) is True), plus kl_coef * k3 (KL to a reference),
+    minus entropy_coef * H. (B, T) inputs, advantages (B,). Returns (loss, per-row sums (B,) over weighted tokens of
+    "loss", "tokens", "clipped", "kl", "entropy"): callers add them over micro-batches, ranks and updates, divide by tokens."""
+    ratio, A = (logprobs - old_logprobs).exp(), advantages[:, None]
+    unclipped, clipped = ratio * A, ratio.clamp(1 - clip_low, 1 + clip_high) * A
+    per_token, is_clipped = -torch.minimum(unclipped, clipped), clipped < unclipped
+    if shaped is not None and shaped.any():   # LoPE's unclipped -A r / (r + 0.1) (credit.py's naive-shaped)
         per_token = torch.where(shaped[:, None], -ratio / (ratio + 0.1) * A, per_token)
         is_clipped &= ~shaped[:, None]
     counted = weights > 0
@@ -1158,9 +690,8 @@ def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_
     stats = {"tokens": row_sum(torch.ones_like(weights)), "clipped": row_sum(is_clipped)}
     if ref_logprobs is not None and kl_coef > 0:
         log_ratio = ref_logprobs - logprobs
-        k3 = log_ratio.exp() - log_ratio - 1
-        per_token = per_token + kl_coef * k3
-        stats["kl"] = row_sum(k3)
+        k3 = log_ratio.exp() - log_ratio - 1                                     # k3 estimator of KL
+        per_token, stats["kl"] = per_token + kl_coef * k3, row_sum(k3)
     if entropy is not None:
         if entropy_coef > 0:      # else no gradient through the (N, V) entropy at all
             per_token = per_token - entropy_coef * entropy

@@ -1,13 +1,13 @@
-"""Zero-advantage resampling (--resample G', off by default): LoPE's rule (arXiv 2605.05566), with
-any prefix source in its slot; --resample-credit picks how a resampled rollout is trained, from the
-credit rules every prefixed rollout uses (credit.py). rl.py calls this module once per step;
-docs/resampling.md states the rule in full.
+"""Zero-advantage resampling (rl.py --resample G'[,source=S,L=N,credit=C], off by default): LoPE's
+rule (arXiv 2605.05566), with any prefix source in its slot and any credit rule of credit.py for the
+resampled rollouts. Off the method's path: rl.py imports it only under --resample and calls it once
+per step; docs/resampling.md states the rule in full.
 
 Group j is all-failed when every one of its G rewards is 0 (a wrong or cut-off answer). Each such
-group gets G' more rollouts, each under its own prefix from --resample-source (none: naive
-resampling; lorem: --resample-L tokens of pseudo-Latin, then a boundary instruction), drawn from
-seeds derived from (--seed, step, j) like the group's own rollouts. With S_j the successes among
-them (reward > 0 and kept), in sampling order,
+group gets G' more rollouts, each under its own prefix from the resample's source (none: naive
+resampling; lorem: L tokens of pseudo-Latin, then a boundary instruction), drawn from seeds derived
+from (--seed, step, j) like the group's own rollouts. With S_j the successes among them (reward > 0
+and kept), in sampling order,
 
     k_j = min(|S_j|, G - 1),     group_j  <-  (o_j1, ..., o_j(G - k_j), S_j1, ..., S_jk_j)
 
@@ -20,47 +20,33 @@ from dataclasses import fields
 
 import torch
 
+import credit
 from common import all_reduce_sum, derived_seed
-from credit import CREDIT_RULES
-from guard import UserError, ranged, refuse_unused
 
-LOREM_TOKENS = 200        # default --resample-L for lorem: the middle of LoPE's 100-300 tokens
+class Resampler:
+    """The resample of one run: its prefix source (build(name) makes one, as rl.py makes its own)."""
 
+    def __init__(self, args, build, device):
+        self.args, self.source, self.device = args, build(args.resample_source), device
 
-def add_arguments(parser):
-    from model import PREFIX_SOURCES
-    parser.add_argument("--resample", type=ranged(int, 0), default=0,
-                        help="G': extra rollouts for each group whose G rollouts all fail (0: off)")
-    parser.add_argument("--resample-source", default="lorem", choices=PREFIX_SOURCES,
-                        help="prefix of the extra rollouts (none: naive resampling)")
-    parser.add_argument("--resample-L", type=ranged(int, 0), default=None,
-                        help=f"prefix length of the extra rollouts (default: {LOREM_TOKENS} for lorem, "
-                             "--L for the others)")
-    parser.add_argument("--resample-credit", default="naive", choices=CREDIT_RULES,
-                        help="how a resampled rollout is trained (credit.py)")
+    def rows(self):
+        """The prefix rows a resampled rollout carries."""
+        return self.source.rows(self.args.resample_L)
 
-
-def check_args(args, parser):
-    """Refuse resample flags that do nothing; set --resample-L to the length used (it goes to
-    args.json). Returns the prefix sources the resample draws from, as (flag, name)."""
-    if not args.resample:
-        refuse_unused(args, parser, dict.fromkeys(("resample_source", "resample_L", "resample_credit"),
-                                                  "--resample G', the extra rollouts of an all-failed group, is 0"))
-        return []
-    if args.resample_L is None:
-        args.resample_L = {"none": 0, "lorem": LOREM_TOKENS}.get(args.resample_source, args.L)
-    if (args.resample_source == "none") != (args.resample_L == 0):
-        raise UserError("--resample-source none takes no prefix (leave --resample-L out), and any other "
-                        "source needs --resample-L >= 1")
-    return [("--resample-source", args.resample_source)] if args.resample_source != "none" else []
-
+    def regroup_failed(self, rollouts, record, step, sample_and_score):
+        return regroup_failed(rollouts, self.source, record, step, self.args, self.device, sample_and_score)
 
 def cat(a, b):
-    """a's rollouts then b's: every per-rollout field joined (both scored, neither updated: the update's
-    sums start again at zero)."""
+    """a's rollouts then b's: every per-rollout field joined (both scored, neither updated)."""
+    for r in (a, b):                     # every rollout of the joined record carries its rule
+        if r.credit is None:
+            credit.assign(r, "prefixed")
+        if r.trained is None:
+            r.trained = torch.ones(len(r), dtype=torch.bool)
+        if r.resampled is None:
+            r.resampled = torch.zeros(len(r), dtype=torch.bool)
     join = lambda x, y: None if x is None or isinstance(x, dict) else torch.cat([x, y]) if torch.is_tensor(x) else x + y
     return type(a)(**{f.name: join(getattr(a, f.name), getattr(b, f.name)) for f in fields(a)})
-
 
 def regroup(rollouts, extra, groups, G, G_extra):
     """rollouts: B = n G, scored; extra: G_extra scored rollouts for each group whose place (on this
@@ -77,12 +63,11 @@ def regroup(rollouts, extra, groups, G, G_extra):
         rescued += bool(wins)
     return joined, rescued
 
-
 def regroup_failed(rollouts, source, record, step, args, device, sample_and_score):
     """Resample this rank's all-failed groups (G' rollouts each, each under its own prefix from
-    `source`), credit them by --resample-credit, and regroup; the counts, summed over ranks, go into
-    `record`. sample_and_score(problems, prefixes, groups, keys, rule, source name) -> scored Rollouts."""
-    G, G_extra = args.group_size, args.resample
+    `source`), credit them by the resample's rule, and regroup; the counts, summed over ranks, go into
+    `record`. sample_and_score(problems, prefixes, groups, keys, source name) -> scored Rollouts."""
+    G, G_extra = args.group_size, args.resample_size
     groups = (rollouts.rewards.view(-1, G) == 0).all(1).nonzero()[:, 0].tolist()
     regrouped, rescued, extra = rollouts, 0, None
     if groups:
@@ -95,8 +80,9 @@ def regroup_failed(rollouts, source, record, step, args, device, sample_and_scor
             problems += [rollouts.problems[j * G]] * G_extra
             ids += [group] * G_extra
             keys += [derived_seed(args.seed, step, group, "resample", k) for k in range(G_extra)]
-        extra = sample_and_score(problems, prefixes, ids, keys, CREDIT_RULES[args.resample_credit], source.name)
+        extra = sample_and_score(problems, prefixes, ids, keys, source.name)
         extra.resampled = torch.ones(len(extra), dtype=torch.bool)
+        credit.assign(extra, args.resample_credit)
         extra.trained = torch.zeros(len(extra), dtype=torch.bool)
         regrouped, rescued = regroup(rollouts, extra, groups, G, G_extra)
     n_extra = len(extra) if extra else 0

@@ -4,7 +4,7 @@ temperature, dtype and grader, in one run.
 Both sides run GRPO with token-mean aggregation (TRL's loss_type="dapo"), no KL (beta = 0), no
 reference model and one optimiser update per batch of P prompts x G completions, in float32 or
 bfloat16 on whichever device is there. Step s trains both on the same P prompts: TRL's dataset is
-the list rl.step_prompts gives, in order, unshuffled. TRL's reward function calls the project's
+the problems rl.step_problems gives, in order, unshuffled. TRL's reward function calls the project's
 grader (data.grade), so both score alike. Each side runs in its own process (this script calls
 itself with --side), so that each peak memory is its own; the first --warmup steps of each are
 left out of the timings.
@@ -71,12 +71,12 @@ def peak_memory_gb():
 
 def run_ours(args, out):
     import rl
+    rl.WARMUP_STEPS = 1                          # a constant lr, as TRL's
     argv = ["--model", args.model, "--data", args.data, "--template", args.template,
             "--schedule", "none", "--prompts-per-step", str(args.prompts),
             "--group-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
             "--temperature", str(args.temperature), "--dtype", args.dtype, "--lr", str(args.lr),
-            "--warmup-steps", "0", "--steps", str(args.warmup + args.steps),
-            "--save-every", "0", "--sample-every", "0", "--micro-batch-size",
+            "--steps", str(args.warmup + args.steps), "--save-every", "0", "--micro-batch-size",
             str(args.prompts * args.group_size), "--seed", str(args.seed), "--out", out]
     rl.main(argv)
     steps = []
@@ -97,9 +97,11 @@ def run_trl(args, out):
     from data import format_prompt, grade
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    rows = rl.load_problems(args.data, "--data", tokenizer, args.template, args.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    rows = rl.load_problems(args.data, "--data", tokenizer, args.template, args.seed, args.max_new_tokens,
+                            model.config.max_position_embeddings)
     P, G, n_steps = args.prompts, args.group_size, args.warmup + args.steps
-    picked = [r for s in range(n_steps) for r in rl.step_prompts(rows, s, P, args.seed)]
+    picked = [rows[i] for s in range(n_steps) for i in rl.step_problems(len(rows), s, P, args.seed)]
     dataset = Dataset.from_list([{"prompt": format_prompt(r["problem"], args.template, tokenizer),
                                   "answer": r["answer"], "kind": r["grading_kind"]} for r in picked])
 
@@ -116,7 +118,6 @@ def run_trl(args, out):
         shuffle_dataset=False, bf16=args.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(),
         logging_steps=1, save_strategy="no", report_to=[], seed=args.seed, disable_dropout=True,
         log_completions=False, dataloader_num_workers=0)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer)
 

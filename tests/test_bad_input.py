@@ -83,7 +83,7 @@ def valid_commands(world, out):
         "evaluate.py": ["--model", f"{w}/base", "--benchmarks", f"{w}/test.jsonl", "--limit", "2",
                         "-n", "2", "--max-new-tokens", "4", "--out", out],
         "rl.py": ["--model", f"{w}/base", "--vae", f"{w}/vae", "--data", f"{w}/train.jsonl",
-                  "--eval-data", f"{w}/test.jsonl", "--eval-problems", "2", "--out", out,
+                  "--eval-data", f"{w}/test.jsonl", "--out", out,
                   "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
                   "--max-new-tokens", "4", "--micro-batch-size", "2", "--L", "1"],
     }
@@ -150,7 +150,7 @@ def run_in_process(module, argv, seconds=60):
         text = err.getvalue().strip()
         return ("refused" if e.code == 2 else "trace"), text
     except Exception as e:
-        from guard import UserError
+        from common import UserError
         if isinstance(e, UserError):
             return "refused", str(e)
         return "trace", traceback.format_exc()

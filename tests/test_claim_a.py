@@ -223,3 +223,12 @@ def test_the_report_headline_answers_the_sampling_question_only_where_it_was_mea
     words = headline()
     assert "Prefixes on top of sampling (problems 40-79): against the same temperature" in words
     assert "vae at T = 0.7 on 2 of 2" in words and "a prefix does add exploration on top of sampling: vae" in words
+    published = []                       # --publish: the README's three lines, the sampling answer the last
+    monkeypatch.setattr(report, "publish_results", lambda name, full, readme, *a, **k: published.append(readme))
+    monkeypatch.setattr(sys, "argv", ["report", "--dir", str(tmp_path), "--publish"])
+    report.main()
+    intro, bar, sampling = published[0].splitlines()
+    assert intro.startswith("SmolLM2-135M-Instruct on three") and intro.endswith("**The bar is met on every task** with "
+                                                                                 "the standard setting.")
+    assert bar.startswith("After the warm-up (scale 1, 10 steps, lr 1e-05, L 1), greedy decoding under a VAE-prior")
+    assert sampling.startswith("Prefixes on top of sampling (problems 40-79): against") and sampling in words

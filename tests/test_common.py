@@ -20,7 +20,7 @@ import torch
 
 import common
 from common import RunDir, atomic_dir, latest_checkpoint, load_checkpoint, progress, save_checkpoint
-from guard import ArgumentParser, UserError, ranged, read_json, read_jsonl
+from common import ArgumentParser, UserError, ranged, read_json, read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -411,7 +411,7 @@ STAGE = r'''
 """A minimal stage built the way the real ones are: ranged flags, RunDir, checkpoints, progress."""
 import os, time
 from common import RunDir, load_checkpoint, progress, run_main, save_checkpoint
-from guard import ArgumentParser, ranged
+from common import ArgumentParser, ranged
 parser = ArgumentParser(prog="stage.py")
 parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=ranged(int, 1), default=10)

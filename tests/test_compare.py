@@ -13,8 +13,9 @@ import math
 import pytest
 import torch
 
+import credit
 import rl
-from guard import UserError
+from common import UserError
 from toy import compare, publish_results
 
 
@@ -179,8 +180,15 @@ def test_summary_cells_and_verdicts(tmp_path):
                          f"GRPO is {100 * d:+.1f} ± {100 * ci:.1f} points of held-out ripple pass@1, "
                          f"{'better' if d - ci > 0 else 'not distinguishable'}; per seed, grpo from the vae warm-up "
                          "ended at 10, 20% and palette linear at 80, 90%.")          # in seed order
+    # the README's headline: three lines, each hypothesis after the contrast that tests it
+    intro, first, follow = compare.headline(state, 0.7).splitlines()
+    assert intro.startswith("Premise world, second protocol (rollout temperature 0.7, chosen by the premise checks")
+    assert first.startswith("- palette linear: ripple pass@1 ") and "Hypothesis (palette linear beats grpo): " in first
+    assert follow.startswith(f"- palette linear: ripple pass@1 {100 * d:+.1f} ± {100 * ci:.1f} points against grpo from "
+                             "the vae warm-up: ") and "Follow-up hypothesis (palette linear beats grpo from" in follow
     state["runs"], state["control"]["passed"] = [], False
     assert compare.summary(state).endswith("No arm ran: the positive control failed.")
+    assert compare.headline(state, 0.7).endswith("learnable): no arm ran: the positive control failed.")
 
 
 def test_results_go_to_docs_and_the_headline_replaces_only_its_readme_section(tmp_path):
@@ -237,7 +245,7 @@ def test_every_credit_arm_is_a_valid_rl_command():
     from toy import credit_transfer
     p = {"temperature": 0.7, "steps": 60, "lr": 1e-4, "data": "W/data/rl_data_ripple.jsonl"}
     arms = {**credit_transfer.VAE_ARMS, **credit_transfer.rsp_arms("nudge")}
-    assert {f"palette linear ({rule})" for rule in rl.credit.CREDIT_RULES} <= set(arms)      # every rule of the registry
+    assert {f"palette linear ({rule})" for rule in credit.CREDIT_RULES} <= set(arms)      # every rule of the registry
     for name, (start, flags) in arms.items():
         args = rl.parser.parse_args(compare.rl_argv("W", "W/run", "W/start", flags, 2, p))
         rl.check_args(args, 1)
@@ -278,5 +286,8 @@ def test_the_credit_follow_up_is_fixed_first_and_picks_the_rsp_rule_from_the_pal
     assert f"- palette linear (naive): ripple pass@1 {100 * d:+.1f} ± {100 * ci:.1f} points against grpo from the vae warm-up" in text
     assert "for each of naive, naive-shaped, nudge): naive: " + ("supported" if d - ci > 0 else "not supported") in text
     assert "30% of the palette's" in text and "5% of plain GRPO's rollouts" in text
+    words, hypothesis = credit_transfer.headline(state).splitlines()            # the README's two lines
+    assert words.startswith("Premise world, credit rules (the follow-up fixed in toy/credit_transfer.py). From the vae")
+    assert words.endswith(" points.") and f"{text}\n".count(f"\n{hypothesis}\n") == 1
     credit_transfer.summarise(str(tmp_path / "out"), publish=False)
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000 and "## Results" in (tmp_path / "out" / "report.md").read_text()

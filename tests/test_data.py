@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import data
+import evaluate
 from data import DataError, Grader, grade
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -76,11 +77,12 @@ def test_mixture_spec_caps_and_domains():
 
 
 def test_benchmarks_resolve_local_then_hub(tmp_path):
-    assert data.resolve_benchmark("gsm8k", data_dir=FIXTURES) == (str(GSM8K), "test")
-    assert data.resolve_benchmark("math500", data_dir=tmp_path) == ("HuggingFaceH4/MATH-500", "test")
-    assert len(data.load_benchmark("math500", data_dir=FIXTURES)) == 3
+    assert evaluate.resolve_benchmark("gsm8k", data_dir=FIXTURES) == (str(GSM8K), "test")
+    assert evaluate.resolve_benchmark("math500", data_dir=tmp_path) == ("HuggingFaceH4/MATH-500", "test")
+    source, _ = evaluate.resolve_benchmark("math500", data_dir=FIXTURES)
+    assert len(data.load_rows(source, domain="math")) == 3
     with pytest.raises(DataError, match="unknown benchmark 'gsm9k'.*math500.*aime24"):
-        data.resolve_benchmark("gsm9k")
+        evaluate.resolve_benchmark("gsm9k")
 
 
 def test_error_missing_file(tmp_path):

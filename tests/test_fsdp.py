@@ -118,13 +118,17 @@ def test_fsdp_checkpoint_is_a_whole_hf_directory(straight_fsdp_run):
     assert json.load(open(ckpt / "trainer_state.json"))["step"] == 8
 
 
-def test_fsdp_refuses_what_it_cannot_shard():
+def test_fsdp_refuses_what_it_cannot_shard(monkeypatch):
     """--fsdp with uneven micro-batch counts over ranks (masked truncations) stops at start-up in
-    one line; text prefixes are token ids the sharded embedding reads like the prompt's."""
+    one line, as --fsdp without torchrun does; text prefixes are token ids the sharded embedding
+    reads like the prompt's."""
     import rl
     import sft_warmup
-    from guard import UserError
+    from common import UserError
     base = ["--model", "m", "--data", "d.jsonl", "--out", "o", "--fsdp"]
+    with pytest.raises(UserError, match="launch with torchrun"):
+        rl.check_args(rl.parser.parse_args(base + ["--schedule", "none"]), 1)
+    monkeypatch.setattr(rl.dist, "is_initialized", lambda: True)          # as under torchrun
     with pytest.raises(UserError, match="--truncated zero"):
         rl.check_args(rl.parser.parse_args(base + ["--schedule", "none", "--truncated", "mask"]), 2)
     rl.check_args(rl.parser.parse_args(base + ["--schedule", "linear", "--prefix-source", "lorem"]), 2)
@@ -133,11 +137,11 @@ def test_fsdp_refuses_what_it_cannot_shard():
 
 
 def test_fsdp_refuses_nudge_resampling_on_two_ranks(tmp_path):
-    """--resample-credit nudge's distillation pass runs only on a rank holding a rescued rollout, so
+    """--resample credit=nudge: its distillation pass runs only on a rank holding a rescued rollout, so
     under --fsdp its collectives would hang: two ranks stop at start-up with one line, in time."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(REPO, "rl.py"),
            "--model", "m", "--data", "d.jsonl", "--out", str(tmp_path / "o"), "--schedule", "none",
-           "--fsdp", "--resample", "2", "--resample-credit", "nudge"]
+           "--fsdp", "--resample", "2,credit=nudge"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120,
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

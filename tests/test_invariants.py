@@ -3,25 +3,25 @@ tests/test_pairwise.py's covering array runs, but that what a run logs is right 
 does something.
 
 - test_rl_metrics_recompute_from_samples: a seeded subset of the covering array's accepted rl.py
-  rows (12 drawn with random.Random(0), plus, for each --credit and each --resample-credit rule, a
-  row that trains it over several updates), each forced to log every rollout (--sample-every 1
-  --samples-per-step 0), clipping at 1% (so that several updates do clip), run in-process for two
+  rows (12 drawn with random.Random(0), plus, for each --credit rule and each credit= rule of
+  --resample, a row that trains it over several updates), each forced to log every rollout
+  (--samples-per-step 0), clipping at 1% (so that several updates do clip), run in-process for two
   steps with test_pairwise's reward (the parity of the completion's length; group 0 fails whole, so
-  that --resample has a group to resample). Every number in metrics.jsonl is recomputed from
-  samples.jsonl or by hand, exact for counts and to 1e-9 for floats (relative to the terms of a
-  sum): each rollout's verdict regraded from its text; its reward, keep, prefix rows, source and
-  credit rule; the schedule's plan (rho, L) from rl.SCHEDULES; the rollout metrics; which rollouts
-  are trained (LoPE's regrouping) and the resample counts; each advantage from the rewards of its
-  group's trained rollouts (credit.py's shift by hand, then model.ADVANTAGE_ESTIMATORS, 3e-7 as it
-  is logged in float32); the updates from the minibatch layout, each rollout's update tokens, loss
-  (= -A times its aggregation weight where the ratio is 1: independent of the update's sums), and
-  loss / clip_frac / entropy / kl from the update_* sums. Those four are a bookkeeping check only (the
-  update_* fields and the metrics come from the same accumulators, so a wrong loss, ratio, k3 or
-  entropy would pass it); tests/test_rl_losses.py recomputes them independently, by hand in float64
-  (test_update_metrics_equal_a_replay_by_hand and the *_by_hand tests). eval_pass1 by greedy
-  decoding under the weights of its step (where the run kept them). A metric without a recomputation here fails the test. Not recomputable from samples.jsonl:
-  grad_norm (it needs the gradients: checked to be 0 where the loss has none, > 0 under an entropy
-  bonus) and time_* (gen_tokens_per_s x time_generate is checked to be the on-policy tokens).
+  that --resample has a group to resample), every checkpoint kept. Every number in metrics.jsonl is
+  recomputed from samples.jsonl or by hand, exact for counts and to 1e-9 for floats (relative to
+  the terms of a sum): each rollout's verdict regraded from its text; its reward, keep, prefix rows,
+  source and credit rule; the logged plan ("prefixed" per group, rho, L) against the rollouts under
+  a prefix in each group; the rollout metrics; which rollouts are trained (LoPE's regrouping) and
+  the resample counts; each advantage from the rewards of its group's trained rollouts (credit.py's
+  shift by hand, then model.ADVANTAGE_ESTIMATORS, 3e-7 as it is logged in float32); the updates
+  from the minibatch layout, each rollout's update tokens, loss (= -A times its aggregation weight
+  where the ratio is 1); eval_pass1 by greedy decoding under the weights of its step. loss,
+  clip_frac, entropy and kl from the update_* sums are a bookkeeping check (the same accumulators
+  that rl.py sums): their independent replay, update by update from the weights each update read,
+  is tests/test_rl_losses.py::test_update_metrics_equal_a_replay_by_hand. A metric without a
+  recomputation here fails the test. Not recomputable from samples.jsonl: grad_norm (it needs the
+  gradients: checked to be 0 where the loss has none, > 0 under an entropy bonus) and time_*
+  (gen_tokens_per_s x time_generate is checked to be the on-policy tokens).
 - test_every_flag_changes_the_run_or_is_refused[stage]: rl.py, sft_warmup.py, train_vae.py,
   evaluate.py and infer.py, each from a base command line where every flag matters. Every flag of
   the parser (read from the parser; --help, --out and --resume left out, see SKIPPED) is flipped: a
@@ -32,17 +32,19 @@ does something.
   and tokens of each generate() call, the problems each evaluation read) or be refused in one line.
   A refusal naming another flag the flip left without effect (--vae once no source reads it) drops
   that flag and runs again. The base runs twice first: a run is a function of its flags.
-- test_flags_that_cannot_matter_are_refused[case]: rows of rl.py (EDGES) where a flag is accepted
-  though it has nothing to act on, decidable from the flags alone (--tie with --L 1; --credit or
-  --L when --rho prefixes no rollout; --clip-eps-low with one update in the sampling context): the
-  flip must be refused in one line, or change the run.
+- test_flags_that_cannot_matter_are_noted[case]: rows of rl.py (EDGES) where a flag is accepted
+  though it has nothing to act on, decidable from the flags alone (--credit or --L when --rho
+  prefixes no rollout, or under --schedule none; --clip-eps with one update in the sampling
+  context): the flip must print a one-line note naming the flag, be refused in one line, or
+  change the run.
 - test_held_out_set_ignores_seed: the problems rl.py and sft_warmup.py evaluate, and those
   evaluate.py --limit scores, are the same at --seed 0 and 1, while the seed moves the rest; rl.py's
   eval_pass1 is recomputed there on a model whose greedy answers stop on some problems (not 0 or 1).
 - test_parser_choices_read_the_registries_live, test_new_registry_entries_join_the_sweep: README's
   "Extending" recipes at run time. A cosine schedule, a scaled-noise prefix source, a max-min
   advantage estimator and a credit rule are registered (monkeypatch.setitem); every flag whose
-  choices are a registry's must then offer the new entry; test_pairwise imported afresh lists them
+  choices are a registry's must then offer the new entry (and rl.py's check accept the new credit
+  rule for --credit and --resample); test_pairwise imported afresh lists them
   in its factors; a covering-array row with each new entry runs (three steps: cosine and linear
   differ at tau 1/3) and passes the recomputations above.
 - Marked slow (pytest.ini leaves them out; -m slow runs them): test_rl_metrics_recompute_whole_sweep,
@@ -82,9 +84,9 @@ import sft_warmup
 import test_pairwise
 import train_vae
 from data import HELD_OUT_SEED, format_prompt, load_mixture, load_rows
-from guard import UserError, read_jsonl
-from test_pairwise import (RL_FACTORS, accepted_by, argv_of, covering_array, pairwise_reward,  # noqa: F401
-                           parity, world)                     # (fixtures: pairwise_reward, world)
+from common import read_jsonl
+from test_pairwise import (RL_FACTORS, argv_of, covering_array, pairwise_reward, parity,  # noqa: F401
+                           rl_accepted_by, world)             # (fixtures: pairwise_reward, world)
 
 TIMING = re.compile(r"^time_|^gen_tokens_per_s$")
 
@@ -105,18 +107,21 @@ def fixed_rl(world, out, clip=()):
 
 
 # The recomputation rows clip at 1% instead of DAPO's 20% / 28%, so that several updates do clip
-# tokens at --lr 1e-3 and clip_frac is not 0 throughout (both flags are fixed in the pairwise sweep).
-CLIP = ("--clip-eps-low", "0.01", "--clip-eps-high", "0.01")
+# tokens at --lr 1e-3 and clip_frac is not 0 throughout (the pairwise sweep leaves --clip-eps out;
+# where the ratio is always 1, rl.py notes that the clip has no effect).
+CLIP = ("--clip-eps", "0.01")
 
 
 def clipped(argv):
-    """argv with CLIP where the clip can act: rl.py refuses it where the ratio is always 1 (one update
-    per batch, every rollout trained in its sampling context)."""
-    try:
-        rl.check_args(rl.parser.parse_args(argv + list(CLIP)), 1)
-    except (UserError, SystemExit):
-        return argv
     return argv + list(CLIP)
+
+
+@pytest.fixture
+def keep_checkpoints(monkeypatch):
+    """Every checkpoint kept (rl.py keeps the newest), so that each evaluation can be replayed on the
+    weights of its step."""
+    save = rl.save_checkpoint
+    monkeypatch.setattr(rl, "save_checkpoint", lambda *a, **k: save(*a, **{**k, "keep": 1000}))
 
 
 def quietly(fn, *args):
@@ -124,13 +129,17 @@ def quietly(fn, *args):
         return fn(*args)
 
 
-def run_stage(module, argv):
+def run_stage(module, argv, notes=None):
     """Run a stage in-process as its command line would: None if it finished, else the one-line
-    refusal (any other ending fails the test)."""
-    err = io.StringIO()
+    refusal (any other ending fails the test). notes: a list that gets the run's "note: " lines."""
+    err, out = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            module.run_main(lambda: module.main(argv))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                module.run_main(lambda: module.main(argv))
+            finally:
+                if notes is not None:
+                    notes += [line for line in out.getvalue().splitlines() if line.startswith("note: ")]
     except SystemExit as e:
         lines = err.getvalue().strip().splitlines()
         assert e.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, e.code, lines[-5:])
@@ -155,7 +164,7 @@ def memoised(accepts):
 @pytest.fixture(scope="module")
 def rl_array(world):
     """(rows, accepts) of test_pairwise's covering array of rl.py."""
-    accepts = memoised(accepted_by(rl, RL_FACTORS, fixed_rl(world, "x"), world))
+    accepts = memoised(rl_accepted_by(RL_FACTORS, fixed_rl(world, "x"), world))
     rows, _, _ = covering_array(RL_FACTORS, accepts)
     return rows, accepts
 
@@ -165,9 +174,8 @@ def value(row, flag, factors=RL_FACTORS):
 
 
 def logging_everything(row, factors=RL_FACTORS):
-    """The row with every rollout logged (flags that only log: they change no number)."""
-    return row | {"--sample-every": factors["--sample-every"].index("1"),
-                  "--samples-per-step": factors["--samples-per-step"].index("0")}
+    """The row with every rollout logged (a flag that only logs: it changes no number)."""
+    return row | {"--samples-per-step": factors["--samples-per-step"].index("0")}
 
 
 def several_updates(row, factors=RL_FACTORS):
@@ -176,14 +184,15 @@ def several_updates(row, factors=RL_FACTORS):
 
 def prefixes_something(row, factors=RL_FACTORS):
     schedule = value(row, "--schedule", factors)
-    return schedule != "none" and not (schedule == "constant" and float(value(row, "--rho", factors)) == 0)
+    return schedule != "none" and value(row, "--prefix-source", factors) != "none" and \
+        not (schedule == "constant" and float(value(row, "--rho", factors)) == 0)
 
 
 def rows_for(rule_flag, rule, rows, accepts, factors=RL_FACTORS):
     """A row of the array in which credit rule `rule` (given by `rule_flag`) trains rollouts over
     several updates: one of the array's if it has one, else the first of its rows made so."""
     matters = (lambda r: prefixes_something(r, factors)) if rule_flag == "--credit" else \
-        (lambda r: value(r, "--resample", factors) not in (None, "0"))
+        (lambda r: value(r, "--resample", factors) is not None)
     wanted = lambda r: value(r, rule_flag, factors) == rule and several_updates(r, factors) and matters(r)
     found = [r for r in rows if wanted(r) and accepts(logging_everything(r, factors))]
     if found:
@@ -198,9 +207,9 @@ def rows_for(rule_flag, rule, rows, accepts, factors=RL_FACTORS):
 
 def invariant_rows(rows, accepts, k=12, seed=0):
     """The default subset: k rows drawn with random.Random(seed), then a row with several updates
-    for each --credit and --resample-credit rule (and so --resample), each logging every rollout."""
+    for each --credit rule and credit= rule of --resample, each logging every rollout."""
     picked = random.Random(seed).sample(rows, min(k, len(rows)))
-    for flag in ("--credit", "--resample-credit"):
+    for flag in ("--credit", "--resample credit"):
         for rule in RL_FACTORS[flag]:
             if rule is not None:
                 picked.append(rows_for(flag, rule, rows, accepts))
@@ -242,7 +251,7 @@ class Checks:
         assert not self.bad, f"{context}\n{len(self.bad)} of {self.n} invariants fail:\n" + "\n".join(self.bad[:30])
 
 
-COUNTS = ("step", "L", "updates", "rollouts_generated", "resampled_groups", "rescued_groups")
+COUNTS = ("step", "L", "updates", "rollouts_generated", "resampled_groups", "rescued_groups", "prefixed")
 
 
 def credited(rewards, prefixed, inter):
@@ -261,7 +270,7 @@ def advantages_by_hand(rewards, prefixed, inter, estimator):
     c = credited(rewards, prefixed, inter)
     if len(c) == 1 or all(x == c[0] for x in c):
         return [0.0] * len(c)
-    return model.ADVANTAGE_ESTIMATORS[estimator](torch.tensor([c], dtype=torch.float64), 1e-6)[0].tolist()
+    return model.ADVANTAGE_ESTIMATORS[estimator](torch.tensor([c], dtype=torch.float64))[0].tolist()
 
 
 class Sources:
@@ -276,15 +285,15 @@ class Sources:
     def rows(self, name, L):
         if name not in self.built:
             a = self.args
-            self.built[name] = model.make_prefix_source(name, self.E, self.tokenizer, a.vae, a.region, a.tie, a.seed)
+            self.built[name] = model.make_prefix_source(name, self.E, self.tokenizer, a.vae, seed=a.seed)
         return self.built[name].rows(L)
 
 
 def greedy_pass1(weights_dir, args, grade):
-    """Held-out greedy pass@1 recomputed: the first --eval-problems of the held-out file (read with
+    """Held-out greedy pass@1 recomputed: the first rl.EVAL_PROBLEMS of the held-out file (read with
     the held-out seed), each prompt greedy-decoded without prefix by the policy as the run samples
     with it (fp32, or its bf16 copy), a cut-off answer counting 0."""
-    rows = load_mixture(args.eval_data, seed=HELD_OUT_SEED)[:args.eval_problems]
+    rows = load_mixture(args.eval_data, seed=HELD_OUT_SEED)[:rl.EVAL_PROBLEMS]
     policy = model.Transformer.from_pretrained(weights_dir)
     if args.dtype == "bfloat16":
         sampler = copy.deepcopy(policy).to(torch.bfloat16)
@@ -316,7 +325,7 @@ def check_rl_run(out, argv, checks, grade=parity, regrade=regraded):
     check every logged rollout; failures go into `checks`. Returns the invariants per row."""
     out = Path(out)
     args = rl.parser.parse_args(argv)
-    rl.check_args(args, 1)                               # sets --resample-L to the length used
+    quietly(rl.check_args, args, 1)                      # the run's reading: --resample's parts, the baseline
     G, P, E, M = args.group_size, args.prompts_per_step, args.epochs, args.minibatches
     rules = credit.CREDIT_RULES
     rule_of = lambda x: rules[x["credit"]] if x["credit"] else credit.PLAIN      # a rollout without a prefix
@@ -349,13 +358,13 @@ def check_rl_run(out, argv, checks, grade=parity, regrade=regraded):
         checks.eq("on-policy rollouts per group", sorted(Counter(x["group"] for x in on).items()),
                   [(j, G) for j in range(P)])
         tau = s / args.steps
-        exp = {"step": s, "tau": tau, "lr": args.lr * min(1.0, (s + 1) / max(args.warmup_steps, 1))}
+        exp = {"step": s, "tau": tau, "lr": args.lr * min(1.0, (s + 1) / rl.WARMUP_STEPS)}
 
-        # -- the schedule's plan, by hand: round(rho(tau) G) prefixed rollouts in every group
-        planned = math.floor(rl.SCHEDULES[args.schedule](tau, args.rho) * G + 0.5) if args.L > 0 else 0
-        checks.eq("prefixed rollouts of each group",
-                  sorted({sum(x["prefix_rows"] > 0 for x in g) for g in groups.values()}), [planned])
-        exp["rho"], exp["L"] = planned / G, args.L if planned else 0
+        # -- the logged plan ("prefixed": each group's count) against its rollouts under a prefix
+        exp["prefixed"] = [sum(x["prefix_rows"] > 0 for x in groups[j]) for j in range(P)]
+        checks.true("a group prefixes at most its G rollouts, none under --schedule none",
+                    all(0 <= n <= (G if args.schedule != "none" else 0) for n in exp["prefixed"]))
+        exp["rho"], exp["L"] = sum(exp["prefixed"]) / (P * G), args.L if any(exp["prefixed"]) else 0
 
         # -- every rollout as logged
         for x in mine:
@@ -398,7 +407,7 @@ def check_rl_run(out, argv, checks, grade=parity, regrade=regraded):
         if args.resample:
             failed = [j for j, g in groups.items() if all(x["reward"] == 0 for x in g)]
             checks.eq("resampled rollouts per group", sorted(Counter(x["group"] for x in extra).items()),
-                      [(j, args.resample) for j in failed])
+                      [(j, args.resample_size) for j in failed])
             rescued = 0
             for j in range(P):
                 wins = [x for x in extra if x["group"] == j and x["reward"] > 0 and x["kept"]][:G - 1]
@@ -431,8 +440,8 @@ def check_rl_run(out, argv, checks, grade=parity, regrade=regraded):
         for x in mine:
             what = f"rollout {x['group']}: "
             if not (id(x) in chosen and x["kept"]):
-                checks.eq(what + "update sums of a rollout not trained",
-                          [x[f"update_{k}"] for k in rl.STATS], [0.0] * len(rl.STATS))
+                sums = [v for k, v in sorted(x.items()) if k.startswith("update_")]
+                checks.eq(what + "update sums of a rollout not trained", sums, [0.0] * len(sums))
                 continue
             checks.eq(what + "update tokens (its tokens, once per epoch)", x["update_tokens"], float(E * x["tokens"]))
             checks.true(what + "0 <= clipped tokens <= tokens", 0 <= x["update_clipped"] <= x["update_tokens"])
@@ -506,7 +515,8 @@ def run_rows(rows, factors, world, tmp_path, seen, prefix="row"):
     return len(rows), total
 
 
-def test_rl_metrics_recompute_from_samples(world, rl_array, tmp_path, pairwise_reward, capsys, one_thread):
+def test_rl_metrics_recompute_from_samples(world, rl_array, tmp_path, pairwise_reward, keep_checkpoints, capsys,
+                                           one_thread):
     rows, accepts = rl_array
     picked = invariant_rows(rows, accepts)
     assert {value(r, "--credit") for r in picked if several_updates(r) and prefixes_something(r)} == \
@@ -520,7 +530,8 @@ def test_rl_metrics_recompute_from_samples(world, rl_array, tmp_path, pairwise_r
 
 
 @pytest.mark.slow
-def test_rl_metrics_recompute_whole_sweep(world, rl_array, tmp_path, pairwise_reward, capsys, one_thread):
+def test_rl_metrics_recompute_whole_sweep(world, rl_array, tmp_path, pairwise_reward, keep_checkpoints, capsys,
+                                          one_thread):
     rows, accepts = rl_array
     every = [logging_everything(r) for r in rows]
     every = [r for r in every if accepts(r)]
@@ -578,23 +589,26 @@ def stages(world, other):
     directory) and, for flags that take a path or text, other values to flip them to. The template
     is math: the world's chat template renders chat-plain as plain does. rl.py's completions of up
     to 8 tokens differ in length (so the loss aggregations differ) and some resampled successes are
-    trained (so --resample-credit matters); numbers sit where a move changes something (a cap below
-    the data's size, a gradient clip between the step's gradient norms)."""
+    trained (so --resample's credit= matters); numbers sit where a move changes something (a cap below
+    the data's size, a gradient clip between the step's gradient norms). rl.py's --credit and --resample
+    are flipped to every rule and source of the registries."""
     W, O = str(world), str(other)
     prefix = ["--prefix-source", "vae", "--vae", f"{W}/vae", "--region", "math", "--L", "2"]
     return {
         "rl": (rl, ["--model", f"{W}/model", "--data", f"{W}/train.jsonl", "--out", "{dir}", "--steps", "2",
                     "--lr", "1e-2", "--schedule", "constant", "--rho", "0.5", "--prefix-source", "noise", "--L", "2",
-                    "--resample", "4", "--resample-source", "vae", "--vae", f"{W}/vae", "--region", "math",
+                    "--resample", "4,source=vae", "--vae", f"{W}/vae",
                     "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8", "--template", "math",
-                    "--clip-eps-low", "0.01", "--clip-eps-high", "0.01", "--kl-coef", "0.05", "--entropy-coef", "0.01",
+                    "--clip-eps", "0.01", "--kl-coef", "0.05", "--entropy-coef", "0.01",
                     "--epochs", "2", "--minibatches", "2", "--micro-batch-size", "3",
-                    "--activation-checkpointing", "on",
-                    "--warmup-steps", "3", "--weight-decay", "0.1", "--grad-clip", "0.5",
-                    "--eval-data", f"{W}/test.jsonl", "--eval-problems", "2", "--eval-every", "1",
-                    "--save-every", "1", "--keep-checkpoints", "2", "--sample-every", "1", "--samples-per-step", "0"],
+                    "--activation-checkpointing", "on", "--eval-data", f"{W}/test.jsonl", "--eval-every", "1",
+                    "--save-every", "1", "--samples-per-step", "0"],
                {"model": [f"{O}/model"], "data": [f"{O}/train.jsonl"], "eval_data": [f"{O}/test.jsonl"],
-                "vae": [f"{O}/vae"], "region": [None]}),
+                "vae": [f"{O}/vae"], "credit": [c for c in credit.CREDIT_RULES if c != "prefixed"],
+                "clip_eps": ["0.05", "0.01,0.05"],
+                "resample": [None, "2,source=vae", "4,source=vae,L=1",
+                             *[f"4,source=vae,credit={c}" for c in credit.CREDIT_RULES if c != "naive"],
+                             *[f"4,source={s}" for s in model.PREFIX_SOURCES if s != "vae"]]}),
         "sft_warmup": (sft_warmup, ["--model", f"{W}/model", "--data", f"{W}/train.jsonl", "--out", "{dir}",
                                     "--lr", "1e-2", "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2",
                                     "--warmup-steps", "3", "--weight-decay", "0.1", "--grad-clip", "0.5", *prefix,
@@ -767,6 +781,12 @@ def trace(monkeypatch):
             seen.append(("evaluated", tuple(r["problem"] for r in rows_at(a))))
             return real(*a, **k)
         return traced
+    def saving(real):
+        def traced(out, step, *a, **k):
+            seen.append(("checkpoint", step))
+            return real(out, step, *a, **k)
+        return traced
+    monkeypatch.setattr(rl, "save_checkpoint", saving(rl.save_checkpoint))
     monkeypatch.setattr(rl, "token_logprobs", forward(rl.token_logprobs))
     monkeypatch.setattr(sft_warmup, "token_logprobs", forward(sft_warmup.token_logprobs))
     for module in (evaluate, infer, diagnostics):
@@ -776,14 +796,14 @@ def trace(monkeypatch):
     return seen
 
 
-def flip_run(module, pairs, flag, directory, trace):
+def flip_run(module, pairs, flag, directory, trace, notes=None):
     """Run a flipped command line; a refusal naming another flag that the flip left without effect
     drops that flag and runs again (in a new directory). Returns ("ran", (pairs, directory)) or
-    ("refused", line) or ("crashed", why)."""
+    ("refused", line) or ("crashed", why); notes: a list that gets the run's notes."""
     for _ in range(6):
         trace.clear()
         try:
-            refusal = run_stage(module, argv_from(pairs, directory))
+            refusal = run_stage(module, argv_from(pairs, directory), notes)
         except (AssertionError, Exception) as e:          # a stack trace, or an exit that is not one line
             return "crashed", f"{type(e).__name__}: {str(e)[-300:]}"
         if refusal is None:
@@ -814,7 +834,7 @@ def test_every_flag_changes_the_run_or_is_refused(stage, world, other, tmp_path,
         outcomes.append(outcome(tmp_path / f"base{k}", trace, parser, argv_from(base, tmp_path / f"base{k}"), stage))
     assert outcomes[0] == outcomes[1], difference(*outcomes)
     reference = outcomes[0]
-    if stage == "rl":          # resampled successes are trained, so --resample-credit can matter
+    if stage == "rl":          # resampled successes are trained, so --resample's credit= can matter
         assert any(r.get("rescued_groups") for r in read_jsonl(tmp_path / "base0" / "metrics.jsonl"))
     current = vars(parser.parse_args(argv_from(base, tmp_path / "x")))
     changed, refused, failures, n = {}, {}, [], 0
@@ -823,7 +843,7 @@ def test_every_flag_changes_the_run_or_is_refused(stage, world, other, tmp_path,
             continue
         values = flips(action, current[action.dest], others)
         assert values, f"{flag}: no value to flip it to"
-        each = action.choices is not None                # every other choice must matter, not just one
+        each = action.choices is not None or action.dest in others      # every value must matter, not just one
         for v in values:
             n += 1
             status, result = flip_run(module, with_value(base, flag, v), flag, tmp_path / f"flip{n}", trace)
@@ -853,38 +873,42 @@ def test_every_flag_changes_the_run_or_is_refused(stage, world, other, tmp_path,
     assert not failures, "\n".join(failures)
 
 
-EDGES = {   # rows of rl.py where a flag, though accepted, has nothing to act on: each must be refused
-    "tie-with-L1": ("--tie with --L 1: one draw repeated once", ["--schedule", "constant", "--L", "1"], "--tie", True),
+EDGES = {   # rows of rl.py where a flag, though accepted, has nothing to act on: each must be noted
     "credit-unprefixed": ("--credit when --rho prefixes no rollout: round(0.1 x 4) = 0",
                           ["--schedule", "constant", "--rho", "0.1", "--L", "2"], "--credit", "naive"),
     "L-unprefixed": ("--L when --rho 0 prefixes no rollout", ["--schedule", "constant", "--rho", "0", "--L", "2"],
                      "--L", "3"),
-    "clip-ratio-1": ("--clip-eps-low with one update in the sampling context: the ratio is 1",
+    "credit-schedule-none": ("--credit under --schedule none", ["--schedule", "none"], "--credit", "naive"),
+    "L-schedule-none": ("--L under --schedule none", ["--schedule", "none"], "--L", "3"),
+    "source-schedule-none": ("--prefix-source under --schedule none", ["--schedule", "none"], "--prefix-source", "noise"),
+    "clip-ratio-1": ("--clip-eps with one update in the sampling context: the ratio is 1",
                      ["--schedule", "constant", "--L", "2", "--epochs", "1", "--minibatches", "1"],
-                     "--clip-eps-low", "0.1"),
+                     "--clip-eps", "0.1"),
 }
 
 
 @pytest.mark.parametrize("case", list(EDGES))
-def test_flags_that_cannot_matter_are_refused(case, world, tmp_path, pairwise_reward, trace, one_thread):
+def test_flags_that_cannot_matter_are_noted(case, world, tmp_path, pairwise_reward, trace, one_thread):
     """Beyond the base rows: rows where the flag has nothing to act on, decidable from the flags
-    alone. The flip must be refused in one line, or the run must differ."""
+    alone. The flip must print a one-line note naming the flag, be refused in one line, or change
+    the run."""
     what, row, flag, flipped = EDGES[case]
     base = as_pairs(["--model", str(world / "model"), "--data", str(world / "train.jsonl"), "--out", "{dir}",
                      "--steps", "2", "--lr", "1e-2", "--prefix-source", "noise", "--prompts-per-step", "2",
-                     "--group-size", "4", "--max-new-tokens", "8", "--sample-every", "1", "--samples-per-step", "0",
-                     *row], rl.parser)
+                     "--group-size", "4", "--max-new-tokens", "8", "--samples-per-step", "0", *row], rl.parser)
     refused = run_stage(rl, argv_from(base, tmp_path / "base"))
     if refused is not None:              # the row itself has nothing for the flag to act on: refused
         assert refused.startswith("error: ") and "\n" not in refused, refused
         return
     reference = outcome(tmp_path / "base", trace, rl.parser, argv_from(base, tmp_path / "base"), "rl")
-    status, result = flip_run(rl, with_value(base, flag, flipped), flag, tmp_path / "flip", trace)
+    notes = []
+    flipped_pairs = with_value(base, flag, flipped) + [("--vae", str(world / "vae"))] * (flipped == "vae")
+    status, result = flip_run(rl, flipped_pairs, flag, tmp_path / "flip", trace, notes)
     assert status != "crashed", result
-    if status == "ran":
+    if status == "ran" and not any(line.startswith(f"note: {flag} ") for line in notes):
         pairs, ran = result
         if not difference(reference, outcome(ran, trace, rl.parser, argv_from(pairs, ran), "rl")):
-            pytest.fail(f"{what}: {flag} {flipped} is accepted and changes nothing; refuse it in one line")
+            pytest.fail(f"{what}: {flag} {flipped} is accepted, changes nothing and is not noted; note it in one line")
 
 
 # -----------------------------------------------------------------------------
@@ -896,18 +920,18 @@ def even(text, answer, kind=None):
     return float(len(text) % 2 == 0 and int(answer) % 2 == 0)
 
 
-def test_held_out_set_ignores_seed(world, other, tmp_path, trace, monkeypatch, capsys, one_thread):
+def test_held_out_set_ignores_seed(world, other, tmp_path, trace, keep_checkpoints, monkeypatch, capsys, one_thread):
     held_out = [r["problem"] for r in load_rows(str(world / "test.jsonl"), domain="math")]
     runs, checks = {}, Checks()
     monkeypatch.setattr(rl, "grade", even)
+    monkeypatch.setattr(rl, "EVAL_PROBLEMS", 3)          # 3 of the file's 4 problems: which 3 is the question
     for seed in ("0", "1"):
         # rl.py, on a model whose greedy answers stop on some problems, so that eval_pass1 is not 0
         out = tmp_path / f"rl{seed}"
         argv = ["--model", str(other / "stops"), "--data", str(world / "train.jsonl"), "--eval-data",
-                str(world / "test.jsonl"), "--eval-problems", "3", "--eval-every", "1", "--steps", "2", "--lr", "1e-2",
+                str(world / "test.jsonl"), "--eval-every", "1", "--steps", "2", "--lr", "1e-2",
                 "--schedule", "none", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
-                "--save-every", "1", "--keep-checkpoints", "2", "--sample-every", "1", "--seed", seed,
-                "--out", str(out)]
+                "--save-every", "1", "--seed", seed, "--out", str(out)]
         trace.clear()
         quietly(rl.main, argv)
         args = rl.parser.parse_args(argv)
@@ -964,10 +988,10 @@ def registries():
             "advantage estimator": model.ADVANTAGE_ESTIMATORS, "credit rule": credit.CREDIT_RULES}
 
 
-NEW = {"schedule": ("cosine", lambda tau, rho: 0.5 * (1 + math.cos(math.pi * tau))),
+NEW = {"schedule": ("cosine", lambda tau, rho, last: 0.5 * (1 + math.cos(math.pi * tau))),
        "prefix source": (ScaledNoisePrefix.name, ScaledNoisePrefix),
-       "advantage estimator": ("maxmin", lambda r, eps: (r - r.mean(1, keepdim=True))
-                               / (r.amax(1, keepdim=True) - r.amin(1, keepdim=True) + eps)),
+       "advantage estimator": ("maxmin", lambda r: (r - r.mean(1, keepdim=True))
+                               / (r.amax(1, keepdim=True) - r.amin(1, keepdim=True) + 1e-6)),
        "credit rule": ("half-nudge", credit.CreditRule("half-nudge", with_prefix=False, inter_weight=1.3,
                                                        distill_coef=0.05))}
 
@@ -985,20 +1009,28 @@ def registry_flags():
 
 
 def register(monkeypatch):
+    """Register NEW; returns the flags that offer a registry as argparse choices (credit rules are
+    checked by credit.py against its registry instead)."""
     flags = registry_flags()
-    assert {kind for _, _, _, kind in flags} == set(registries())
+    assert {kind for _, _, _, kind in flags} == set(registries()) - {"credit rule"}
     for kind, (name, entry) in NEW.items():
         monkeypatch.setitem(registries()[kind], name, entry)
     return flags
 
 
-def test_parser_choices_read_the_registries_live(monkeypatch):
+def test_parser_choices_read_the_registries_live(world, monkeypatch):
     """A new entry registered at run time must be a choice of every flag that offers its registry:
-    argparse must read the registry (choices=REGISTRY), not a list copied at import."""
+    argparse must read the registry (choices=REGISTRY), not a list copied at import; rl.py's check
+    must accept a new credit rule for --credit and for --resample's credit=."""
     copies = [f"{stage}.py {flag} ({kind})" for stage, flag, action, kind in register(monkeypatch)
               if NEW[kind][0] not in action.choices]
     assert not copies, ("these flags' choices are lists copied from the registry at import, so an entry "
                         "registered later is refused: " + ", ".join(copies))
+    rule = NEW["credit rule"][0]
+    args = rl.parser.parse_args(fixed_rl(world, "x") + ["--prefix-source", "noise", "--credit", rule,
+                                                        "--resample", f"2,credit={rule}"])
+    quietly(rl.check_args, args, 1)
+    assert args.credit == args.resample_credit == rule
 
 
 def fresh_pairwise():
@@ -1024,7 +1056,7 @@ def live_registries(monkeypatch):
 def rows_with_new_entries(rows, factors, accepts):
     """For each new entry, a row of the array (given by value) with the entry in place of the value
     it most resembles: cosine for linear, the scaled noise for noise, the estimator for grpo, the
-    credit rule for --credit (and --resample-credit) under several updates."""
+    credit rule for --credit (and --resample's credit=) under several updates."""
     by_value = [{flag: RL_FACTORS[flag][i] for flag, i in row.items()} for row in rows]
     index = lambda row: {flag: factors[flag].index(v) for flag, v in row.items()}
     wanted = {"schedule": (lambda r: r["--schedule"] == "linear", {"--schedule": NEW["schedule"][0]}),
@@ -1032,8 +1064,9 @@ def rows_with_new_entries(rows, factors, accepts):
                                 {"--prefix-source": NEW["prefix source"][0]}),
               "advantage estimator": (lambda r: r["--estimator"] == "grpo" and r["--max-new-tokens"] != "1",
                                       {"--estimator": NEW["advantage estimator"][0]}),
-              "credit rule": (lambda r: r["--schedule"] not in ("none", "constant") and r["--resample"] != "0",
-                              {"--credit": NEW["credit rule"][0], "--resample-credit": NEW["credit rule"][0],
+              "credit rule": (lambda r: r["--schedule"] not in ("none", "constant") and r["--resample"] is not None
+                              and r["--prefix-source"] != "none",
+                              {"--credit": NEW["credit rule"][0], "--resample credit": NEW["credit rule"][0],
                                "--epochs": "2"})}
     picked = {}
     for kind, (fits, change) in wanted.items():
@@ -1046,11 +1079,11 @@ def rows_with_new_entries(rows, factors, accepts):
     return picked
 
 
-def test_new_registry_entries_join_the_sweep(world, rl_array, tmp_path, pairwise_reward, monkeypatch, capsys,
-                                             one_thread):
+def test_new_registry_entries_join_the_sweep(world, rl_array, tmp_path, pairwise_reward, keep_checkpoints, monkeypatch,
+                                             capsys, one_thread):
     fresh = live_registries(monkeypatch)
     factors = fresh.RL_FACTORS
-    accepts = memoised(accepted_by(rl, factors, fixed_rl(world, "x"), world))
+    accepts = memoised(rl_accepted_by(factors, fixed_rl(world, "x"), world))
     picked = rows_with_new_entries(rl_array[0], factors, accepts)
     total = 0
     for kind, row in picked.items():
@@ -1073,11 +1106,12 @@ def test_new_registry_entries_join_the_sweep(world, rl_array, tmp_path, pairwise
 
 
 @pytest.mark.slow
-def test_whole_sweep_with_new_registry_entries(world, tmp_path, pairwise_reward, monkeypatch, capsys, one_thread):
+def test_whole_sweep_with_new_registry_entries(world, tmp_path, pairwise_reward, keep_checkpoints, monkeypatch, capsys,
+                                               one_thread):
     """The covering array rebuilt with the run-time entries: every row that holds one of them."""
     fresh = live_registries(monkeypatch)
     factors = fresh.RL_FACTORS
-    accepts = memoised(accepted_by(rl, factors, fixed_rl(world, "x"), world))
+    accepts = memoised(rl_accepted_by(factors, fixed_rl(world, "x"), world))
     rows, _, _ = covering_array(factors, accepts)
     new = {name for name, _ in NEW.values()}
     holding = [logging_everything(r, factors) for r in rows if new & {factors[f][i] for f, i in r.items()}]

@@ -12,8 +12,8 @@ SIGKILL)); the grader gives the parity of the completion's length, so rewards va
 tiny 2-layer model (tests/test_rl_flags.py's), 4 steps of 2 prompts x 4 rollouts, linear schedule
 with noise prefixes (L = 2), credit naive, a KL to the initial model (--kl-coef), 2 epochs x 2
 minibatches (4 optimiser steps a step), held-out greedy evaluation at steps 0 and 2 and at the
-end, samples.jsonl at every step, a checkpoint after every step (--save-every 1, --keep-checkpoints
-1): checkpoint-000001..3 on the way, checkpoint-000004 the final one, then model/.
+end, samples.jsonl at every step, a checkpoint after every step (--save-every 1; rl.py keeps
+one): checkpoint-000001..3 on the way, checkpoint-000004 the final one, then model/.
 
 The points (the n-th call in that process; "before" a call: it does not happen; "after": it did):
   step:   after rl.rollout, after rl.score, after an AdamW step inside update_policy (the 2nd of
@@ -76,6 +76,7 @@ import json, os, re, signal, sys, traceback
 import torch
 torch.set_num_threads(1)
 import common, model, rl
+rl.WARMUP_STEPS, rl.EVAL_PROBLEMS = 2, 2          # a short lr warm-up, 2 held-out problems
 
 spec = json.load(open(sys.argv[1]))
 # the imports rl.py makes lazily (transformers' tokenizer classes, torch's dynamo under the model's
@@ -219,9 +220,8 @@ json.dump(results, open(sys.argv[2], "w"))
 
 ARGV = ["--schedule", "linear", "--prefix-source", "noise", "--L", "2", "--credit", "naive", "--kl-coef", "0.05",
         "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--micro-batch-size", "3",
-        "--epochs", "2", "--minibatches", "2", "--steps", "4", "--lr", "1e-3", "--warmup-steps", "2",
-        "--save-every", "1", "--keep-checkpoints", "1", "--sample-every", "1", "--samples-per-step", "3",
-        "--eval-every", "2", "--eval-problems", "2", "--seed", "3"]
+        "--epochs", "2", "--minibatches", "2", "--steps", "4", "--lr", "1e-3",
+        "--save-every", "1", "--samples-per-step", "3", "--eval-every", "2", "--seed", "3"]
 STEPS = 4
 
 # name -> the kills, one per killed run: (point, n-th call of it in that process, what the kill
@@ -370,7 +370,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(runs, name):
     assert jsonl(os.path.join(out, "samples.jsonl")) == jsonl(os.path.join(straight, "samples.jsonl"))
     # 6. nothing half-written left, at any depth
     assert [p for p in history[-1]["after"] if any(part.startswith(".tmp-") for part in p.split("/"))] == []
-    # 7. the kept checkpoints: whole, and those of the uninterrupted run (--keep-checkpoints 1)
+    # 7. the kept checkpoints: whole, and those of the uninterrupted run (rl.py keeps one)
     assert [n for n in checkpoints(out) if not is_complete(os.path.join(out, n))] == [], logs
     assert checkpoints(out) == checkpoints(straight), logs
     for ckpt in checkpoints(out):
@@ -402,18 +402,20 @@ def test_the_final_window_keeps_the_final_checkpoint_and_writes_model(runs):
     assert "model/model.safetensors" in resumed and history[1]["status"] == 0
 
 
-def test_a_checkpoint_without_its_tokenizer_files_resumes_with_those_of_model(tmp_path):
+def test_a_checkpoint_without_its_tokenizer_files_resumes_with_those_of_model(tmp_path, monkeypatch):
     """The tokenizer files come from --model, the source of truth: a checkpoint that lost them still
     resumes into a next checkpoint and a model/ that carry them (both used to be written without)."""
+    import functools
     import rl
+    from common import save_checkpoint
     from conftest import stopping_toy_model
     from model import load_tokenizer
     from toy.task import generate as toy_rows, write_jsonl
     stopping_toy_model(tmp_path)
     write_jsonl(toy_rows("math", 20, seed=1, digits=1), str(tmp_path / "train.jsonl"))
     argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
-            "--out", str(tmp_path / "run"), *ARGV[:ARGV.index("--steps")], "--steps", "2", "--save-every", "1",
-            "--keep-checkpoints", "2"]
+            "--out", str(tmp_path / "run"), *ARGV[:ARGV.index("--steps")], "--steps", "2", "--save-every", "1"]
+    monkeypatch.setattr(rl, "save_checkpoint", functools.partial(save_checkpoint, keep=2))   # both checkpoints kept
     rl.main(argv)
     for name in ("checkpoint-000002", "model"):               # as if killed after checkpoint-000001
         shutil.rmtree(tmp_path / "run" / name)

@@ -21,9 +21,8 @@ import sys
 import pytest
 import torch
 
-from guard import UserError
-from model import (PaletteVAE, embedding_fingerprint, load_embedding_matrix, load_policy, load_vae,
-                   read_safetensors_file, save_vae)
+from common import UserError, read_safetensors_file
+from model import PaletteVAE, embedding_fingerprint, load_embedding_matrix, load_policy, load_vae, save_vae
 
 from conftest import tiny_toy_model
 

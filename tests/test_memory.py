@@ -1,4 +1,4 @@
-"""The memory model (guard.memory_need) against what the code really holds: the bytes autograd
+"""The memory model (memory.memory_need) against what the code really holds: the bytes autograd
 saves per token and layer, counted tensor by tensor, for every family in fp32 and under bf16
 autocast; a training step's measured peak memory on the CPU for three shapes, with and without
 activation checkpointing (within 25%), and a generation's; the start-up choice of micro-batch and
@@ -14,15 +14,17 @@ import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import evaluate
-import guard
+import memory
 import rl
 import sft_warmup
-from guard import UserError, activation_bytes, memory_need, parameter_count
+from common import UserError
+from memory import activation_bytes, memory_need, parameter_count
 from model import ModelConfig, Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +58,7 @@ def saved_bytes(config, T, bf16):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_activation_bytes_are_what_autograd_saves(family, bf16):
     """The growth of the saved bytes from 64 to 192 tokens (the weights autograd also keeps do not
-    grow) per token and layer equals guard.activation_bytes, the count the memory model uses."""
+    grow) per token and layer equals memory.activation_bytes, the count the memory model uses."""
     config = small(family)
     per_token_layer = (saved_bytes(config, 192, bf16) - saved_bytes(config, 64, bf16)) / 128 / config.num_hidden_layers
     predicted = activation_bytes(config, bf16)
@@ -86,7 +88,7 @@ one freed would be reused unseen); MALLOC_MMAP_THRESHOLD_ is set by the caller, 
 tensors go back to the system and the peak is that of live memory."""
 import json, sys
 import torch
-from guard import memory_need
+from memory import memory_need
 from model import ModelConfig, Transformer, completion_batch, generate, token_logprobs
 torch.set_num_threads(1)
 
@@ -171,15 +173,15 @@ def test_defaults_take_the_first_setting_that_fits(monkeypatch, capsys, free_gib
     config = small("qwen3", hidden_size=512, intermediate_size=1536, num_hidden_layers=8, vocab_size=32000)
     need = lambda m, c: memory_need(config, train_rows=m, train_len=1024, checkpointing=c)
     free = free_gib * 2**30
-    monkeypatch.setattr(guard, "free_memory", lambda device: free)
+    monkeypatch.setattr(memory, "free_memory", lambda device: free)
     order = [(m, c) for m in (32, 16, 8, 4, 2, 1) for c in (False, True)]
     if expected is None:
         assert all(need(*setting)["total"] > free for setting in order)
         with pytest.raises(UserError, match=r"a rank needs .* GiB \(weights .*\) at --micro-batch-size 1, more than the "
                                             r"1.2 GiB free; lower --micro-batch-size or --max-tokens"):
-            guard.fit_memory(need, torch.device("cpu"), 0, "auto", "--max-tokens")
+            memory.fit_memory(need, torch.device("cpu"), 0, "auto", "--max-tokens")
         return
-    chosen = guard.fit_memory(need, torch.device("cpu"), 0, "auto", "--max-tokens")
+    chosen = memory.fit_memory(need, torch.device("cpu"), 0, "auto", "--max-tokens")
     assert chosen == expected
     assert need(*chosen)["total"] <= free
     assert all(need(*earlier)["total"] > free for earlier in order[:order.index(chosen)])
@@ -188,7 +190,7 @@ def test_defaults_take_the_first_setting_that_fits(monkeypatch, capsys, free_gib
         return
     with pytest.raises(UserError, match=r"a rank needs .* GiB \(weights .*\) at --micro-batch-size 32, more than the "
                                         r".* GiB free; lower --micro-batch-size or --max-tokens, or use --activation-checkpointing"):
-        guard.fit_memory(need, torch.device("cpu"), 32, "off", "--max-tokens")
+        memory.fit_memory(need, torch.device("cpu"), 32, "off", "--max-tokens")
 
 
 # -- every GPU command the project documents fits the hardware it names -------------------------------
@@ -238,25 +240,20 @@ def test_every_documented_gpu_command_fits_the_hardware_it_names(monkeypatch, so
     world = 1 if gpus == "one" else int(gpus)
     size = re.search(r"qwen3-?(1\.7|4|8)b", hardware + command, re.IGNORECASE).group(1)
     config = ModelConfig(model_type="qwen3", vocab_size=151936, max_position_embeddings=40960, **QWEN3[size])
-    for module in (guard, evaluate):                     # the GPU's memory less CUDA's own, about 2 GiB
-        monkeypatch.setattr(module, "free_memory", lambda device: int(gb) * 10**9 - 2 * 2**30)
+    # the GPU's memory less CUDA's own, about 2 GiB
+    monkeypatch.setattr(memory, "free_memory", lambda device: int(gb) * 10**9 - 2 * 2**30)
     argv = shlex.split(command.split(".py", 1)[1])
     device = torch.device("cuda")
     script = re.search(r"(\w+)\.py", command).group(1)
     if script == "rl":
         args = rl.parser.parse_args(argv)
-        per_rank, length = args.prompts_per_step // world, PROMPT + args.L + args.max_new_tokens
-        rl.memory_plan(args, config, world, length, [(per_rank * args.group_size, length)], device)
+        source = SimpleNamespace(rows=lambda L: L)                       # a prefix of L rows
+        memory.rl_plan(args, config, [{"prompt_ids": [0] * PROMPT}], [], source, None, world, device)
     elif script == "sft_warmup":
         args = sft_warmup.parser.parse_args(argv)
-        sft_warmup.memory_plan(args, config, world, args.max_tokens + args.L, device)
+        memory.sft_plan(args, config, world, args.max_tokens + args.L, device)
     else:
         module = evaluate if script == "evaluate" else __import__("infer")
         args = module.parser.parse_args(argv)
         rows = args.batch_size if script == "evaluate" else min(args.batch_size, args.num_latents)
-        evaluate.check_memory(argparse_like(args, rows), config, PROMPT + args.L, device)
-
-
-def argparse_like(args, rows):
-    from types import SimpleNamespace
-    return SimpleNamespace(batch_size=rows, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
+        memory.check_generation(config, args.dtype == "bfloat16", rows, PROMPT + args.L, args.max_new_tokens, device)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from guard import UserError
+from common import UserError
 from model import (Transformer, completion_batch, embed_rows, generate, keyed_uniform, load_embedding_matrix,
                    sample_next, token_logprobs)
 
@@ -303,7 +303,7 @@ def test_missing_tensor(hf_checkpoint, tmp_path):
 def test_wrong_shape(hf_checkpoint, tmp_path):
     _, path, _ = hf_checkpoint
     _copy_checkpoint(path, tmp_path, edit_config=lambda c: c.update(intermediate_size=128))
-    with pytest.raises(UserError, match="has shape .* config.json implies"):
+    with pytest.raises(UserError, match="has shape .* the sizes in its config imply"):
         Transformer.from_pretrained(str(tmp_path))
 
 

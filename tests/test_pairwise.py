@@ -10,8 +10,9 @@ The array is a greedy construction (in the spirit of AETG, Cohen et al. 1997), w
 rather than taken from allpairspy because it must respect which combinations the stage refuses:
 each row starts from an uncovered pair and sets the other flags one at a time, each to the value
 that covers the most uncovered pairs while the stage's own argument check still accepts the row.
-A pair that no accepted row can hold (--tie with lorem text, say) gets a row of its own, which
-must then be refused in one line. Seeded, so the rows are the same on every run.
+A pair that no accepted row can hold (--resample source=none with L=2, say) gets a row of its own,
+which must then be refused in one line. Seeded, so the rows are the same on every run. Each rl.py
+row's logged plan ("prefixed" per group, "rho", "L") is checked against its samples.jsonl.
 
 Run:  python -m pytest tests/test_pairwise.py -q -s     (-s prints the array's size; about two
       minutes on two cores)
@@ -22,114 +23,93 @@ import itertools
 import json
 import math
 import random
+from collections import Counter
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import credit
+import model
 import rl
 import sft_warmup
-from guard import UserError
+from common import UserError
 
-# -- the factors: flag -> values (None: flag left out; True / False: a switch). The first value of
-# each list is the base row's, which every stage accepts; choices are read from the parser, so a
-# new schedule, prefix source or credit rule joins the sweep without a line here.
+# -- the factors: flag -> values (None: flag left out; True / False: a switch), read from the parser.
+# Every choice of a flag whose choices are a registry's (and of --credit, whose names credit.py's
+# registry checks) is swept, so a new schedule, prefix source, estimator or credit rule joins the
+# sweep without a line here; a switch is swept both ways; a flag named in VALUES takes those values
+# (the first is the base row's, which every stage accepts: numbers at their edges, 1, the default,
+# and a value that forces several micro-batches or minibatches); any other flag (a new one) runs at
+# its default. FIXED: flags no row sets (paths and sizes fixed by the harness; --resume and --fsdp
+# have tests of their own, tests/test_stages.py and tests/test_fsdp.py: --fsdp needs torchrun).
 
-def choices(parser, flag):
-    action = next(a for a in parser._actions if flag in a.option_strings)
-    return list(action.choices)
+def factors_of(parser, values, fixed, registries=None):
+    out = {}
+    for action in parser._actions:
+        flag = next((s for s in action.option_strings if s.startswith("--")), None)
+        if flag is None or flag in fixed:
+            continue
+        names = (registries or {}).get(flag, action.choices)
+        given = values.get(flag, [])
+        if names is not None:                                       # every choice; the base row's first
+            base = given[0] if given else action.default
+            out[flag] = [base] + [c for c in names if c != base]
+        elif action.nargs == 0:
+            out[flag] = [False, True]
+        else:
+            out[flag] = list(given) or [None]
+    return out
 
 
-RL_FACTORS = {
-    "--schedule": ["constant"] + [c for c in choices(rl.parser, "--schedule") if c != "constant"],
-    "--prefix-source": ["noise"] + [c for c in choices(rl.parser, "--prefix-source") if c != "noise"],
-    "--credit": choices(rl.parser, "--credit"),
-    "--L": ["2", "1", "8"],
-    "--rho": ["0.5", "0", "1"],
-    "--tie": [False, True],
-    "--region": [None, "math"],
-    "--resample": ["0", "1", "3"],
-    "--resample-source": [None] + choices(rl.parser, "--resample-source"),
-    "--resample-L": [None, "1", "2"],
-    "--resample-credit": [None] + choices(rl.parser, "--resample-credit"),
-    "--prompts-per-step": ["2", "1"],
-    "--group-size": ["5", "2"],
-    "--max-new-tokens": ["6", "1"],
-    "--temperature": ["1.0", "0.7"],
-    "--top-p": ["1.0", "0.9"],
-    "--truncated": choices(rl.parser, "--truncated"),
-    "--estimator": choices(rl.parser, "--estimator"),
-    "--aggregation": choices(rl.parser, "--aggregation"),
-    "--kl-coef": ["0", "0.05"],
-    "--entropy-coef": ["0", "0.01"],
-    "--epochs": ["1", "2"],
-    "--minibatches": ["1", "3"],
-    "--micro-batch-size": ["3", "1", "32"],
-    "--activation-checkpointing": choices(rl.parser, "--activation-checkpointing"),
-    "--dtype": choices(rl.parser, "--dtype"),
-    "--template": choices(rl.parser, "--template"),
-    "--eval-data": [None, "test"],
-    "--eval-every": [None, "0", "1"],
-    "--eval-problems": [None, "2"],
-    "--per-domain-cap": [None, "5"],
-    "--warmup-steps": ["0", "5"],
-    "--weight-decay": ["0", "0.1"],
-    "--save-every": ["0", "1"],
-    "--keep-checkpoints": ["1", "2"],
-    "--sample-every": ["0", "1"],
-    "--samples-per-step": ["4", "0"],
-    "--tensorboard": [False, True],
-    "--seed": ["0", "1"],
+# --resample G'[,source=S,L=N,credit=C]: each part a factor of its own, joined into one value by argv_of
+RESAMPLE_PARTS = {"--resample source": [None, *model.PREFIX_SOURCES], "--resample L": [None, "1", "2"],
+                  "--resample credit": [None, *credit.CREDIT_RULES]}
+RL_VALUES = {
+    "--schedule": ["constant"], "--prefix-source": ["noise"], "--L": ["2", "1", "8"], "--rho": ["0.5", "0", "1"],
+    "--prompts-per-step": ["2", "1"], "--group-size": ["5", "2"], "--max-new-tokens": ["6", "1"],
+    "--temperature": ["1.0", "0.7"], "--top-p": ["1.0", "0.9"], "--kl-coef": ["0", "0.05"],
+    "--entropy-coef": ["0", "0.01"], "--epochs": ["1", "2"], "--minibatches": ["1", "3"],
+    "--micro-batch-size": ["3", "1", "32"], "--eval-data": [None, "test"], "--eval-every": [None, "0", "1"],
+    "--save-every": ["0", "1"], "--samples-per-step": ["4", "0"], "--seed": ["0", "1"], "--resample": [None, "1", "3"],
 }
-# Not swept: paths and sizes fixed by the harness; --resume and --fsdp have tests of their own
-# (tests/test_stages.py, tests/test_fsdp.py: --fsdp needs torchrun); the optimiser's coefficients
-# change numbers, not code paths.
-RL_FIXED = {"--model", "--data", "--out", "--vae", "--steps", "--lr", "--resume",
-            "--fsdp", "--clip-eps-low", "--clip-eps-high", "--grad-clip", "--help"}
+RL_FIXED = {"--model", "--data", "--out", "--vae", "--steps", "--lr", "--resume", "--fsdp", "--help"}
+RL_FACTORS = factors_of(rl.parser, RL_VALUES, RL_FIXED, {"--credit": credit.CREDIT_RULES}) | RESAMPLE_PARTS
 
-SFT_FACTORS = {
-    "--prefix-source": ["noise"] + [c for c in choices(sft_warmup.parser, "--prefix-source") if c != "noise"],
-    "--activation-checkpointing": choices(sft_warmup.parser, "--activation-checkpointing"),
-    "--L": ["1", "0", "2"],
-    "--tie": [False, True],
-    "--region": [None, "math"],
-    "--template": choices(sft_warmup.parser, "--template"),
-    "--steps": ["2", "1"],
-    "--batch-size": ["4", "1", "8"],
-    "--micro-batch-size": ["2", "1", "8"],
-    "--warmup-steps": ["0", "2"],
-    "--weight-decay": ["0", "0.1"],
-    "--per-domain-cap": [None, "10"],
-    "--eval-data": [None, "test"],
-    "--eval-problems": [None, "1"],
-    "--eval-max-new-tokens": [None, "6", "1"],
-    "--dtype": choices(sft_warmup.parser, "--dtype"),
-    "--tensorboard": [False, True],
-    "--seed": ["0", "1"],
+SFT_VALUES = {
+    "--prefix-source": ["noise"], "--L": ["1", "0", "2"], "--region": [None, "math"], "--steps": ["2", "1"],
+    "--batch-size": ["4", "1", "8"], "--micro-batch-size": ["2", "1", "8"], "--warmup-steps": ["0", "2"],
+    "--weight-decay": ["0", "0.1"], "--per-domain-cap": [None, "10"], "--eval-data": [None, "test"],
+    "--eval-problems": [None, "1"], "--eval-max-new-tokens": [None, "6", "1"], "--seed": ["0", "1"],
 }
 # --max-tokens filters data (tests/test_bad_input.py shows what it leaves out), no code path
 SFT_FIXED = {"--model", "--data", "--out", "--vae", "--lr", "--fsdp", "--grad-clip", "--max-tokens", "--help"}
+SFT_FACTORS = factors_of(sft_warmup.parser, SFT_VALUES, SFT_FIXED)
 
 
 def argv_of(row, factors, fixed_argv, world):
-    """The row's command line; --vae is added where a prefix source of the row reads it (the stages
-    refuse a --vae that nothing reads)."""
+    """The row's command line; --vae is added where a prefix source of the row is the VAE (rl.py
+    notes a --vae that nothing reads; sft_warmup.py refuses it)."""
     argv = list(fixed_argv)
-    for flag, index in row.items():
-        value = factors[flag][index]
-        if value is True:
+    value = lambda flag: factors[flag][row[flag]] if flag in row else None
+    for flag in row:
+        if flag.startswith("--resample"):
+            continue
+        if value(flag) is True:
             argv.append(flag)
-        elif value is not None and value is not False:
-            argv += [flag, str(world / "test.jsonl") if value == "test" else value]
+        elif value(flag) is not None and value(flag) is not False:
+            argv += [flag, str(world / "test.jsonl") if value(flag) == "test" else value(flag)]
+    if value("--resample") is not None:
+        parts = [f"{part.split()[1]}={value(part)}" for part in RESAMPLE_PARTS if value(part) is not None]
+        argv += ["--resample", ",".join([value("--resample"), *parts])]
     return argv + (["--vae", str(world / "vae")] if reads_vae(row, factors) else [])
 
 
 def reads_vae(row, factors):
-    value = lambda flag, default=None: factors[flag][row[flag]] if flag in row else default
+    value = lambda flag: factors[flag][row[flag]] if flag in row else None
     if "--schedule" not in factors:                                           # sft_warmup.py
         return value("--prefix-source") == "vae"
-    return (value("--schedule") != "none" and value("--prefix-source") == "vae") or \
-        (value("--resample") not in (None, "0") and value("--resample-source") == "vae")
+    return value("--prefix-source") == "vae" or value("--resample") is not None and value("--resample source") == "vae"
 
 
 def covering_array(factors, accepts, seed=0, candidates=6):
@@ -185,13 +165,25 @@ def accepted_by(module, factors, fixed_argv, world):
     """The stage's own argument check (parsing, ranges, rules between flags): nothing is loaded."""
     def accepts(row):
         try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                args = module.parser.parse_args(argv_of(row, factors, fixed_argv, world))
-            module.check_args(args, 1)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                module.check_args(module.parser.parse_args(argv_of(row, factors, fixed_argv, world)), 1)
             return True
         except (UserError, SystemExit):
             return False
     return accepts
+
+
+def orphan_part(row, factors):
+    """A part of --resample set in a row without --resample: not a command line (argv_of drops it)."""
+    return row.get("--resample") is not None and factors["--resample"][row["--resample"]] is None and \
+        any(factors[part][row[part]] is not None for part in RESAMPLE_PARTS if part in row)
+
+
+def rl_accepted_by(factors, fixed_argv, world):
+    """rl.py's check; a part of --resample goes only into rows that resample, so that its pairs
+    with the other flags are run where it acts."""
+    accepts = accepted_by(rl, factors, fixed_argv, world)
+    return lambda row: not orphan_part(row, factors) and accepts(row)
 
 
 def refused_in_one_line(module, argv, capsys):
@@ -233,29 +225,54 @@ def world(tmp_path_factory):
 
 
 def test_every_flag_is_swept_or_named_as_fixed():
-    for module, factors, fixed in ((rl, RL_FACTORS, RL_FIXED), (sft_warmup, SFT_FACTORS, SFT_FIXED)):
-        flags = {s for a in module.parser._actions for s in a.option_strings if s.startswith("--")}
-        assert flags == set(factors) | fixed, (module.__name__, flags ^ (set(factors) | fixed))
+    """The tables name only flags the parsers have, with values they parse; every other flag of a
+    parser is swept (every name of its registry) or runs at its default."""
+    required = ["--model", "m", "--data", "d", "--out", "o"]
+    for module, factors, values, fixed in ((rl, RL_FACTORS, RL_VALUES, RL_FIXED), (sft_warmup, SFT_FACTORS,
+                                                                                     SFT_VALUES, SFT_FIXED)):
+        actions = {s: a for a in module.parser._actions for s in a.option_strings if s.startswith("--")}
+        assert set(values) | fixed <= set(actions), (module.__name__, (set(values) | fixed) - set(actions))
+        assert set(actions) - fixed <= set(factors), (module.__name__, set(actions) - fixed - set(factors))
+        for flag, values_of_flag in values.items():
+            for v in values_of_flag:
+                if v is not None:
+                    module.parser.parse_args(required + [flag, "path" if v == "test" else v])
+            if actions[flag].choices is not None:
+                assert set(factors[flag]) == set(actions[flag].choices), flag
+    assert set(RL_FACTORS["--credit"]) == set(credit.CREDIT_RULES)
+    assert set(RL_FACTORS["--resample source"]) == {None, *model.PREFIX_SOURCES}
+    assert set(RL_FACTORS["--resample credit"]) == {None, *credit.CREDIT_RULES}
 
 
 def check_rl_run(out, row_argv, before):
+    """What a run logged, against its flags and its samples.jsonl: the logged plan of each step (with
+    --samples-per-step 0, each group's rollouts under a prefix are exactly its logged count)."""
     args = rl.parser.parse_args(row_argv)
+    with contextlib.redirect_stdout(io.StringIO()):
+        rl.check_args(args, 1)                   # the run's own reading (notes; --resample's parts)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     steps = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in steps] == [0, 1]
-    G = args.group_size
+    P, G = args.prompts_per_step, args.group_size
     for r in steps:
-        assert (r.get("resampled_groups", 0) >= 1) == (args.resample > 0)
-        n_prefixed, L = rl.prefix_plan(args.schedule, r["tau"], G, args.rho, args.L)
-        assert (r["rho"], r["L"]) == (n_prefixed / G, L)
+        assert (r.get("resampled_groups", 0) >= 1) == bool(args.resample)
+        plan = r["prefixed"]
+        assert len(plan) == P and all(0 <= n <= G for n in plan) and r["rho"] == sum(plan) / (P * G)
+        assert r["L"] == (args.L if any(plan) else 0) and (args.schedule != "none" or not any(plan))
+        on_policy = [x for x in samples if x["step"] == r["step"] and not x["resampled"]]
+        under_prefix = Counter(x["group"] for x in on_policy if x["prefix_rows"] > 0)
+        if args.samples_per_step == 0:
+            assert len(on_policy) == P * G and [under_prefix[j] for j in range(P)] == plan
+        assert all(under_prefix[j] <= plan[j] for j in range(P))
         assert ("kl" in r) == (args.kl_coef > 0)                 # no reference model without a KL
         several = args.epochs * args.minibatches > 1
         if args.truncated == "zero" and not args.resample:       # every minibatch holds kept rollouts
-            assert r["updates"] == args.epochs * args.minibatches
+            assert r["updates"] == args.epochs * min(args.minibatches, P * G)
         if r["updates"]:
             assert all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "entropy"))
             assert 0 < r["entropy"] <= math.log(52) + 1e-4        # at most log V
-            replayed = not (args.schedule == "none" or rl.credit.CREDIT_RULES[args.credit].with_prefix)
+            replayed = not (args.schedule == "none" or credit.CREDIT_RULES[args.credit].with_prefix)
             if not several and not args.resample and not replayed:
                 assert r["clip_frac"] == 0.0                      # one update in the sampling context: r = 1
     if args.eval_data:
@@ -276,19 +293,25 @@ def pairwise_reward(monkeypatch):
     """A reward that varies within groups (the parity of the completion's length), and the first
     group of every step failing whole, so that --resample always has a group to resample."""
     monkeypatch.setattr(rl, "grade", parity)
-    real_score = rl.score
+    real_rollout, real_score, on_policy = rl.rollout, rl.score, {}
+
+    def rollout(*args, **kwargs):
+        on_policy["last"] = real_rollout(*args, **kwargs)
+        return on_policy["last"]
 
     def score(rollouts, tokenizer, args):
         real_score(rollouts, tokenizer, args)
-        if not rollouts.resampled.any() and len(rollouts) == args.prompts_per_step * args.group_size:
+        if rollouts is on_policy.get("last") and int(rollouts.group[0]) == 0:
             rollouts.correct[:args.group_size] = rollouts.rewards[:args.group_size] = 0.0
         return rollouts
+    monkeypatch.setattr(rl, "rollout", rollout)
     monkeypatch.setattr(rl, "score", score)
 
 
 def test_rl_pairwise(world, tmp_path, pairwise_reward, capsys, one_thread):
     fixed = ["--model", str(world / "model"), "--data", str(world / "train.jsonl"), "--steps", "2", "--lr", "1e-3"]
-    rows, refused, total = covering_array(RL_FACTORS, accepted_by(rl, RL_FACTORS, fixed + ["--out", "x"], world))
+    rows, refused, total = covering_array(RL_FACTORS, rl_accepted_by(RL_FACTORS, fixed + ["--out", "x"], world))
+    refused = [row for row in refused if not orphan_part(row, RL_FACTORS)]
     before, rescued = load_file(str(world / "model" / "model.safetensors")), 0
     for k, row in enumerate(rows):
         out = tmp_path / f"run{k}"

@@ -11,9 +11,10 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from diagnostics import is_broken, prefix_health
-from guard import UserError
+from common import UserError
 from model import (PREFIX_SOURCES, NoisePrefix, NoPrefix, PaletteVAE, PrefixSource, VAEPrefix, embedding_fingerprint,
-                   load_vae, make_prefix_source, mean_pooled_embeddings, save_vae)
+                   load_vae, make_prefix_source, prefix_class, save_vae)
+from train_vae import mean_pooled_embeddings
 
 from conftest import tiny_toy_model
 
@@ -105,7 +106,7 @@ def test_every_prefix_source_keeps_its_contract(tmp_path, name, tie):
     from toy.tokenizer import build_tokenizer
     E = torch.randn(80, 24) * 0.7
     _trained_vae(tmp_path, E)
-    cls = PREFIX_SOURCES[name]
+    cls = prefix_class(name)
     if tie and not cls.tieable:
         return                                            # refused at start-up (check_prefix_sources)
     source = make_prefix_source(name, E, tokenizer=build_tokenizer(), vae=tmp_path / "vae", tie=tie)

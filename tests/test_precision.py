@@ -59,8 +59,9 @@ def test_bf16_moves_every_kind_of_weight_as_far_as_fp32(world, tmp_path, monkeyp
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
         if stage == "rl":
+            monkeypatch.setattr(rl, "WARMUP_STEPS", 1)                                     # a constant lr
             run(rl, ["--model", str(world / "model"), "--data", str(world / "train.jsonl"), "--schedule", "none",
-                     "--steps", "3", "--warmup-steps", "0", "--prompts-per-step", "4", "--group-size", "4",
+                     "--steps", "3", "--prompts-per-step", "4", "--group-size", "4",
                      "--max-new-tokens", "6", "--lr", lr, "--dtype", dtype, "--out", str(out)])
         else:
             run(sft_warmup, ["--model", str(world / "model"), "--data", str(world / "train.jsonl"), "--prefix-source",

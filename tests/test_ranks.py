@@ -201,8 +201,8 @@ def test_sft_warmup_is_the_same_on_one_and_two_ranks(world, vae_runs, tmp_path):
 
 # -- rl.py -------------------------------------------------------------------------------------------
 
-RL = ("--max-new-tokens", "6", "--micro-batch-size", "3", "--steps", "3", "--lr", "1e-3", "--warmup-steps", "2",
-      "--save-every", "0", "--sample-every", "1", "--samples-per-step", "0", "--epochs", "2")
+RL = ("--max-new-tokens", "6", "--micro-batch-size", "3", "--steps", "3", "--lr", "1e-3",
+      "--save-every", "0", "--samples-per-step", "0", "--epochs", "2")
 
 # Each row's rank holds a number of rollouts that the minibatches do not divide (9 for 2, 8 for 3),
 # so minibatches formed from a rank's own order would differ from one process's.
@@ -218,8 +218,8 @@ RL_ROWS = {
     # groups resampled under noise prefixes and trained as naive pseudo-rollouts; an entropy bonus
     "constant-nudge-resample": ("--prompts-per-step", "4", "--group-size", "4", "--minibatches", "3",
                                 "--schedule", "constant", "--rho", "0.5", "--prefix-source", "vae", "--L", "1",
-                                "--credit", "nudge", "--resample", "3", "--resample-source", "noise",
-                                "--resample-L", "1", "--resample-credit", "naive", "--aggregation", "seq-mean",
+                                "--credit", "nudge", "--resample", "3,source=noise,L=1,credit=naive",
+                                "--aggregation", "seq-mean",
                                 "--entropy-coef", "0.01"),
 }
 

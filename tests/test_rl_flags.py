@@ -1,14 +1,16 @@
 """rl.py's flags on a tiny model built here, in-process for 2 steps (every pair of flags runs in
-tests/test_pairwise.py): the flags it refuses (one line, exit code 2); resuming from a
-checkpoint recovered from an interrupted swap, and a corrupt checkpoint stopping in one line; the
-schedule table and the choice of prefixed rollouts; rows without ids; the guards around a step (a
-non-finite gradient stops the run before the optimiser step, non-finite weights are never
-checkpointed) and its warnings.
+tests/test_pairwise.py): the values it refuses (one line, exit code 2) and the flags without
+effect it notes (one line, and the run goes on); resuming from a checkpoint recovered from an
+interrupted swap, and a corrupt checkpoint stopping in one line; the schedule registry, the
+rounding of the plan and the choice of prefixed rollouts; rows without ids; the guards around a
+step (a non-finite gradient stops the run before the optimiser step, non-finite weights are never
+checkpointed) and its warning.
 
 Run:  python -m pytest tests/test_rl_flags.py -q        (about half a minute on two cores)
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,9 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import diagnostics
 import rl
-from guard import UserError
+from common import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,8 +48,8 @@ def tiny_args(tiny, out, *extra):
     return ["--model", str(tiny / "model"), "--data", str(tiny / "train.jsonl"), "--out", str(out),
             "--schedule", "constant", "--rho", "0.4", "--prefix-source", "noise", "--L", "2",
             "--prompts-per-step", "2", "--group-size", "5", "--max-new-tokens", "6",
-            "--micro-batch-size", "3", "--steps", "2", "--lr", "1e-3", "--warmup-steps", "0",
-            "--save-every", "0", "--sample-every", "0", *map(str, extra)]
+            "--micro-batch-size", "3", "--steps", "2", "--lr", "1e-3", "--save-every", "0",
+            *map(str, extra)]
 
 
 def records(out):
@@ -79,7 +80,7 @@ def failing_then_parity(monkeypatch):
 
 def test_a_resample_prefix_must_fit_the_context(tiny, tmp_path):
     # lorem's default length, 200 tokens, does not fit the tiny model's context of 128
-    with pytest.raises(UserError, match=r"prompt \+ \d+-row prefix \+ --max-new-tokens = .* exceeds the "
+    with pytest.raises(UserError, match=r"prompt \+ prefix \+ --max-new-tokens = \d+ tokens exceeds the "
                                         "model's context of 128"):
         rl.main(tiny_args(tiny, tmp_path / "run", "--resample", 3))
 
@@ -93,7 +94,6 @@ REFUSED = [
     (["--micro-batch-size", "-1"], "--micro-batch-size must be >= 0"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--minibatches", "0"], "--minibatches must be >= 1"),
-    (["--minibatches", "11"], "--minibatches 11 is more than the 10 rollouts each rank holds"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--temperature", "0"], "--temperature must be > 0, got 0"),
@@ -103,51 +103,29 @@ REFUSED = [
     (["--lr", "-0.001"], "--lr must be >= 0"),
     (["--kl-coef", "-0.1"], "--kl-coef must be >= 0"),
     (["--entropy-coef", "-0.1"], "--entropy-coef must be >= 0"),
-    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
-    (["--clip-eps-low", "1"], "--clip-eps-low must be < 1"),
-    (["--clip-eps-high", "-0.1"], "--clip-eps-high must be >= 0"),
-    (["--grad-clip", "0"], "--grad-clip must be > 0"),
+    (["--clip-eps", "-0.1"], "--clip-eps must be >= 0"),
+    (["--clip-eps", "0.2,-0.1"], "--clip-eps must be >= 0"),
+    (["--clip-eps", "low"], "--clip-eps expected a number"),
     (["--rho", "1.5"], "--rho must be <= 1"),
     (["--L", "-1"], "--L must be >= 0"),
-    (["--L", "0"], "--schedule constant needs a --prefix-source and --L >= 1"),
-    (["--prefix-source", "none"], "--schedule constant needs a --prefix-source and --L >= 1"),
     (["--prefix-source", "vae"], "--prefix-source vae needs --vae DIR"),
-    (["--region", "math"], "--region needs a VAE source"),
-    (["--eval-problems", "0"], "--eval-problems must be >= 1"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
-    (["--per-domain-cap", "0"], "--per-domain-cap must be >= 1"),
     (["--epochs", "1000"], "--epochs must be <= 100"),
-    (["--lr", "0.1", "--weight-decay", "10"], "would flip every weight's sign"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--seed", str(2**32)], "--seed must be <= 4294967295"),
-    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
     (["--schedule", "sometimes"], "invalid choice: 'sometimes'"),
-    (["--resample", "-1"], "--resample must be >= 0"),
-    (["--resample-credit", "naive-shaped"], "--resample-credit naive-shaped has no effect here (--resample G'"),
-    (["--resample-source", "vae"], "--resample-source vae has no effect here (--resample G'"),
-    (["--resample-L", "8"], "--resample-L 8 has no effect here (--resample G'"),
-    # flags that would be ignored are refused, each naming why
-    (["--schedule", "linear", "--rho", "0.3"], "--rho 0.3 has no effect here (it is the prefixed fraction of --schedule constant)"),
-    (["--eval-every", "1"], "--eval-every 1 has no effect here (there is no --eval-data)"),
-    (["--eval-problems", "5"], "--eval-problems 5 has no effect here (there is no --eval-data)"),
-    (["--schedule", "none", "--rho", "0.5", "--credit", "naive"], "--credit naive has no effect here (--schedule none"),
-    (["--schedule", "none", "--rho", "0.5"], "--prefix-source noise has no effect here (--schedule none draws no prefix)"),
-    (["--schedule", "none", "--rho", "0.5", "--prefix-source", "none", "--L", "3"], "--L 3 has no effect here (--schedule none"),
-    (["--vae", "somewhere"], "--vae has no effect here: no prefix source of this run reads a VAE"),
-    (["--fsdp", "--credit", "nudge"], "--fsdp needs the same forward passes on every rank"),
-    (["--fsdp", "--resample", "3", "--resample-credit", "nudge"], "--fsdp needs the same forward passes on every rank"),
-    (["--resample", "3", "--resample-source", "vae"], "--resample-source vae needs --vae DIR"),
-    (["--resample", "3", "--resample-L", "-1"], "--resample-L must be >= 0"),
-    (["--resample", "3", "--resample-source", "noise", "--resample-L", "0"],
-     "any other source needs --resample-L >= 1"),
-    (["--resample", "3", "--resample-source", "none", "--resample-L", "4"],
-     "--resample-source none takes no prefix (leave --resample-L out)"),
-    (["--resample", "3", "--L", "2", "--tie"], "--tie has no meaning for --resample-source lorem"),
-    (["--L", "1", "--tie"], "with --L 1 there is nothing to repeat"),
-    (["--rho", "0.05"], "--rho 0.05 prefixes round(0.05 x 5) = 0 rollouts of each group"),
+    (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+    (["--credit", "sometimes"], "--credit sometimes: no such rule"),
     (["--fsdp"], "--fsdp shards over ranks: launch with torchrun"),
-    (["--prefix-source", "lorem", "--tie"], "--tie has no meaning for --prefix-source lorem"),
-    (["--resample", "3", "--resample-credit", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--resample", "-1"], "--resample -1: expected G'"),
+    (["--resample", "three"], "--resample three: expected G'"),
+    (["--resample", "3,colour=red"], "--resample 3,colour=red: expected G'"),
+    (["--resample", "3,L=-1"], "--resample 3,L=-1: expected G'"),
+    (["--resample", "3,source=vae"], "vae needs --vae DIR"),
+    (["--resample", "3,source=noise,L=0"], "any other source needs L >= 1"),
+    (["--resample", "3,source=none,L=4"], "source=none takes no prefix"),
+    (["--resample", "3,source=sometimes"], "source is one of"),
+    (["--resample", "3,credit=sometimes"], "credit one of"),
 ]
 
 
@@ -162,6 +140,50 @@ def test_impossible_flags_are_refused_in_one_line(tiny, tmp_path, capsys, flags,
     assert not out.exists()                                    # refused before anything is written
 
 
+FSDP_REFUSED = [["--credit", "nudge"], ["--truncated", "mask"], ["--resample", "3,credit=nudge"]]
+
+
+@pytest.mark.parametrize("flags", FSDP_REFUSED, ids=" ".join)
+def test_fsdp_refuses_passes_that_differ_between_ranks(tiny, tmp_path, monkeypatch, flags):
+    """Under torchrun (here: as if launched so), --fsdp refuses what would run a different number of
+    collective forward passes on each rank."""
+    args = rl.parser.parse_args(tiny_args(tiny, tmp_path, "--fsdp", *flags))
+    monkeypatch.setattr(rl.dist, "is_initialized", lambda: True)
+    with pytest.raises(UserError, match="--fsdp needs the same forward passes on every rank"):
+        rl.check_args(args, 1)
+
+
+# -- accepted: a flag without effect prints one note and the run goes on (each was refused once) ------
+
+BASELINE = "is the baseline"          # --schedule X with no prefix runs schedule none
+NOTED = [
+    (["--schedule", "linear", "--rho", "0.3"], "--rho 0.3 has no effect here (it is the in-group ratio"),
+    (["--eval-every", "1"], "--eval-every 1 has no effect here (there is no --eval-data)"),
+    (["--clip-eps", "0.1"], "has no effect here (one update per batch in the sampling context"),
+    (["--schedule", "none", "--rho", "0.5", "--credit", "naive"],
+     "--credit naive has no effect here (--schedule none draws no prefix)"),
+    (["--vae", "somewhere"], "--vae somewhere has no effect here (no prefix source reads a VAE)"),
+    (["--L", "0"], BASELINE),
+    (["--prefix-source", "none"], BASELINE),
+    (["--rho", "0.05"], "--L 2 has no effect here (--rho 0.05 prefixes round(0.05 x 5) = 0"),  # nothing prefixed
+    (["--minibatches", "11"], None),      # more minibatches than the 10 rollouts: the empty ones are skipped
+]
+
+
+@pytest.mark.parametrize("flags,note", NOTED, ids=[" ".join(f) for f, _ in NOTED])
+def test_flags_without_effect_are_noted_and_the_run_goes_on(tiny, tmp_path, capsys, parity_reward, one_thread,
+                                                            flags, note):
+    rl.main(tiny_args(tiny, tmp_path, "--steps", 1, *flags))
+    notes = [line for line in capsys.readouterr().out.splitlines()      # (not the warm-up's notes)
+             if line.startswith("note: ") and ("has no effect here" in line or BASELINE in line)]
+    assert (notes == []) if note is None else sum(note in line for line in notes) == 1, notes
+    (record,) = records(tmp_path)
+    args = rl.parser.parse_args(tiny_args(tiny, tmp_path, *flags))
+    assert len(record["prefixed"]) == args.prompts_per_step and record["updates"] <= args.minibatches
+    if note == BASELINE or flags == ["--rho", "0.05"]:
+        assert record["prefixed"] == [0] * args.prompts_per_step and record["rho"] == 0 and record["L"] == 0
+
+
 def test_a_refused_flag_exits_2_without_a_traceback(tiny, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "rl.py"),
                              *tiny_args(tiny, tmp_path / "run", "--group-size", "1")],
@@ -171,13 +193,24 @@ def test_a_refused_flag_exits_2_without_a_traceback(tiny, tmp_path):
     assert result.stderr.strip().splitlines() == ["error: --group-size must be >= 2, got 1 (see python rl.py --help)"]
 
 
-@pytest.mark.parametrize("flags", [["--prompts-per-step", 10**12], ["--group-size", 10**12],
-                                   ["--resample", 10**12, "--resample-L", 2]])
+@pytest.mark.parametrize("flags", [["--prompts-per-step", 2**16, "--group-size", 2**12],
+                                   ["--prompts-per-step", 2**16, "--resample", f"{2**12},source=noise,L=2"]])
 def test_a_batch_that_cannot_fit_the_device_is_refused(tiny, tmp_path, flags):
-    with pytest.raises(UserError, match=r"a rank needs .* GiB \(.*KV cache .* GiB\) at --micro-batch-size 3, "
+    """On a GPU, rl.py asks memory.rl_plan before anything is loaded; here the same plan is made
+    against this machine's free memory, and refused in one line."""
+    import memory
+    from model import load_config, load_embedding_matrix, make_prefix_source
+    args = rl.parser.parse_args(tiny_args(tiny, tmp_path / "run", *flags))
+    rl.check_args(args, 1)
+    build = lambda name: make_prefix_source(name, load_embedding_matrix(str(tiny / "model")))
+    extra = None
+    if args.resample:
+        import resample
+        extra = resample.Resampler(args, build, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"a rank needs .* GiB \(.*KV cache.* GiB\) at --micro-batch-size 3, "
                                          r"more than the .* GiB free; lower"):
-        rl.main(tiny_args(tiny, tmp_path / "run", *flags))
-    assert not (tmp_path / "run").exists()                     # refused before anything is written
+        memory.rl_plan(args, load_config(str(tiny / "model")), [{"prompt_ids": [1, 2, 3]}], [], build("noise"),
+                       extra, 1, torch.device("cpu"))
 
 
 def test_eval_prompts_must_fit_the_context(tiny, tmp_path):
@@ -191,28 +224,30 @@ def test_eval_prompts_must_fit_the_context(tiny, tmp_path):
 
 def test_resume_after_a_kill_while_a_checkpoint_was_written(tiny, tmp_path, parity_reward, one_thread, capsys):
     """A kill while checkpoint-000003 was being written leaves it under its temporary name, half
-    full: the run resumes from checkpoint-000002, the newest complete one, and the leftover goes."""
-    rl.main(tiny_args(tiny, tmp_path, "--save-every", 1, "--keep-checkpoints", 2))
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
+    full: the run resumes from checkpoint-000002, the newest complete one (the only one kept), and
+    the leftover goes."""
+    rl.main(tiny_args(tiny, tmp_path, "--save-every", 1))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000002"]
     half = tmp_path / ".tmp-checkpoint-000003-abc"
     (half / "model").mkdir(parents=True)
     (half / "trainer_state.json").write_text('{"step": 3, "rng"')
-    rl.main(tiny_args(tiny, tmp_path, "--save-every", 1, "--keep-checkpoints", 2, "--steps", 4, "--resume"))
-    assert "resumed from" in capsys.readouterr().out and not half.exists()
+    rl.main(tiny_args(tiny, tmp_path, "--save-every", 1, "--steps", 4, "--resume"))
+    assert "checkpoint-000002 at step 2" in capsys.readouterr().out and not half.exists()
     assert [r["step"] for r in records(tmp_path)] == [0, 1, 2, 3]
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000003", "checkpoint-000004"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000004"]
     assert json.load(open(tmp_path / "checkpoint-000004" / "trainer_state.json"))["step"] == 4
 
 
 def test_a_resampled_run_resumes_to_the_same_state(tiny, tmp_path, failing_then_parity, one_thread):
-    """Resampling draws its lorem text and completions from the checkpointed generators: a run
-    stopped after 2 steps and resumed to 4 ends where a straight 4-step run ends."""
-    flags = ("--resample", 3, "--resample-L", 4, "--resample-credit", "naive-shaped")
+    """Resampling draws its lorem text and completions from seeds derived from (--seed, step, group),
+    and the schedule's memory of rewards is checkpointed: a run stopped after 2 steps and resumed to
+    4 ends where a straight 4-step run ends."""
+    flags = ("--resample", "3,L=4,credit=naive-shaped")
     rl.main(tiny_args(tiny, tmp_path / "straight", *flags, "--steps", 4))
     rl.main(tiny_args(tiny, tmp_path / "resumed", *flags))
     rl.main(tiny_args(tiny, tmp_path / "resumed", *flags, "--steps", 4, "--resume"))
     a, b = records(tmp_path / "straight"), records(tmp_path / "resumed")
-    keys = ("reward_mean", "rollouts_generated", "rescued_groups", "resample_accuracy", "loss")
+    keys = ("reward_mean", "rollouts_generated", "rescued_groups", "resample_accuracy", "loss", "prefixed")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
     assert sum(r["rescued_groups"] for r in a) > 0
     wa = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
@@ -236,21 +271,40 @@ def test_a_corrupt_checkpoint_stops_in_one_line(tiny, tmp_path, capsys, one_thre
 # -- pieces: schedules, who gets a prefix, rows without ids -------------------------------------------
 
 def test_schedules_are_one_table_that_argparse_uses():
+    """Every schedule of the registry gives each group a fraction in [0, 1], from the progress, --rho
+    and the rewards of each problem's last draw (NaN where never drawn)."""
     choices = next(a.choices for a in rl.parser._actions if a.dest == "schedule")
     assert choices is rl.SCHEDULES                            # a schedule added to the table is a choice
-    assert [rl.SCHEDULES["linear"](t, 0.3) for t in (0, 0.25)] == [1.0, 0.75]
-    assert rl.SCHEDULES["constant"](0.9, 0.3) == 0.3
+    last = torch.tensor([[float("nan")] * 4, [0.0, 1.0, 0.0, 0.0], [1.0] * 4])                  # (P, G)
+    for name, schedule in rl.SCHEDULES.items():
+        for tau in (0.0, 0.25, 0.5, 0.99):
+            fraction = torch.as_tensor(schedule(tau, 0.3, last), dtype=torch.float64)
+            assert fraction.shape in ((), (3,)) and ((0 <= fraction) & (fraction <= 1)).all(), (name, tau)
+    assert [rl.SCHEDULES["linear"](t, 0.3, last) for t in (0, 0.25)] == [1.0, 0.75]
+    assert rl.SCHEDULES["constant"](0.9, 0.3, last) == 0.3
 
 
-def test_choose_prefixed_picks_n_of_each_group_at_random():
-    g = torch.Generator().manual_seed(0)
-    chosen = torch.stack([rl.choose_prefixed(8, 3, g) for _ in range(2000)])       # (2000, 8)
-    assert chosen.dtype == torch.bool and (chosen.sum(-1) == 3).all()              # 3 per group
-    per_slot = chosen.float().mean(0)                          # each place in a group equally often
+def test_each_group_prefixes_its_planned_rollouts_at_random(monkeypatch):
+    """rollout() prefixes n_prefixed[j] of group j's G rollouts, each place in a group equally often,
+    from seeds derived from (--seed, step, group): the same at the same step, others at another."""
+    class Source:
+        name = "test"
+
+        def sample(self, n, L, generator):
+            return torch.randn(n, L, 2, generator=generator)
+    monkeypatch.setattr(rl, "sample", lambda sampler, problems, prefixes, *a: prefixes)
+    args = rl.parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--group-size", "8"])
+    P, problems = 2000, [{"prompt_ids": [1]}] * 2000
+    n_prefixed = torch.tensor([3] * (P - 2) + [0, 8])
+    chosen = lambda step, first=0: torch.tensor([p is not None for p in rl.rollout(
+        None, Source(), problems[first:], first, n_prefixed, 1, step, args, 0)]).view(-1, 8)    # (P, 8)
+    at_0 = chosen(0)
+    assert torch.equal(at_0.sum(1), n_prefixed)                                     # the plan, group by group
+    per_slot = at_0[:-2].float().mean(0)                       # each place in a group equally often
     assert ((per_slot - 3 / 8).abs() < 0.04).all(), per_slot
-    assert not torch.equal(chosen[0], chosen[1])
-    assert torch.equal(rl.choose_prefixed(8, 3, torch.Generator().manual_seed(0)), chosen[0])     # seeded
-    assert not rl.choose_prefixed(4, 0, g).any() and rl.choose_prefixed(4, 4, g).all()
+    assert not torch.equal(at_0[0], at_0[1])
+    assert torch.equal(chosen(0), at_0) and not torch.equal(chosen(1), at_0)          # seeded by the step
+    assert torch.equal(chosen(0, first=1000), at_0[1000:])     # a group's draws: its place, not the rank's
 
 
 def test_rows_without_ids_and_unreadable_answers_are_left_out(tiny, tmp_path, capsys):
@@ -263,7 +317,7 @@ def test_rows_without_ids_and_unreadable_answers_are_left_out(tiny, tmp_path, ca
         for row in rows:
             f.write(json.dumps({**row, "domain": "math", "source": "toy"}) + "\n")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny / "tokenizer"))
-    kept = rl.load_problems(str(tmp_path / "rows.jsonl"), "--data", tokenizer, "plain", seed=0)
+    kept = rl.load_problems(str(tmp_path / "rows.jsonl"), "--data", tokenizer, "plain", 0, 6, 128)
     assert {r["grading_kind"] for r in kept} == {"toy"} and sorted(r["problem"] for r in kept) == ["1+2=?", "3+3=?"]
     assert all(r["prompt_ids"] == tokenizer(r["problem"] + "\n")["input_ids"] for r in kept)
     assert "2 of 4 gold answers cannot be read" in capsys.readouterr().out
@@ -340,49 +394,28 @@ def test_non_finite_weights_are_never_checkpointed(tiny, tmp_path, monkeypatch, 
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
-def test_warnings_for_a_zero_gradient_and_a_collapsing_reward():
-    def history(grad_norms, rewards):
-        return [{"grad_norm": g, "reward_mean": r} for g, r in zip(grad_norms, rewards)]
-    warn = lambda h: [line.split(":")[1].strip() for line in diagnostics.training_warnings(h)]
-    assert warn(history([0, 0], [0.5, 0.5])) == []
-    assert warn(history([0, 0, 0], [0.5, 0.5, 0.5])) == ["the gradient norm has been exactly 0 for 3 steps"]
-    assert warn(history([0, 0, 0, 0], [0.5] * 4)) == []                         # once per streak
-    assert warn(history([1] * 6, [0.5, 0.4, 0.3, 0, 0, 0])) == ["the reward has collapsed to 0 for 3 steps, from 0.400 at the start"]
-    assert warn(history([1] * 7, [0.5, 0.4, 0.3, 0, 0, 0, 0])) == []
-    assert warn(history([1] * 6, [0, 0, 0, 0, 0, 0])) == []                     # never positive
-
-
 def test_a_run_with_equal_rewards_warns_of_the_zero_gradient(tiny, tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 0.0)
-    rl.main(tiny_args(tiny, tmp_path, "--steps", 3, "--truncated", "mask"))   # all rewards 0
-    assert [r["grad_norm"] for r in records(tmp_path)] == [0.0, 0.0, 0.0]
-    assert "warning: the gradient norm has been exactly 0 for 3 steps" in capsys.readouterr().out
+    rl.main(tiny_args(tiny, tmp_path, "--steps", 4, "--truncated", "mask"))   # all rewards 0
+    assert [r["grad_norm"] for r in records(tmp_path)] == [0.0] * 4            # warned once, at the third
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and re.match(r"warning: the gradient norm has been (exactly )?0 for 3 steps", warnings[0])
 
 
 def test_prefixed_counts_round_half_up():
     """round(rho G) with halves rounded up, not to even: rho 0.5 of 5 rollouts is 3, and the
     linear schedule at tau 0.75 prefixes 1 of 2 (Python's round would give 2 and 0)."""
-    assert rl.prefix_plan("constant", 0.0, 5, 0.5, 1) == (3, 1)
-    assert rl.prefix_plan("linear", 0.75, 2, 0.0, 4) == (1, 4)
-    assert rl.prefix_plan("constant", 0.0, 8, 0.5, 2) == (4, 2)
-    assert rl.prefix_plan("constant", 0.0, 8, 0.0, 2) == (0, 0)
-
-
-def test_tensorboard_gets_the_records_of_metrics_jsonl(tiny, tmp_path, parity_reward, one_thread):
-    """--tensorboard: every number of every metrics.jsonl record, read back from the event files
-    (rank 0 writes them; without the flag nothing is imported or written)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    rl.main(tiny_args(tiny, tmp_path / "tb", "--tensorboard", "--steps", 3))
-    board = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
-    board.Reload()
-    for record in records(tmp_path / "tb"):
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                logged = {e.step: e.value for e in board.Scalars(key)}
-                assert logged[record["step"]] == pytest.approx(value, rel=1e-6), key
-    assert {e.step for e in board.Scalars("reward_mean")} == {0, 1, 2}
-    rl.main(tiny_args(tiny, tmp_path / "plain"))
-    assert not (tmp_path / "plain" / "tensorboard").exists()
+    def plan(schedule, tau, G, rho, L, P=3):
+        args = rl.parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--schedule", schedule])
+        args.group_size, args.rho, args.L = G, rho, L
+        n_prefixed, L = rl.prefix_plan(args, tau, torch.full((P, G), float("nan")))
+        assert n_prefixed.shape == (P,) and len(set(n_prefixed.tolist())) == 1
+        return int(n_prefixed[0]), L
+    assert plan("constant", 0.0, 5, 0.5, 1) == (3, 1)
+    assert plan("linear", 0.75, 2, 0.0, 4) == (1, 4)
+    assert plan("constant", 0.0, 8, 0.5, 2) == (4, 2)
+    assert plan("constant", 0.0, 8, 0.0, 2) == (0, 0)
+    assert plan("constant", 0.0, 8, 0.5, 0) == (0, 0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -399,12 +432,12 @@ def test_the_bf16_sampler_holds_the_updated_policy_after_every_step(tiny, tmp_pa
     the policy's new fp32 weights rounded to bf16, or the next rollouts come from a stale policy."""
     update, seen = rl.update_policy, []
 
-    def update_then_compare(model, sampler, *args):
-        before = [p.detach().clone() for p in model.parameters()]
-        metrics = update(model, sampler, *args)
-        assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))        # it moved
-        seen.append(sampler is not model and all(torch.equal(s, p.to(torch.bfloat16))
-                                                 for s, p in zip(sampler.parameters(), model.parameters())))
+    def update_then_compare(policy, *args):
+        before = [p.detach().clone() for p in policy.parameters()]
+        metrics = update(policy, *args)
+        assert any(not torch.equal(b, p) for b, p in zip(before, policy.parameters()))       # it moved
+        seen.append(policy.sampler is not policy.module and all(torch.equal(s, p.to(torch.bfloat16))
+                    for s, p in zip(policy.sampler.parameters(), policy.parameters())))
         return metrics
     monkeypatch.setattr(rl, "update_policy", update_then_compare)
     rl.main(tiny_args(tiny, tmp_path, "--dtype", "bfloat16", "--steps", "3"))

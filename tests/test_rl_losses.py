@@ -7,8 +7,10 @@ entropy, kl, loss) recomputed by hand over several epochs and minibatches.
 
 Run:  python -m pytest tests/test_rl_losses.py -q        (about 20 s on two cores)
 """
+import contextlib
 import copy
 import math
+from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
@@ -148,17 +150,33 @@ def tiny_model(tied=False):
     return tiny_float64_model(vocab_size=23, tied=tied)
 
 
-def update_args(**overrides):
-    args = dict(aggregation="token-mean", max_new_tokens=6, micro_batch_size=3, temperature=0.8,
-                clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.1, entropy_coef=0.05, epochs=1,
-                minibatches=1, fsdp=False, grad_clip=1.0, group_size=4, estimator="grpo", dtype="float64")
-    return SimpleNamespace(**{**args, **overrides})
+def update_args(*argv, **overrides):
+    """rl.py's arguments for a unit call: a minimal command line parsed by rl.py's parser (clip
+    0.2 / 0.28, grpo, token-mean, one epoch of one minibatch), then the few fields a test sets."""
+    args = rl.parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--group-size", "4",
+                                 "--max-new-tokens", "6", "--micro-batch-size", "3", "--temperature", "0.8",
+                                 "--kl-coef", "0.1", "--entropy-coef", "0.05", *argv])
+    for key, value in overrides.items():
+        assert hasattr(args, key), key
+        setattr(args, key, value)
+    return args
+
+
+def fresh_stats(r):
+    """Zero per-rollout sums, as update_policy starts them (any key policy_loss gives)."""
+    r.stats = defaultdict(lambda: torch.zeros(len(r), dtype=torch.float64))
+
+
+def policy_of(model):
+    """The policy as rl.py wraps it on one rank, in the model's own precision."""
+    return rl.Replicated(model, bf16=False)
 
 
 def make_rollouts(model, keep, seed=1, rule=credit.PLAIN):
     """Rollouts of random tokens in groups of 4: every third rollout prefixed with its own 2 vectors
-    (credited by `rule`), some completions at the 6-token limit (truncated); old and reference
-    log-probs are the policy's own, shifted so that ratios spread over both sides of the clip."""
+    (credited by `rule`; PLAIN: rl.py's default, no credit list), some completions at the 6-token
+    limit (truncated). Returns (r, old, ref): old and reference log-probs are the policy's own,
+    shifted so that ratios spread over both sides of the clip."""
     g = torch.Generator().manual_seed(seed)
     B, d = len(keep), model.config.hidden_size
     lengths = [1 + int(torch.randint(0, 6, (1,), generator=g)) for _ in range(B)]
@@ -168,28 +186,30 @@ def make_rollouts(model, keep, seed=1, rule=credit.PLAIN):
                                                generator=g).tolist()} for _ in range(B)],
         prefixes=prefixes, completions=[torch.randint(3, 23, (n,), generator=g).tolist() for n in lengths],
         truncated=torch.tensor([n == 6 for n in lengths]), sources=["test" if p is not None else "none" for p in prefixes],
-        credit=[rule if p is not None else credit.PLAIN for p in prefixes], group=torch.arange(B) // 4)
+        credit=None if rule is credit.PLAIN else [rule if p is not None else credit.PLAIN for p in prefixes],
+        group=torch.arange(B) // 4)
     r.keep = torch.tensor(keep)
     r.advantages = torch.randn(B, generator=g, dtype=torch.float64)
-    own = rl.completion_logprobs(model, r, list(range(B)), update_args())                 # B x (|o_i|,)
-    r.old_logprobs = [o + 0.3 * torch.randn(o.shape, generator=g, dtype=torch.float64) for o in own]
-    r.ref_logprobs = [o + 0.5 * torch.randn(o.shape, generator=g, dtype=torch.float64) for o in own]
-    return r
+    fresh_stats(r)
+    own = rl.completion_logprobs(model, r, list(range(B)), update_args(), contextlib.nullcontext)   # B x (|o_i|,)
+    old = [o + 0.3 * torch.randn(o.shape, generator=g, dtype=torch.float64) for o in own]
+    ref = [o + 0.5 * torch.randn(o.shape, generator=g, dtype=torch.float64) for o in own]
+    return r, old, ref
 
 
-def full_batch_gradient(model, r, args):
+def full_batch_gradient(model, r, old_logprobs, ref_logprobs, args):
     """The gradient of one loss over every kept rollout at once, old and reference log-probs
     placed into the training layout by hand."""
     rows = r.keep.nonzero()[:, 0].tolist()
     embeds, targets, loss_mask = r.batch(model, rows)
     old, ref = torch.zeros(loss_mask.shape, dtype=torch.float64), torch.zeros(loss_mask.shape, dtype=torch.float64)
     for j, i in enumerate(rows):                       # row j's completion sits at its loss positions
-        old[j, loss_mask[j]], ref[j, loss_mask[j]] = r.old_logprobs[i], r.ref_logprobs[i]
+        old[j, loss_mask[j]], ref[j, loss_mask[j]] = old_logprobs[i], ref_logprobs[i]
     lp, entropy = token_logprobs(model, embeds, targets, loss_mask, args.temperature)
     w = loss_token_weights(loss_mask, args.aggregation, len(rows), int(loss_mask.sum()), args.max_new_tokens,
                            lp.dtype)
-    loss, stats = policy_loss(lp, old, r.advantages[rows], w, args.clip_eps_low, args.clip_eps_high,
-                              ref, args.kl_coef, entropy, args.entropy_coef)
+    loss, stats = policy_loss(lp, old, r.advantages[rows], w, *args.clip_eps, ref, args.kl_coef, entropy,
+                              args.entropy_coef)
     assert 0 < frac(stats, "clipped") < 1              # the clip is active on some tokens, not all
     model.zero_grad()
     loss.backward()
@@ -202,13 +222,14 @@ KEEP = [False, False, False, True, True, False, True, True, True, True, False, T
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean", "constant"])
 def test_micro_batches_accumulate_the_full_batch_gradient(aggregation):
     model = tiny_model()
-    r = make_rollouts(model, KEEP)
-    expected, expected_loss = full_batch_gradient(model, r, update_args(aggregation=aggregation))
+    r, old, ref = make_rollouts(model, KEEP)
+    expected, expected_loss = full_batch_gradient(model, r, old, ref, update_args(aggregation=aggregation))
     for micro in (1, 2, 3, 5, 100):                   # 5 divides neither 12 rows nor 8 kept
         model.zero_grad(set_to_none=True)
         rows = r.keep.nonzero()[:, 0].tolist()
-        r.stats = {k: torch.zeros_like(v) for k, v in r.stats.items()}
-        n_seq, loss = rl.minibatch_backward(model, r, rows, update_args(aggregation=aggregation, micro_batch_size=micro))
+        fresh_stats(r)
+        n_seq, loss = rl.minibatch_backward(policy_of(model), r, rows, old, ref,
+                                            update_args(aggregation=aggregation, micro_batch_size=micro))
         assert n_seq == len(rows) and loss == pytest.approx(expected_loss, rel=1e-10)
         assert r.stats["loss"].sum().item() == pytest.approx(expected_loss, rel=1e-10)   # each rollout's share
         for name, p in model.named_parameters():
@@ -221,13 +242,14 @@ def _rank_worker(rank, world, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = tiny_model()
-    r = make_rollouts(model, KEEP)
+    r, old, ref = make_rollouts(model, KEEP)
     rows = [i for i in range(len(KEEP)) if KEEP[i]]
     mine = rows[:3] if rank == 0 else rows[3:]          # 3 and 5 kept rollouts: unequal ranks
     grads = {}
     for aggregation in ("token-mean", "seq-mean", "constant"):
         model.zero_grad(set_to_none=True)
-        rl.minibatch_backward(model, r, mine, update_args(aggregation=aggregation, micro_batch_size=2))
+        rl.minibatch_backward(policy_of(model), r, mine, old, ref, update_args(aggregation=aggregation,
+                                                                                micro_batch_size=2))
         sync_gradients(model)
         grads[aggregation] = {n: p.grad.clone() for n, p in model.named_parameters()}
     if rank == 0:
@@ -241,9 +263,9 @@ def test_two_gloo_ranks_accumulate_the_full_batch_gradient(tmp_path):
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
     got = torch.load(out)
     model = tiny_model()
-    r = make_rollouts(model, KEEP)
+    r, old, ref = make_rollouts(model, KEEP)
     for aggregation in ("token-mean", "seq-mean", "constant"):
-        expected, _ = full_batch_gradient(model, r, update_args(aggregation=aggregation))
+        expected, _ = full_batch_gradient(model, r, old, ref, update_args(aggregation=aggregation))
         for name, e in expected.items():
             torch.testing.assert_close(got[aggregation][name], e, rtol=1e-9, atol=1e-12,
                                        msg=f"{aggregation}: {name}")
@@ -254,12 +276,13 @@ def test_kl_is_k3_against_the_initial_checkpoint_after_the_embeddings_moved(tmp_
     policy = Transformer.from_pretrained(str(tmp_path / "initial"), dtype=torch.float64)
     with torch.no_grad():                   # as RL at a high lr would move them
         policy.embed_tokens.weight.add_(0.3 * torch.randn_like(policy.embed_tokens.weight))
-    r = make_rollouts(policy, [True] * 6)
-    r.old_logprobs, r.advantages = None, torch.zeros(6, dtype=torch.float64)
+    r, _, _ = make_rollouts(policy, [True] * 6)
+    r.advantages = torch.zeros(6, dtype=torch.float64)
     args = update_args(kl_coef=0.1, entropy_coef=0.0)
     ref = Transformer.from_pretrained(str(tmp_path / "initial"), dtype=torch.float64)   # as rl.py loads it
-    r.ref_logprobs = rl.completion_logprobs(ref, r, list(range(6)), args)
-    rl.minibatch_backward(policy, r, list(range(6)), args)
+    wrapped = policy_of(policy)
+    ref_logprobs = rl.completion_logprobs(ref, r, list(range(6)), args, wrapped.autocast)
+    rl.minibatch_backward(wrapped, r, list(range(6)), None, ref_logprobs, args)
 
     initial = Transformer.from_pretrained(str(tmp_path / "initial"), dtype=torch.float64)
 
@@ -286,10 +309,10 @@ def test_kl_is_k3_against_the_initial_checkpoint_after_the_embeddings_moved(tmp_
 
 def test_all_rollouts_truncated_and_masked_gives_no_update():
     model = tiny_model()
-    r = make_rollouts(model, [False] * 5)
+    r, _, _ = make_rollouts(model, [False] * 5)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    metrics = rl.update_policy(model, model, opt, None, r, update_args(epochs=2, minibatches=2, kl_coef=0.0))
+    metrics = rl.update_policy(policy_of(model), opt, None, r, update_args(epochs=2, minibatches=2, kl_coef=0.0))
     assert metrics["updates"] == 0 and metrics["clip_frac"] is None
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # and a forward over a batch without a single loss position still backpropagates (zeros)
@@ -307,13 +330,14 @@ def test_a_cut_off_answer_is_worth_zero_under_both_truncation_rules(truncated):
     rows = [{"problem": "2+3=?", "answer": "5", "grading_kind": "toy", "prompt_ids": [1]}] * 4
     texts = ["answer: 4", "answer: 6", "answer: 7", "answer: 5"]
     rollouts = rl.Rollouts(rows, [None] * 4, [[2]] * 4, truncated=torch.tensor([False, False, False, True]),
-                           sources=["none"] * 4, credit=[credit.PLAIN] * 4, group=torch.zeros(4, dtype=torch.long))
+                           group=torch.zeros(4, dtype=torch.long), sources=["none"] * 4)
     decoder = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: texts)
-    rl.score(rollouts, decoder, SimpleNamespace(truncated=truncated))
+    args = update_args("--truncated", truncated)
+    rl.score(rollouts, decoder, args)
     assert rollouts.correct.tolist() == [0.0, 0.0, 0.0, 1.0]      # what the grader saw
     assert rollouts.rewards.tolist() == [0.0, 0.0, 0.0, 0.0]      # a failed group: resampled
     assert rollouts.keep.tolist() == ([True] * 4 if truncated == "zero" else [True, True, True, False])
-    rl.set_advantages(rollouts, SimpleNamespace(group_size=4, estimator="grpo"))
+    rl.set_advantages(rollouts, args)
     assert rollouts.advantages.tolist() == [0.0] * 4
 
 
@@ -357,13 +381,12 @@ def test_each_credit_rule_gives_the_hand_computed_loss_and_gradient(rule):
     its gradient equal a sum written out row by row: naive reads pi without the prefix against
     pi_old with it, naive-shaped takes -r/(r + 0.1) A, nudge adds -0.1 A mean_t log pi(o | q) / B."""
     model, T = tiny_model(), 0.8
-    r = make_rollouts(model, [True] * 8, rule=credit.CREDIT_RULES[rule])
-    r.ref_logprobs = None
+    r, _, _ = make_rollouts(model, [True] * 8, rule=credit.CREDIT_RULES[rule])
     args = update_args(kl_coef=0.0, entropy_coef=0.0, aggregation="seq-mean", temperature=T)
-    rows = list(range(8))
-    r.old_logprobs = rl.completion_logprobs(model, r, rows, args, sampled=True)      # as update_policy does
+    rows, policy = list(range(8)), policy_of(model)
+    old = rl.completion_logprobs(policy, r, rows, args, policy.autocast, sampled=True)   # as update_policy does
     model.zero_grad(set_to_none=True)
-    _, loss = rl.minibatch_backward(model, r, rows, args)
+    _, loss = rl.minibatch_backward(policy, r, rows, old, None, args)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     by_hand = 0.0
     for i in rows:
@@ -392,16 +415,15 @@ def test_update_metrics_equal_a_replay_by_hand(rule):
     read (recorded by the optimiser) and pi_old in each rollout's sampling context."""
     model, T = tiny_model(), 0.8
     initial = copy.deepcopy(model)
-    r = make_rollouts(model, KEEP, rule=credit.CREDIT_RULES[rule])
-    r.old_logprobs = r.ref_logprobs = None
+    r, _, _ = make_rollouts(model, KEEP, rule=credit.CREDIT_RULES[rule])
     states = []
 
     class Recording(torch.optim.SGD):
         def step(self, closure=None):
             states.append(copy.deepcopy(model))
             return super().step(closure)
-    args = update_args(epochs=2, minibatches=2, temperature=T, grad_clip=1.0)
-    metrics = rl.update_policy(model, model, Recording(model.parameters(), lr=2.0), initial, r, args)
+    args = update_args(epochs=2, minibatches=2, temperature=T)
+    metrics = rl.update_policy(policy_of(model), Recording(model.parameters(), lr=2.0), initial, r, args)
     assert metrics["updates"] == 4 == len(states)
     kept = [i for i in range(12) if KEEP[i]]
     place = {i: int(r.group[i]) * 4 + i % 4 for i in kept}                         # group j, place k

@@ -78,5 +78,6 @@ def test_the_rollouts_of_a_group_draw_different_noise():
     model, _ = tiny_toy_model(std=0.5)
     args = rl.parser.parse_args(["--data", "-", "--model", "-", "--out", "-", "--schedule", "none",
                                  "--group-size", "8", "--max-new-tokens", "6"])
-    r = rl.rollout(model, None, [{"prompt_ids": [5, 6, 7]}] * 2, 0, 0, 0, 3, args, eos=-1)   # 2 groups of 8
+    r = rl.rollout(model, None, [{"prompt_ids": [5, 6, 7]}] * 2, 0, torch.zeros(2, dtype=torch.long), 0, 3, args,
+                   eos=-1)                                                                   # 2 groups of 8
     assert len({tuple(c) for c in r.completions[:8]}) >= 6 and r.completions[:8] != r.completions[8:]

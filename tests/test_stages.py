@@ -29,8 +29,7 @@ def rl_args(world, out, *extra):
     vae = () if "--prefix-source" in extra or "none" in extra else ("--vae", world / "vae")
     return ("--model", world / "base", *vae, "--data", world / "math_train.jsonl",
             "--out", out, "--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "40",
-            "--lr", "1e-4", "--temperature", "0.8", "--warmup-steps", "3",
-            "--sample-every", "0", *extra)
+            "--lr", "1e-4", "--temperature", "0.8", "--samples-per-step", "4", *extra)
 
 
 def metrics(path):
@@ -49,23 +48,27 @@ def test_silhouette_by_hand():
 
 
 def test_schedules_give_prefixed_counts_and_L():
-    from rl import prefix_plan
+    """The paper's schedules (each a named entry of rl.SCHEDULES; a new entry fails nothing here)."""
+    import rl
+
+    def plan(schedule, tau, G, rho, L):
+        args = rl.parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--schedule", schedule,
+                                     "--group-size", str(G), "--rho", str(rho), "--L", str(L)])
+        n_prefixed, L = rl.prefix_plan(args, tau, torch.full((2, G), float("nan")))
+        return int(n_prefixed[0]), L
     G = 8
-    assert [prefix_plan("none", t, G, 0.5, 8) for t in (0, 0.6)] == [(0, 0), (0, 0)]
-    assert [prefix_plan("two-stage", t, G, 0.5, 8) for t in (0, 0.49, 0.5, 0.9)] == \
-        [(8, 8), (8, 8), (0, 0), (0, 0)]
-    assert [prefix_plan("linear", t, G, 0.5, 8)[0] for t in (0, 0.25, 0.5, 0.75, 0.99)] == \
-        [8, 6, 4, 2, 0]
-    assert [prefix_plan("constant", t, G, 0.25, 4) for t in (0, 0.9)] == [(2, 4), (2, 4)]
-    assert prefix_plan("linear", 0.1, G, 0.5, 0) == (0, 0)
+    assert [plan("none", t, G, 0.5, 8) for t in (0, 0.6)] == [(0, 0), (0, 0)]
+    assert [plan("two-stage", t, G, 0.5, 8) for t in (0, 0.49, 0.5, 0.9)] == [(8, 8), (8, 8), (0, 0), (0, 0)]
+    assert [plan("linear", t, G, 0.5, 8)[0] for t in (0, 0.25, 0.5, 0.75, 0.99)] == [8, 6, 4, 2, 0]
+    assert [plan("constant", t, G, 0.25, 4) for t in (0, 0.9)] == [(2, 4), (2, 4)]
+    assert plan("linear", 0.1, G, 0.5, 0) == (0, 0)
 
 
-def test_step_prompts_are_a_function_of_the_step():
-    from rl import step_prompts
-    rows = [{"problem": str(i)} for i in range(10)]
-    first = [r["problem"] for s in range(5) for r in step_prompts(rows, s, 4, seed=3)]
-    assert first == [r["problem"] for s in range(5) for r in step_prompts(rows, s, 4, seed=3)]
-    assert sorted(first[:10]) == sorted(str(i) for i in range(10))   # an epoch visits each once
+def test_step_problems_are_a_function_of_the_step():
+    from rl import step_problems
+    first = [i for s in range(5) for i in step_problems(10, s, 4, seed=3)]
+    assert first == [i for s in range(5) for i in step_problems(10, s, 4, seed=3)]
+    assert sorted(first[:10]) == list(range(10))                  # an epoch visits each once
 
 
 def test_stored_prefix_replays_to_identical_logprobs(world):
@@ -122,7 +125,7 @@ def test_train_vae_outputs(world):
     assert abs(vae_json["norms"]["prefix"] - vae_json["norms"]["token_embedding"]) < 1e-3
 
 
-def test_sft_uses_prior_samples_and_changes_the_model(world, tmp_path, monkeypatch):
+def test_sft_uses_prior_samples_and_changes_the_model(world, tmp_path, monkeypatch, capsys):
     import model as model_module
     import sft_warmup
 
@@ -147,14 +150,16 @@ def test_sft_uses_prior_samples_and_changes_the_model(world, tmp_path, monkeypat
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert len(metrics(tmp_path)) == 3
     # the warm-up is recorded in the checkpoint, and rl.py's start-up note reads it
-    import diagnostics
     warmup = json.load(open(tmp_path / "model" / "config.json"))["nanopalette_warmup"]
     assert warmup == {"prefix_source": "vae", "L": 1, "steps": 3}
     assert model_module.Transformer.from_pretrained(str(tmp_path / "model")).config.warmup == warmup
-    assert diagnostics.warmup_notes(warmup, "vae", 1) == [] == diagnostics.warmup_notes(warmup, "none", 8)
-    assert diagnostics.warmup_notes(warmup, "vae", 8) == [
-        "note: the policy was warmed up with --prefix-source vae --L 1; this run gives it vae prefixes of L = 8"]
-    assert "records no prefix warm-up" in diagnostics.warmup_notes(None, "noise", 1)[0]
+    import rl
+    capsys.readouterr()
+    rl.main(["--model", str(tmp_path / "model"), "--vae", str(world / "vae"), "--data", str(world / "math_train.jsonl"),
+             "--out", str(tmp_path / "rl"), "--steps", "1", "--L", "2", "--prompts-per-step", "4", "--group-size", "4",
+             "--max-new-tokens", "8", "--save-every", "0"])
+    assert "note: the policy's warm-up taught vae prefixes of L = 1; this run gives it vae prefixes of L = 2" \
+        in capsys.readouterr().out.splitlines()
 
 
 def test_the_warmup_check_counts_a_cut_off_answer_zero(world, monkeypatch):
@@ -164,13 +169,13 @@ def test_the_warmup_check_counts_a_cut_off_answer_zero(world, monkeypatch):
     import model as model_module
     tokenizer = model_module.load_tokenizer(str(world / "base"), 10**6)
     from data import load_rows
-    rows = load_rows(str(world / "math_test.jsonl"), limit=4)
+    rows = [{**r, "prompt_ids": [1]} for r in load_rows(str(world / "math_test.jsonl"), limit=4)]
     right = [tokenizer(r["solution"], add_special_tokens=False)["input_ids"] for r in rows]
     policy = model_module.Transformer.from_pretrained(str(world / "base"))
     for stopped, expected in (([True] * 4, 1.0), ([True, False, True, False], 0.5), ([False] * 4, 0.0)):
         monkeypatch.setattr(diagnostics, "greedy_answers", lambda *a, stopped=stopped: (right, stopped))
         result = diagnostics.prefix_sensitivity(policy, tokenizer, rows, model_module.make_prefix_source("none", policy.embed_tokens.weight),
-                                                0, "plain", 8)
+                                                0, 8)
         assert result == {"pass1_no_prefix": expected}
 
 
@@ -190,13 +195,15 @@ def test_rl_several_updates_per_batch_with_kl(world, tmp_path):
     activation checkpointing, with a held-out evaluation at every step (it generates with the
     model fresh from training mode). After the first update the ratio leaves 1, so the KL is
     positive."""
-    run_script("rl.py", *rl_args(world, tmp_path, "--steps", "2", "--prompts-per-step", "4",
-                                 "--group-size", "4", "--schedule", "constant", "--rho", "0.5",
-                                 "--L", "2", "--epochs", "2", "--minibatches", "2",
-                                 "--micro-batch-size", "4", "--kl-coef", "0.05",
-                                 "--aggregation", "seq-mean", "--truncated", "mask",
-                                 "--activation-checkpointing", "on", "--eval-data",
-                                 world / "math_test.jsonl", "--eval-every", "1", "--eval-problems", "8"))
+    result = run_script("rl.py", *rl_args(world, tmp_path, "--steps", "2", "--prompts-per-step", "4",
+                                          "--group-size", "4", "--schedule", "constant", "--rho", "0.5",
+                                          "--L", "2", "--epochs", "2", "--minibatches", "2",
+                                          "--micro-batch-size", "4", "--kl-coef", "0.05",
+                                          "--aggregation", "seq-mean", "--truncated", "mask",
+                                          "--activation-checkpointing", "on", "--eval-data",
+                                          world / "math_test.jsonl", "--eval-every", "1"))
+    # the base model records no warm-up (sft_warmup.py): rl.py says so once, and runs
+    assert "note: the policy's warm-up taught no prefix; this run gives it vae prefixes of L = 2" in result.stdout.splitlines()
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2] and all("eval_pass1" in r for r in records)
     records = records[:2]
@@ -273,7 +280,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(world, tmp_path, monkeyp
     """The loss turns NaN in step 3 (as a bf16 overflow would): the run stops with a message and
     the checkpoint written after steps 0-2 stays intact."""
     import rl
-    from guard import UserError
+    from common import UserError
     calls = {"step": 0}
     real_loss = rl.policy_loss
 
@@ -313,19 +320,19 @@ def tiny_lorem_world(root):
 
 
 def test_sft_warms_up_with_lorem_prefixes(tmp_path, monkeypatch):
-    import model as model_module
+    import prefixes
     import sft_warmup
     tokenizer, argv = tiny_lorem_world(tmp_path)
     drawn = []           # (prefixes asked for, L, embedding rows of each) of every lorem draw
-    original = model_module.LoremPrefix._draw
+    original = prefixes.LoremPrefix._draw
 
     def recorded(self, n, L, generator):
         prefixes = original(self, n, L, generator)                  # (n, L + b, d)
         drawn.append((n, L, prefixes.shape[1]))
         return prefixes
-    monkeypatch.setattr(model_module.LoremPrefix, "_draw", recorded)
+    monkeypatch.setattr(prefixes.LoremPrefix, "_draw", recorded)
     sft_warmup.main(argv + ["--L", "4", "--eval-max-new-tokens", "8", "--out", str(tmp_path / "sft")])
-    boundary = len(tokenizer(model_module.LOREM_BOUNDARY, add_special_tokens=False)["input_ids"])
+    boundary = len(tokenizer(prefixes.LOREM_BOUNDARY, add_special_tokens=False)["input_ids"])
     assert (4, 4, 4 + boundary) in drawn                          # each training step's whole batch
     assert all(rows == L + boundary for _, L, rows in drawn)
     assert len(metrics(tmp_path / "sft")) == 2
@@ -346,11 +353,23 @@ def test_sft_warms_up_with_lorem_prefixes(tmp_path, monkeypatch):
 def test_sft_refuses_a_lorem_prefix_too_long_for_the_context(tmp_path, flags, message):
     import re
     import sft_warmup
-    from guard import UserError
-    from model import LOREM_BOUNDARY
+    from common import UserError
+    from prefixes import LOREM_BOUNDARY
     tokenizer, argv = tiny_lorem_world(tmp_path)
     b = len(tokenizer(LOREM_BOUNDARY, add_special_tokens=False)["input_ids"])
     with pytest.raises(UserError, match=re.escape(message(b))) as refusal:
         sft_warmup.main(argv + flags + ["--out", str(tmp_path / "sft")])
     assert "\n" not in str(refusal.value)
     assert not os.path.exists(tmp_path / "sft" / "model")
+
+
+def test_sft_notes_a_flag_without_effect(capsys):
+    """--eval-problems without --eval-data and --L with --prefix-source none: one note each, no refusal."""
+    import sft_warmup
+    args = sft_warmup.parser.parse_args(["--model", "m", "--data", "d.jsonl", "--out", "o", "--prefix-source", "none",
+                                         "--L", "3", "--eval-problems", "5"])
+    capsys.readouterr()
+    sft_warmup.check_args(args)
+    assert capsys.readouterr().out.splitlines() == [
+        "note: --eval-problems 5 has no effect here (there is no --eval-data)",
+        "note: --L 3 has no effect here (--prefix-source none draws no prefix)"]

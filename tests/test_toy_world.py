@@ -151,9 +151,10 @@ def test_bad_flags_are_one_line_before_anything_is_built(tmp_path, capsys, argv,
     assert "Traceback" not in err and not (tmp_path / "w").exists()
 
 
-def test_the_headline_over_builds_states_only_what_every_build_shows(tmp_path, capsys):
+def test_the_headline_over_builds_states_only_what_every_build_shows(tmp_path, capsys, monkeypatch):
     """toy.report --across: one column per build, each (b) cell mean ± std over seeds, and a sign said
     to hold only when every build has it; a build without its report is one line naming the command."""
+    import toy.report
     from toy.report import across_builds
 
     def build(name, base, gaps):
@@ -171,7 +172,8 @@ def test_the_headline_over_builds_states_only_what_every_build_shows(tmp_path, c
         return str(world)
 
     first = build("abc", 0.36, {"linear L=1": -0.10, "linear L=8": -0.20})
-    across_builds([first, build("def", 0.43, {"linear L=1": -0.03, "linear L=8": -0.05})], publish=False)
+    second = build("def", 0.43, {"linear L=1": -0.03, "linear L=8": -0.05})
+    across_builds([first, second], publish=False)
     out = capsys.readouterr().out
     assert "| base weights sha256 | abcabcabc | defdefdef |" in out
     assert "| base greedy pass@1 | 36.0 | 43.0 |" in out
@@ -180,6 +182,13 @@ def test_the_headline_over_builds_states_only_what_every_build_shows(tmp_path, c
     assert "(a) pass@4 of greedy decoding under a vae latent per candidate minus token sampling at T = 1: -5.0 points " \
            "in build 0, -5.0 points in build 1; lower in every build" in out
     assert "report of abc ![latent space](toy_latents.png)" in out and "report of def ![latent space](toy_latents1.png)" in out
+    published = []                                        # --publish: the tables to docs/, three lines to the README
+    monkeypatch.setattr(toy.report, "publish_results", lambda name, full, headline, *a, **k: published.append(headline))
+    across_builds([first, second], publish=True)
+    intro, a, b = published[0].splitlines()
+    assert intro.startswith("Over 2 builds of the toy world") and intro.endswith("is stated as holding:")
+    assert a.startswith("- (a) pass@4 of greedy") and b.startswith("- (b) GRPO: the best palette arm minus the plain "
+                                                                    "baseline is -10.0 points") and "; RLOO: " in b
 
     across_builds([first, build("ghi", 0.43, {"linear L=1": +0.02, "linear L=8": -0.05})], publish=False)
     assert "the sign differs between builds, so no verdict holds across them" in capsys.readouterr().out

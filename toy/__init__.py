@@ -12,7 +12,7 @@ import subprocess
 from typing import NamedTuple
 
 from common import atomic_write_text
-from guard import UserError
+from common import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

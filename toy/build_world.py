@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from common import RunDir, atomic_write_json, progress, run_main, seed_everything
-from guard import SEED, UserError, ranged, read_json
+from common import SEED, UserError, ranged, read_json
 from model import ModelConfig, Transformer, generate
 from toy import provenance
 from toy.task import (DOMAINS, PREAMBLE_SHARE, PREMISE_STRATEGY_WEIGHTS, STRATEGIES, detect_strategy,

@@ -66,7 +66,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from common import atomic_write_json, atomic_write_text, run_main  # noqa: E402
-from guard import UserError, ranged, read_jsonl  # noqa: E402
+from common import UserError, ranged, read_jsonl  # noqa: E402
 from toy import Provenance, provenance  # noqa: E402
 
 # name -> (warm-up it starts from, rl.py flags); {T_high} is the rollout temperature + 0.5
@@ -76,10 +76,10 @@ ARMS = {
     "palette linear": ("vae", "--schedule linear --L 1 --prefix-source vae"),
     "palette two-stage": ("vae", "--schedule two-stage --L 1 --prefix-source vae"),
     "rsp linear": ("rsp", "--schedule linear --L 1 --prefix-source rsp"),
-    "resample vae (prefixed)": ("vae", "--schedule none --prefix-source none --resample 24 --resample-source vae "
-                                       "--resample-L 1 --resample-credit prefixed"),
-    "LoPE lorem-128 (naive)": ("plain", "--schedule none --prefix-source none --resample 24 --resample-source lorem "
-                                        "--resample-L 128 --resample-credit naive"),
+    "resample vae (prefixed)": ("vae", "--schedule none --prefix-source none "
+                                       "--resample 24,source=vae,L=1,credit=prefixed"),
+    "LoPE lorem-128 (naive)": ("plain", "--schedule none --prefix-source none "
+                                        "--resample 24,source=lorem,L=128,credit=naive"),
 }
 # The follow-up, fixed after the arms ran and before any of its runs: the palette and rsp arms start
 # from prefix warm-ups that solve 0% of ripple problems greedily, against the plain warm-up's 8%, so
@@ -237,9 +237,8 @@ def warmup(world, out, name, fraction, steps):
 def rl_argv(world, run_dir, start, flags, seed, p):
     """rl.py's flags for one run: the shared ones, the protocol's settings p, then the arm's own."""
     return ["--model", start, *(["--vae", f"{world}/vae"] if "vae" in flags else []), "--data", p["data"],
-            "--eval-data", f"{world}/data/math_test.jsonl", "--eval-problems", str(EVAL_PROBLEMS),
-            "--steps", str(p["steps"]), "--lr", str(p["lr"]), "--temperature", str(p["temperature"]),
-            "--seed", str(seed), "--save-every", "0", "--sample-every", "1", "--samples-per-step", "0",
+            "--eval-data", f"{world}/data/math_test.jsonl", "--steps", str(p["steps"]), "--lr", str(p["lr"]),
+            "--temperature", str(p["temperature"]), "--seed", str(seed), "--save-every", "0", "--samples-per-step", "0",
             "--out", run_dir, *SHARED.split(), *flags.format(T_high=round(p["temperature"] + 0.5, 2)).split()]
 
 
@@ -593,6 +592,22 @@ def why_no_arm(state, out):
             "world where the minority strategies do not lose on the other family, is what would test it.")
 
 
+def headline(state, temperature):
+    """The README's lines: each hypothesis with the contrast that tests it (summary: the full tables)."""
+    lines = [f"Premise world, second protocol (rollout temperature {temperature}, chosen by the premise checks; "
+             "warm-ups seeded so that ripple is learnable):"]
+    if not state["runs"]:
+        return f"{lines[0]} no arm ran: the positive control failed."
+    tests = [("Hypothesis", state["protocol"]["hypothesis"], state["runs"], ("palette linear", "grpo"))]
+    if state.get("follow_up"):
+        f = state["follow_up_protocol"]
+        tests.append(("Follow-up hypothesis", f["hypothesis"], state["runs"] + state["follow_up"], f["contrasts"][0]))
+    for name, hypothesis, runs, (a, b) in tests:
+        if d_ci := difference(runs, a, b):
+            lines.append(f"{contrast(runs, a, b)} {name} ({hypothesis}): {verdict(d_ci, 'supported', 'not supported')}.")
+    return "\n".join(lines)
+
+
 def summarise(out, publish):
     state = json.load(open(os.path.join(out, "state.json")))
     premise = json.load(open(os.path.join(state["protocol"]["world"], "premise", "premise.json")))
@@ -605,11 +620,10 @@ def summarise(out, publish):
     full = "\n\n".join([protocol_markdown(state["protocol"]), *world, "## Results\n\n" + table,
                         f"![curves]({'explore.png' if publish else 'curves.png'})",
                         "## The premise checks\n\n" + premise_markdown(premise).split("\n", 1)[1]])
-    headline = (f"Premise world, second protocol (rollout temperature {t['rollout_temperature']}, chosen by the "
-                f"premise checks; warm-ups seeded so that ripple is learnable):\n\n{table}")
     if publish:
         from toy import publish_results
-        publish_results("explore", full, headline, f"bash runs/explore.sh; python -m toy.compare --summarise {out} --publish",
+        publish_results("explore", full, headline(state, t["rollout_temperature"]),
+                        f"bash runs/explore.sh; python -m toy.compare --summarise {out} --publish",
                         pictures=[(picture, "explore.png")])
     else:
         atomic_write_text(os.path.join(out, "report.md"), full)

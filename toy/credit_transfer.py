@@ -40,7 +40,7 @@ from functools import partial
 
 from common import atomic_write_json, atomic_write_text, run_main
 from credit import CREDIT_RULES
-from guard import UserError, ranged
+from common import UserError, ranged
 from toy import Provenance, provenance
 from toy.compare import (ARMS, arm_row, arm_table, contrast, difference, first_step_minority, fix_protocol, mean_ci,
                          parallel, rl_problems, rl_run, score_model, values, verdict, warmup)
@@ -111,10 +111,21 @@ def summary(state):
              *filter(None, [arm_row(name, runs) for name in arms]), ""]
     lines += filter(None, [contrast(runs, f"palette linear ({r})", GRPO) for r in CREDIT_RULES])
     lines += filter(None, [contrast(runs, f"rsp linear ({rule})", "grpo from the rsp warm-up")])
-    verdicts = {r: difference(runs, f"palette linear ({r})", GRPO) for r in p["transfer_rules"]}
-    lines += ["", f"- Hypothesis ({p['hypothesis']}): " + "; ".join(
-        f"{r}: {verdict(d, 'supported', 'not supported')}" for r, d in verdicts.items() if d) + ".", "", in_words(state)]
+    lines += ["", hypothesis(state), "", in_words(state)]
     return "\n".join(lines)
+
+
+def hypothesis(state):
+    p = state["protocol"]
+    verdicts = {r: difference(state["runs"], f"palette linear ({r})", GRPO) for r in p["transfer_rules"]}
+    return f"- Hypothesis ({p['hypothesis']}): " + "; ".join(
+        f"{r}: {verdict(d, 'supported', 'not supported')}" for r, d in verdicts.items() if d) + "."
+
+
+def headline(state):
+    """The README's lines: the numbers in words and the hypothesis (summary: the full tables)."""
+    return (f"Premise world, credit rules (the follow-up fixed in toy/credit_transfer.py). "
+            f"{in_words(state).removeprefix('**In words.** ')}\n{hypothesis(state)}")
 
 
 def in_words(state):
@@ -163,8 +174,7 @@ def summarise(out, publish):
                         "## Results\n\n" + table, f"![curves]({'explore_credit.png' if publish else 'curves.png'})"])
     if publish:
         from toy import publish_results
-        publish_results("explore_credit", full, "Premise world, credit rules (the follow-up fixed in "
-                        f"toy/credit_transfer.py):\n\n{table}",
+        publish_results("explore_credit", full, headline(state),
                         f"python -m toy.credit_transfer --world runs/toy_premise; python -m toy.credit_transfer "
                         f"--summarise {out} --publish", pictures=[(picture, "explore_credit.png")])
     else:

@@ -51,7 +51,7 @@ import sft_warmup
 import train_vae
 from common import atomic_write_json, atomic_write_text, run_main
 from diagnostics import prefix_health
-from guard import SEED, UserError, ranged, read_jsonl
+from common import SEED, UserError, ranged, read_jsonl
 from data import format_prompt
 from model import PREFIX_FORMS, generate, load_policy, make_prefix_source
 from toy import Provenance, provenance

@@ -27,7 +27,7 @@ import subprocess
 import sys
 
 from common import atomic_write_json, run_main
-from guard import ranged
+from common import ranged
 from toy import Provenance, provenance, publish_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def check_same_run(run_dir, argv):
     with; a report asked with other flags (--rl-steps, --rl-flags, ...) stops in one line instead
     of mixing old runs into a new table."""
     import rl
-    wanted = vars(rl.parser.parse_args([str(a) for a in argv]))
+    wanted = json.loads(json.dumps(vars(rl.parser.parse_args([str(a) for a in argv]))))   # as args.json holds it
     with open(f"{run_dir}/args.json") as f:
         saved = json.load(f)
     # a flag missing from args.json did not exist when the run was made: it ran as the default did
@@ -114,7 +114,7 @@ def rl_comparison(world, out, args):
             for seed in range(args.seeds):
                 run_dir = f"{out}/{estimator}_{arm.replace(' ', '_').replace('=', '')}_seed{seed}"
                 argv = ["--model", f"{world}/{start}/model", "--data", f"{world}/data/math_train.jsonl",
-                        "--eval-data", f"{world}/data/math_test.jsonl", "--eval-problems", 200,
+                        "--eval-data", f"{world}/data/math_test.jsonl",
                         "--eval-every", 0, "--steps", args.rl_steps, "--estimator", estimator,
                         "--seed", seed, "--save-every", 0, "--out", run_dir, *flags, *args.rl_flags.split()]
                 if os.path.exists(f"{run_dir}/model/config.json"):
@@ -233,7 +233,8 @@ is measured without prefixes for every arm and is the comparison at equal steps.
     open(f"{out}/report.md", "w").write(section)
     print(section)
     if args.publish:
-        headline = f"(a) at inference, {args.n} candidates per problem:\n\n{table_a}\n\n(b) RL at equal steps:\n\n{table_b}"
+        c = claims(results)
+        headline = f"The toy world `{world}`: {c['world']}; (c) {c['(c)']}.\n- (a) {c['(a)']}.\n- (b) {c['(b)']}."
         publish_results("toy", section, headline, f"python -m toy.report --world {world} --publish",   # the pictures
                         pictures=[(f"{world}/vae/latents.png", "toy_latents.png"),                 # it shows
                                   (f"{out}/rl/reward_curves.png", "toy_reward_curves.png")])
@@ -255,7 +256,13 @@ def where(world, out):
 
 
 def summary(r):
-    """Five lines from report.json's numbers (r): the world, the warm-up, then claims (a), (b) and (c)."""
+    """A heading and five lines from report.json's numbers (r)."""
+    head = f"Summary ({TINY}):" if r["tiny"] else f"Summary (the full report: {r['world']}/report/report.md):"
+    return "\n".join([head] + [f"  {key:<8} {line}" for key, line in claims(r).items()])
+
+
+def claims(r):
+    """One line each from report.json's numbers (r): the world, the warm-up, then claims (a), (b), (c)."""
     pct, mean = lambda v: f"{100 * v:.1f}%", lambda v: sum(v) / len(v)
     a = {label: r["inference"][name] for label, name in (("token sampling T=1", "token sampling T=1"),
          ("greedy per vae latent", "greedy per latent, vae L=1"), ("per noise latent", "greedy per latent, noise L=1"))}
@@ -266,21 +273,20 @@ def summary(r):
         b.append(f"{estimator.upper()} baseline {pct(mean(arms['baseline']))}, "
                  f"best palette arm ({best}) {pct(mean(arms[best]))}")
     before, after = r["warmup_pass1_no_prefix"]
-    return "\n".join([
-        f"Summary ({TINY}):" if r["tiny"] else f"Summary (the full report: {r['world']}/report/report.md):",
-        f"  world    base greedy pass@1 {pct(r['base_greedy_pass@1'])}; {Provenance(**r['provenance'])}",
-        f"  warm-up  greedy pass@1 without prefix {pct(before)} -> {pct(after)}",
-        f"  (a)      pass@{n} (distinct answers per problem): " +
-        ", ".join(f"{label} {pct(c[f'pass@{n}'])} ({c['distinct_answers']:.1f})" for label, c in a.items()),
-        f"  (b)      held-out greedy pass@1 after {r['rl_steps']} RL steps, mean of {r['seeds']} seed"
-        f"{'s' * (r['seeds'] != 1)}: " + "; ".join(b),
-        f"  (c)      silhouette of math / code / qa in latent space {r['silhouette']:.3f}"])
+    return {"world": f"base greedy pass@1 {pct(r['base_greedy_pass@1'])}; {Provenance(**r['provenance'])}",
+            "warm-up": f"greedy pass@1 without prefix {pct(before)} -> {pct(after)}",
+            "(a)": f"pass@{n} (distinct answers per problem): " +
+                   ", ".join(f"{label} {pct(c[f'pass@{n}'])} ({c['distinct_answers']:.1f})" for label, c in a.items()),
+            "(b)": f"held-out greedy pass@1 after {r['rl_steps']} RL steps, mean of {r['seeds']} seed"
+                   f"{'s' * (r['seeds'] != 1)}: " + "; ".join(b),
+            "(c)": f"silhouette of math / code / qa in latent space {r['silhouette']:.3f}"}
 
 
 def across_builds(worlds, publish):
-    """The headline over world builds: one column per build for every number of (a), (b) and (c),
+    """The tables over world builds: one column per build for every number of (a), (b) and (c),
     each build's spread over seeds in (b), and sentences that say a sign only where every build
-    agrees on it. docs/results/toy.md then holds this and each build's own report below it."""
+    agrees on it; docs/results/toy.md holds them and each build's own report below, the README's
+    headline the sentences alone."""
     reports = []
     for world in worlds:
         path = f"{world}/report/report.json"
@@ -333,14 +339,16 @@ def across_builds(worlds, publish):
                  ("; lower in every build" if all(d < 0 for d in diff) else "; higher in every build"
                   if all(d > 0 for d in diff) else "; its sign differs between builds"))
     tables = "\n\n".join("\n".join(rows) for rows in (world_rows, a_rows, b_rows))
-    headline = (f"Over {len(reports)} builds of the toy world (the same code, data recipe and settings, "
-                f"build seeds differing; {reports[0]['rl_steps']} RL steps):\n\n{tables}\n\n"
-                "In words, only what holds in every build is stated as holding:\n\n" +
-                "\n".join(f"- {w}." for w in words))
-    full = headline + "".join(f"\n\n## {name}: `{r['world']}`\n\n" + open(f"{r['world']}/report/report.md").read()
-                              .replace("(toy_latents.png)", f"(toy_latents{i or ''}.png)")
-                              .replace("(toy_reward_curves.png)", f"(toy_reward_curves{i or ''}.png)")
-                              for i, (name, r) in enumerate(zip(names, reports)))
+    over = (f"Over {len(reports)} builds of the toy world (the same code, data recipe and settings, "
+            f"build seeds differing; {reports[0]['rl_steps']} RL steps)")
+    headline = (f"{over}, only what holds in every build is stated as holding:\n- {words[0]}.\n- (b) "
+                + "; ".join(words[1:]) + ".")                    # the README's; the full tables below
+    full = (f"{over}:\n\n{tables}\n\nIn words, only what holds in every build is stated as holding:\n\n"
+            + "\n".join(f"- {w}." for w in words)
+            + "".join(f"\n\n## {name}: `{r['world']}`\n\n" + open(f"{r['world']}/report/report.md").read()
+                      .replace("(toy_latents.png)", f"(toy_latents{i or ''}.png)")
+                      .replace("(toy_reward_curves.png)", f"(toy_reward_curves{i or ''}.png)")
+                      for i, (name, r) in enumerate(zip(names, reports))))
     print(full)
     if publish:
         pictures = [(f"{r['world']}/{source}", f"toy_{name}{i or ''}.png") for i, r in enumerate(reports)
