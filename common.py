@@ -195,14 +195,26 @@ def gather_objects(items):
     dist.all_gather_object(parts, list(items))
     return [item for part in parts for item in part]
 
-def sync_gradients(model):
-    """Average the gradients over ranks (no gradient counts as zeros), so that the weights stay equal."""
-    if distributed():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+def sync_gradients(model, bucket_numel=2**26):
+    """Average the gradients over ranks (no gradient counts as zeros), so that the weights stay equal: the
+    one place replicated ranks synchronise. Gradients travel in flat buckets of one dtype (memory.py counts
+    one), so a 4B model needs a few all-reduce calls, not one per parameter."""
+    if not distributed():
+        return
+    grads, bucket = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            grads.append(p.grad)
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        if i + 1 == len(grads) or grads[i + 1].dtype != g.dtype or sum(b.numel() for b in bucket) >= bucket_numel:
+            flat = torch.cat([b.flatten() for b in bucket])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for b, synced in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(synced.view_as(b))
+            bucket = []
 
 def check_ranks_in_sync(model):
     if distributed():
@@ -414,8 +426,10 @@ class Replicated:
     def __init__(self, model, bf16):
         self.module, self.device = model, model.embed_tokens.weight.device
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.sampler = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False) if bf16 else model
-        self.sampler.inv_freq = model.inv_freq                           # RoPE's frequencies stay fp32
+        self.sampler = model
+        if bf16:
+            self.sampler = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)
+            self.sampler.inv_freq = model.inv_freq                       # RoPE's frequencies stay fp32
 
     def __getattr__(self, name):                 # the model's own attributes (embed_tokens, lm_head, ...)
         return getattr(self.module, name)

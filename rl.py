@@ -344,14 +344,14 @@ def rollout_metrics(r, G, device):
 
 def log_samples(run, step, r, args):
     """--samples-per-step decoded rollouts (0: all) of every rank, with what each added to the update."""
-    trained = set(r.in_groups().tolist())
+    trained, train_prefixes = set(r.in_groups().tolist()), r.train_prefixes()
     mine = [{"step": step, "group": int(r.group[i]), "problem": r.problems[i]["problem"], "completion": r.texts[i],
              "tokens": len(r.completions[i]), "reward": r.rewards[i].item(), "correct": r.correct[i].item(),
              "truncated": bool(r.truncated[i]), "kept": bool(r.keep[i]),
              "prefix_source": r.sources[i], "resampled": r.resampled is not None and bool(r.resampled[i]),
              "prefix_rows": 0 if r.prefixes[i] is None else len(r.prefixes[i]),
              "credit": None if r.prefixes[i] is None else args.credit if r.credit is None else r.credit[i].name,
-             "trained_with_prefix": r.train_prefixes()[i] is not None, "trained": i in trained,
+             "trained_with_prefix": train_prefixes[i] is not None, "trained": i in trained,
              "advantage": r.advantages[i].item(), **{f"update_{k}": float(v[i]) for k, v in r.stats.items()}}
             for i in range(len(r))]
     records = gather_objects(mine)
