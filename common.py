@@ -126,7 +126,6 @@ def compute_init():
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cuda.enable_cudnn_sdp(False)   # its masked backward gives NaN on torch 2.11 (pytorch#196678)
     else:
         device = torch.device("mps" if torch.backends.mps.is_available() else "cpu")
@@ -306,30 +305,34 @@ class RunDir:
         for name in os.listdir(self.path):
             if name.startswith(".tmp-"):                # what a killed write left: never complete
                 remove(self.file(name))
-        if resume:          # the newest complete checkpoint, if the flags that define the run are those of args.json
-            damaged = {path: lacks for path in checkpoints(self.path) if (lacks := missing(path))}
-            for path, lacks in damaged.items():
-                print(f"warning: {path} is not a complete checkpoint; it is not resumed from (it lacks "
-                      f"{', '.join(lacks)})", flush=True)
-            if (last := latest_checkpoint(self.path)) is None:
-                why = f"{max(damaged)} lacks {', '.join(damaged[max(damaged)])}" if damaged else \
-                    "the run stopped before its first one"
-                raise UserError(f"--resume: {self.path} holds no complete checkpoint to continue from ({why}); delete it "
-                                "or choose a new --out, and start without --resume")
-            def same(v):            # paths compared resolved, data specs (domain=path,...) part by part
-                return ",".join(f"{d}{eq}{os.path.realpath(p) if os.path.exists(p) else p}"
-                                for d, eq, p in (item.rpartition("=") for item in v.split(","))) if isinstance(v, str) else v
-            saved, now = read_json(self.file("args.json"), "the run's flags"), json.loads(to_json(vars(self.args)))
-            if differ := [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in sorted(set(saved) & set(now) - MAY_CHANGE)
-                          if same(saved[k]) != same(now[k]) and not (k == "steps" and now[k] >= saved[k])]:
-                raise UserError(f"--resume: flags that define the run differ from {self.file('args.json')}: "
-                                f"{', '.join(differ)}; resume with the original flags, or choose a new --out")
-            return last
+        if resume:
+            return self._resumable()
         if written := sorted(n for n in os.listdir(self.path) if n in ("metrics.jsonl", "model") or n[:11] == "checkpoint-"):
             raise UserError(f"{self.path} already holds a run ({', '.join(written)}): " + (
                 "add --resume to continue it, or choose a new --out" if hasattr(self.args, "resume")
                 else "choose a new --out, or delete it to start over"))
         atomic_write_json(self.file("args.json"), vars(self.args))
+
+    def _resumable(self):
+        """The newest complete checkpoint, if the flags that define the run are those of args.json."""
+        damaged = {path: lacks for path in checkpoints(self.path) if (lacks := missing(path))}
+        for path, lacks in damaged.items():
+            print(f"warning: {path} is not a complete checkpoint; it is not resumed from (it lacks "
+                  f"{', '.join(lacks)})", flush=True)
+        if (last := latest_checkpoint(self.path)) is None:
+            why = f"{max(damaged)} lacks {', '.join(damaged[max(damaged)])}" if damaged else \
+                "the run stopped before its first one"
+            raise UserError(f"--resume: {self.path} holds no complete checkpoint to continue from ({why}); delete it "
+                            "or choose a new --out, and start without --resume")
+        def same(v):            # paths compared resolved, data specs (domain=path,...) part by part
+            return ",".join(f"{d}{eq}{os.path.realpath(p) if os.path.exists(p) else p}"
+                            for d, eq, p in (item.rpartition("=") for item in v.split(","))) if isinstance(v, str) else v
+        saved, now = read_json(self.file("args.json"), "the run's flags"), json.loads(to_json(vars(self.args)))
+        if differ := [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in sorted(set(saved) & set(now) - MAY_CHANGE)
+                      if same(saved[k]) != same(now[k]) and not (k == "steps" and now[k] >= saved[k])]:
+            raise UserError(f"--resume: flags that define the run differ from {self.file('args.json')}: "
+                            f"{', '.join(differ)}; resume with the original flags, or choose a new --out")
+        return last
 
     def begin(self, step):          # resumed, its checkpoint loaded: args.json and the logs before `step`
         if self.master and self.checkpoint:

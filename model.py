@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from safetensors.torch import save_file
 
 from common import UserError, atomic_dir, atomic_write_json, read_json, read_safetensors_file
@@ -126,9 +127,13 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)   # (B, Hkv, S, hd): every slot of the cache
         # mask None: right-padded training rows, causal with no mask to build or save; else (B, 1, T, S) bool,
-        # True = may attend (left-padded rows, a KV cache). GQA: each kv head serves n_heads / n_kv_heads queries
+        # True = may attend (left-padded rows, a KV cache). GQA: each kv head serves n_heads / n_kv_heads queries.
+        # No fast CUDA kernel takes a mask with grouped heads (it falls to the fp32 math kernel, 4x a score
+        # tensor): with a mask, K and V are repeated to every query head, which the efficient kernel serves
+        if mask is not None and self.n_kv_heads != self.n_heads:
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))   # (B, H, S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+                                           enable_gqa=k.shape[1] != q.shape[1])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 class Block(nn.Module):
@@ -363,10 +368,12 @@ class KVCache:
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
                           for _ in "kv")
-        for buffer in self.k + self.v:      # a CUDA graph reads them where they are, without a copy
-            torch._dynamo.mark_static_address(buffer)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.seen, self.slot = (torch.zeros(n, dtype=torch.long, device=device) for n in (batch_size, 1))
+        # every tensor the decode step writes, static: a CUDA graph then reads and writes them where they
+        # are (a mutated input that is not static makes torch skip CUDA graphs altogether)
+        for buffer in self.k + self.v + [self.key_valid, self.seen, self.slot]:
+            torch._dynamo.mark_static_address(buffer)
 
     def prepare(self, attention_mask):   # -> positions (B, T), key_valid (B, S), query_slots (T,)
         slots = self.slot + torch.arange(attention_mask.shape[1], device=self.slot.device)          # (T,)
@@ -380,8 +387,8 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 def keyed_uniform(keys, t, V):
-    """Uniform noise inside (0, 1), (B, V) float64, a hash of (keys[b], t, v) alone (keys (B,) int64, below 2^32):
-    a row's sampling noise does not depend on the batch, the rank or the process that draws it."""
+    """Uniform noise inside (0, 1), (B, V) float64, a hash of (keys[b], t, v) alone (keys (B,) int64, below 2^32;
+    t an int or a 0-dim tensor): a row's noise does not depend on the batch, the rank or the process that draws it."""
     def mix(x):                      # avalanche hash of 32-bit values (products stay below 2^59)
         x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
         x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
@@ -393,9 +400,9 @@ def keyed_uniform(keys, t, V):
     # at 1e-9 of the top one; 24 bits in float32 rounded the top value to 1 and tail tokens away
     return (x.double() + 0.5) / 2**32
 
-def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, keys=None, t=0):
+def sample_next(logits, temperature=1.0, top_p=1.0, keys=None, t=0):
     """logits (B, V) -> next tokens (B,), greedy at temperature 0. The exponential race, argmax(p / q) with q = -log u
-    ~ Exp(1), draws from p with no host sync; u is keyed_uniform(keys, t) if keys are given, else from generator."""
+    ~ Exp(1) and u = keyed_uniform(keys, t), draws from p with no host sync."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -406,8 +413,7 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, keys=None, t
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))   # order: a permutation
     logp = logits.log_softmax(-1).double()                                                # (B, V)
-    u = keyed_uniform(keys, t, logp.shape[1]) if keys is not None else torch.rand(
-        logp.shape, dtype=torch.float64, device=logp.device, generator=generator).clamp_(2**-53, 1 - 2**-53)
+    u = keyed_uniform(keys, t, logp.shape[1])
     # in log space, with u strictly inside (0, 1): 0 < q < inf, so every token of probability 0
     # (outside top-p, or a logit of -inf) scores -inf, below any other, and is never drawn, not even by a tie
     return (logp - (-u.log()).log()).argmax(-1)
@@ -421,42 +427,57 @@ class Generation:
     def token_lists(self):
         return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.lengths.tolist())]
 
-def _decode_step(model, tokens, cache):   # one decode step for every row: tokens (B,) -> logits (B, V)
+def _decode_step(model, tokens, cache, keys, t, temperature, top_p):
+    """One decode step for every row, sampling included (compiled, it is one graph): the tokens (B,) at t - 1
+    -> the tokens (B,) at t (t a 0-dim tensor, so that every step replays the same graph)."""
     embeds = model.embed_tokens(tokens[:, None])                                 # (B, 1, d)
     mask = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
-    return model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])
+    logits = model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])   # (B, V)
+    return sample_next(logits, temperature, top_p, keys, t)
 
 @functools.cache   # once per process, symbolic sizes: one graph for every call; on a GPU, CUDA graphs per bucket
 def compiled_decode_step(device_type):
     return torch.compile(_decode_step, fullgraph=True, dynamic=True,
                          mode="reduce-overhead" if device_type == "cuda" else None)
 
+# None: the compiled, bucketed decode on CUDA only. tests/test_gpu_commands.py sets True to run a GPU's
+# code path on the CPU (Inductor compiles it there)
+COMPILE_DECODE = None
+
 def decode_buckets(batch, length):
     # the shapes a compiled step runs at, so that varied batches share a few graphs: the batch rounded up to
     # a power of two (at least 2: a batch of 1 compiles a graph of its own), the cache length to 256s
     return max(2, 1 << (batch - 1).bit_length()), -(-length // 256) * 256
 
-# bucketed shape -> its KVCache, made once: a CUDA graph recorded on its buffers replays without a copy or a
-# new recording (torch stops using graphs for a function recorded too often); memory.py counts it as held
+# batch bucket -> its KVCache, kept between calls (a CUDA graph recorded on its buffers replays without a copy
+# or a new recording), grown to the longest length it served: one cache per batch bucket, as memory.py counts
 _CACHES = {}
 
 def bucketed_cache(config, batch, length, device, dtype):
-    key = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, batch, length, dtype, str(device))
-    if key not in _CACHES:
+    key = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, batch, dtype, str(device))
+    if key not in _CACHES or _CACHES[key].key_valid.shape[1] < length:
+        _CACHES.pop(key, None)                   # the shorter one is freed before the longer one is made
         _CACHES[key] = KVCache(config, batch, length, device, dtype)
     cache = _CACHES[key]
     for counter in (cache.key_valid, cache.seen, cache.slot):   # slots are overwritten, only the counters restart
         counter.zero_()
     return cache
 
+def free_caches():   # the caches kept between calls (bench/gpu.py between sections, evaluate.py between benchmarks)
+    _CACHES.clear()
+
 @torch.inference_mode()
 def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0, top_p=1.0, stop_tokens=(),
              keys=None, generator=None, compile=None, check_every=16):
     """Batched sampling with a KV cache: B prompts (token ids) after B prefixes (embed_rows), each row until its first
-    stop token or max_new_tokens; row b's noise at its t-th token is keyed_uniform(keys[b], t), else from generator.
-    Shapes stay fixed (a finished row stays, masked); one host sync every check_every tokens; compile: bucketed."""
+    stop token or max_new_tokens; row b's noise at its t-th token is keyed_uniform(keys[b], t) (keys drawn from
+    `generator` if not given). Shapes stay fixed (a finished row stays, masked); one host sync every check_every
+    tokens; compile (default: COMPILE_DECODE, else on CUDA): one compiled graph per bucket, sampling included."""
     device, B = model.embed_tokens.weight.device, len(prompts)
-    compile = device.type == "cuda" if compile is None else compile
+    compile = (device.type == "cuda" if COMPILE_DECODE is None else COMPILE_DECODE) if compile is None else compile
+    compile = compile and not isinstance(model, FSDPModule)   # FSDP2's hooks cannot be traced: sharded, eager
+    if keys is None and temperature > 0:
+        keys = torch.randint(0, 2**32, (B,), generator=generator, device=generator.device if generator else "cpu").tolist()
     if compile:
         pad = decode_buckets(B, 0)[0] - B
         prompts, keys = list(prompts) + [prompts[0]] * pad, None if keys is None else list(keys) + [0] * pad
@@ -469,20 +490,22 @@ def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0,
     # be 4 GB for 64 prompts of 300 tokens with a 49K vocabulary, and a fifth of the prefill's work.
     logits = model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])    # (B', V)
     key_tensor = None if keys is None else torch.tensor([k % 2**32 for k in keys], device=device)
+    tokens = sample_next(logits, temperature, top_p, key_tensor, 0)                 # (B',)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     out = torch.zeros((len(prompts), max_new_tokens), dtype=torch.long, device=device)
     finished = torch.arange(len(prompts), device=device) >= B      # the bucket's padding rows, then stopped ones
     lengths = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    t_next = torch.zeros((), dtype=torch.long, device=device)
     step = compiled_decode_step(device.type) if compile else _decode_step
     for t in range(max_new_tokens):
-        tokens = sample_next(logits, temperature, top_p, generator, key_tensor, t)  # (B',)
         live = ~finished
         out[:, t] = torch.where(live, tokens, 0)
         lengths += live.long()
         finished |= live & torch.isin(tokens, stop)
         if t == max_new_tokens - 1 or (t % check_every == check_every - 1 and bool(finished.all())):
             break
-        logits = step(model, tokens, cache)
+        t_next.fill_(t + 1)
+        tokens = step(model, tokens, cache, key_tensor, t_next, temperature, top_p)
     return Generation(tokens=out[:B], lengths=lengths[:B], stopped=finished[:B])
 
 # -----------------------------------------------------------------------------

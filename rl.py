@@ -7,23 +7,17 @@ stored with its rollout, so every later log-prob is computed in the context it w
 Every random draw of group j comes from seeds derived from (--seed, step, j): the same rollouts on
 any number of ranks, and after a resume.
 
-The objective, per minibatch (sum over completion tokens t of the kept rollouts i):
+The objective, per minibatch, summed over the completion tokens t of its rollouts i:
 
     J = sum_it w_it [min(r_it A_i, clip(r_it, 1 - eps_low, 1 + eps_high) A_i) - kl_coef k3_it + entropy_coef H_it]
-    r_it  = pi(o_it | p_i, q, o_i<t) / pi_old(o_it | p_i, q, o_i<t), both from training forward passes
-            at the sampling temperature (p_i: rollout i's prefix, or none; pi_old: the policy before the
-            batch's first update: pi itself with one update per batch, r = 1; with more, recomputed in
-            other micro-batches, r = 1 in fp32 and off by up to about 3e-3 in |log r| under bf16)
-    A_i   = grpo: (R_i - mean_g R) / (std_g R + 1e-6), Bessel's std; rloo: R_i - mean of the other
-            G - 1; drgrpo: R_i - mean_g R; 0 for a group whose rewards are equal
-    k3_it = exp(ref - logp) - (ref - logp) - 1, ref: the checkpoint --model as loaded, run on the
-            policy's precision path (k3 = 0 before the first update)
-    H_it  = the entropy of the next-token distribution;  w_it = token-mean: 1 / (kept tokens of the
-            minibatch); seq-mean: 1 / (B' |o_i|); constant: 1 / (B' max_new_tokens) (Dr. GRPO)
-Minibatch m holds the rollouts at places k of groups j with (j G + k) mod M = m on any number of ranks;
-the gradient accumulated over micro-batches and ranks is that of -J on the whole minibatch
-(tests/test_rl_losses.py, in float64); docs/trl_differences.md compares with TRL. Off the method's
-path, imported only where a flag asks: credit.py (--credit), resample.py, fsdp.py, memory.py (GPU).
+    r_it: pi / pi_old of token t in rollout i's own context (its prefix p_i or none), at the sampling
+          temperature; pi_old is the policy before the batch's first update (r = 1 with one update per batch)
+    A_i:  grpo (R_i - mean_g R) / (std_g R + 1e-6); rloo R_i - mean of the other G - 1; drgrpo R_i - mean_g R
+    k3_it = exp(ref - logp) - (ref - logp) - 1 against --model as loaded;  H_it: the next-token entropy
+    w_it: token-mean 1 / (tokens of the minibatch); seq-mean 1 / (B' |o_i|); constant 1 / (B' max_new_tokens)
+Minibatch m holds the rollouts at place k of group j with (j G + k) mod M = m on any number of ranks.
+tests/test_rl_losses.py checks the gradient in float64; docs/trl_differences.md compares with TRL.
+Off the method's path, imported only where a flag asks: credit.py, resample.py, fsdp.py, memory.py (GPU).
 
 Toy world:
     python rl.py --model runs/toy/sft/model --vae runs/toy/vae --schedule linear --L 1 \
@@ -89,7 +83,6 @@ arg("--prompts-per-step", type=ranged(int, 1, 2**16), default=16, help="P, over 
 arg("--group-size", type=ranged(int, 2, 2**12), default=8, help="G completions per prompt")
 arg("--max-new-tokens", type=ranged(int, 1), default=128)
 arg("--temperature", type=ranged(float, above=0), default=1.0)
-arg("--top-p", type=ranged(float, high=1, above=0), default=1.0)
 arg("--truncated", default="zero", choices=["zero", "mask"], help="cut-off completions: reward 0 (mask: no loss)")
 # Objective
 arg("--estimator", default="grpo", choices=ADVANTAGE_ESTIMATORS)
@@ -196,7 +189,7 @@ class Rollouts:                         # one step's rollouts on this rank: G pe
 def sample(sampler, problems, prefixes, groups, keys, source_name, args, eos):
     """A completion of each of `problems` under prefixes[i] (or none), with the noise of keys[i]."""
     out = generate(sampler, [p["prompt_ids"] for p in problems], prefixes, args.max_new_tokens, args.temperature,
-                   top_p=args.top_p, stop_tokens=[eos], keys=keys)
+                   stop_tokens=[eos], keys=keys)
     return Rollouts(problems, prefixes, out.token_lists(), truncated=~out.stopped.cpu(), group=torch.tensor(groups),
                     sources=[source_name if p is not None else "none" for p in prefixes])
 

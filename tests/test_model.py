@@ -102,7 +102,8 @@ def test_batched_cached_generation_equals_recomputation(hf_checkpoint):
 def test_sampling_reproducible_and_respects_top_p():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 50, generator=g) * 3
-    draw = lambda seed, **kw: sample_next(logits, generator=torch.Generator().manual_seed(seed), **kw)
+    keys = lambda seed: torch.randint(0, 2**32, (64,), generator=torch.Generator().manual_seed(seed))
+    draw = lambda seed, **kw: sample_next(logits, keys=keys(seed), **kw)
     assert torch.equal(draw(7), draw(7))
     assert not torch.equal(draw(7), draw(8))
     for _ in range(20):

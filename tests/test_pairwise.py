@@ -68,7 +68,7 @@ RESAMPLE_PARTS = {"--resample source": [None, *model.PREFIX_SOURCES], "--resampl
 RL_VALUES = {
     "--schedule": ["constant"], "--prefix-source": ["noise"], "--L": ["2", "1", "8"], "--rho": ["0.5", "0", "1"],
     "--prompts-per-step": ["2", "1"], "--group-size": ["5", "2"], "--max-new-tokens": ["6", "1"],
-    "--temperature": ["1.0", "0.7"], "--top-p": ["1.0", "0.9"], "--kl-coef": ["0", "0.05"],
+    "--temperature": ["1.0", "0.7"], "--kl-coef": ["0", "0.05"],
     "--entropy-coef": ["0", "0.01"], "--epochs": ["1", "2"], "--minibatches": ["1", "3"],
     "--micro-batch-size": ["3", "1", "32"], "--eval-data": [None, "test"], "--eval-every": [None, "0", "1"],
     "--save-every": ["0", "1"], "--samples-per-step": ["4", "0"], "--seed": ["0", "1"], "--resample": [None, "1", "3"],

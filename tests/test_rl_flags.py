@@ -99,7 +99,6 @@ REFUSED = [
     (["--temperature", "0"], "--temperature must be > 0, got 0"),
     (["--temperature", "-0.5"], "--temperature must be > 0"),
     (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
-    (["--top-p", "0"], "--top-p must be > 0"),
     (["--lr", "-0.001"], "--lr must be >= 0"),
     (["--kl-coef", "-0.1"], "--kl-coef must be >= 0"),
     (["--entropy-coef", "-0.1"], "--entropy-coef must be >= 0"),
