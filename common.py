@@ -409,11 +409,14 @@ def save_checkpoint(out, step, model, opt_state, trainer_state=None, keep=1):
     return path
 
 def load_checkpoint(path, key=int):
-    """(trainer_state, optimiser state dict) of a checkpoint; parameters keyed by key(name)."""
+    """(trainer_state, optimiser state dict) of a checkpoint; parameters keyed by key(name). key None: no
+    optimiser state is read (fsdp.Sharded's ranks but 0, to which rank 0 broadcasts it)."""
     trainer = read_json(os.path.join(path, "trainer_state.json"), "checkpoint state")
-    tensors = read_safetensors_file(os.path.join(path, "optimizer.safetensors"))
+    tensors = read_safetensors_file(os.path.join(path, "optimizer.safetensors")) if key else {}
     try:
         trainer["step"] = int(trainer["step"])
+        if key is None:
+            return trainer, None
         state = {key(p): {k: tensors[f"{p}.{k}"] for k in keys} for p, keys in trainer["state_layout"].items()}
         return trainer, {"state": state, "param_groups": trainer["param_groups"]}
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -106,13 +106,11 @@ WARMUP_STEPS, GRAD_CLIP, EVAL_PROBLEMS = 5, 1.0, 200        # constants a copy o
 
 def check_args(args, world_size):
     """A refusal where the run would crash, hang or compute something else; a note where a flag does nothing."""
-    if args.fsdp and not dist.is_initialized():
-        raise UserError("--fsdp shards over ranks: launch with torchrun --nproc_per_node N, or leave --fsdp out")
+    if args.fsdp:                              # fsdp.py: every rank must run the same forward passes
+        import fsdp
+        fsdp.check_args(args, world_size)
     if args.prompts_per_step % world_size:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world_size} ranks")
-    if args.fsdp and (args.truncated == "mask" or args.credit == "nudge" or "credit=nudge" in (args.resample or "")):
-        raise UserError("--fsdp needs the same forward passes on every rank (each is a collective), which --truncated "
-                        "mask and nudge's distillation pass do not give; use --truncated zero and another credit rule")
     if args.schedule != "none" and (args.prefix_source == "none" or args.L == 0):
         print0(f"note: --schedule {args.schedule} with no prefix (--prefix-source none or --L 0) is the baseline")
         args.schedule = "none"

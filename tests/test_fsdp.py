@@ -238,8 +238,9 @@ def test_fsdp_refuses_nudge_and_a_run_without_torchrun(monkeypatch):
     with pytest.raises(UserError, match="launch with torchrun"):
         fsdp.check_args(parsed(), 1)
     monkeypatch.setattr(fsdp.dist, "is_initialized", lambda: True)          # as under torchrun
-    for flags in (("--credit", "nudge"), ("--resample", "2,credit=nudge"), ("--resample", "8,source=vae,L=1,credit=nudge")):
-        with pytest.raises(UserError, match="nudge's distillation pass"):
+    for flags in (("--credit", "nudge"), ("--resample", "2,credit=nudge"), ("--resample", "8,source=vae,L=1,credit=nudge"),
+                  ("--truncated", "mask")):
+        with pytest.raises(UserError, match="--truncated mask .* and nudge's distillation pass"):
             fsdp.check_args(parsed(*flags), 2)
     for flags in ((), ("--resample", "2"), ("--resample", "2,source=none,credit=prefixed"), ("--credit", "naive-shaped")):
         fsdp.check_args(parsed(*flags), 2)
