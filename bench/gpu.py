@@ -1,4 +1,4 @@
-r"""Every GPU figure of the project in one command, within about 8 minutes on one H200:
+r"""Every GPU figure of the project in one command, within about 8 minutes on one H100 (80 GB) or H200 (141 GB):
 
     bash bench/gpu.sh                # -> docs/results/gpu.md and gpu.json (needs CUDA)
     bash bench/gpu.sh --smoke        # the same code paths at tiny shapes on the CPU (under a minute;
@@ -8,7 +8,14 @@ r"""Every GPU figure of the project in one command, within about 8 minutes on on
 The sections, in order of importance, each timed against what is left of --budget seconds (one
 that would not fit is recorded as skipped, never started; one that runs past the budget is stopped
 and recorded as failed). gpu.json and gpu.md are rewritten after every section, so a run cut short
-keeps what it finished, and each section's files (checkpoints, runs) are deleted when it ends:
+keeps what it finished, and each section's files (checkpoints, runs) are deleted when it ends, and the
+KV caches generate() keeps and the allocator's unused blocks freed. Shapes fit the card found (told
+apart by its memory; its datasheet figures beside the measured ones): a decode row the memory model
+says does not fit is skipped, rl steps run at the largest P of 32, 16, 8 it accepts, and a row that
+fails anyway (torch.cuda.OutOfMemoryError included) is recorded as failed with the rows before it
+kept. A broken check (no CUDA graph recorded by the compiled decode on a GPU; any compilation or
+recording while a figure is timed) is a failed row, not a figure; any failed row makes the exit
+status 1, after every section has run:
   ceilings    device-to-device copy bandwidth and a bf16 matrix product's rate, measured here after
               about a second of warm-up (an idle GPU runs at a fraction of its clock) over at least
               100 repeats: the roofline and MFU below use these, beside the datasheet's figures
@@ -17,11 +24,13 @@ keeps what it finished, and each section's files (checkpoints, runs) are deleted
               and again over the same calls repeated (which must compile and record nothing)
   decode      the sampling path rl.py uses: generate() compiled, keyed sampling at temperature 1,
               the bf16 weights of a --dtype bfloat16 run's sampler; random weights of the Qwen3-1.7B
-              and -4B shapes, 512-token prompts, 512 new tokens, batch 1, 64 and 256. Decode
+              and -4B shapes, 512-token prompts, 512 new tokens, batch 1, 64 and 256 (a batch whose
+              caches and temporaries memory.check_generation refuses on this card is skipped). Decode
               tokens/s from two lengths in one cache bucket (so the prefill cancels), and the
               fraction of the memory-bandwidth roofline: each step reads every weight once and
               every slot of the KV cache it runs with, the bucketed one (model.decode_buckets)
-  rl_step     one rl.py step (after one warm-up step) on the Qwen3-1.7B shape, P = 32, G = 8, 512
+  rl_step     one rl.py step (after one warm-up step) on the Qwen3-1.7B shape, P = 32 (or the
+              largest of 16, 8 whose memory plan fits the card: 16 on an H100), G = 8, 512
               new tokens, --dtype bfloat16, micro-batch and activation checkpointing chosen by the
               memory model: generation / scoring / update split, update MFU, and the memory model's
               predicted peak and its parts beside torch.cuda.max_memory_allocated
@@ -43,6 +52,7 @@ import contextlib
 import functools
 import gc
 import inspect
+import io
 import json
 import os
 import shutil
@@ -52,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -71,8 +82,18 @@ SHAPES = {   # Qwen3's published sizes; "tiny" is the smoke test's, "small" a ch
     "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, vocab_size=151936),
 }
-DATASHEET = {"bandwidth": 4.8e12, "bf16_flops": 989e12}       # H200 SXM; the measured ceilings come first
+# The cards bench/gpu.sh runs on: memory (10^9 bytes), datasheet bandwidth and bf16 dense rate (SXM). The measured
+# ceilings come first; these are beside them.
+CARDS = {"H100 SXM 80 GB": {"memory": 80e9, "bandwidth": 3.35e12, "bf16_flops": 989e12},
+         "H200 SXM 141 GB": {"memory": 141e9, "bandwidth": 4.8e12, "bf16_flops": 989e12}}
 GiB = 2**30
+
+
+def card_of(total_memory):
+    """(name, datasheet figures) of the card whose memory is nearest a device's total bytes: torch reports about
+    79 GiB for an H100's 80 GB and 140 GiB for an H200's 141 GB."""
+    name = min(CARDS, key=lambda n: abs(CARDS[n]["memory"] - total_memory))
+    return name, CARDS[name]
 
 
 def sync():
@@ -112,6 +133,9 @@ def bf16_sampler(model):
 
 
 def free_device_memory():
+    """What a section or a row made: the KV caches generate() keeps (one per batch bucket, otherwise for the process's
+    life: the 1.7B decode's would crowd out the 4B's), then the garbage, then the caching allocator's unused blocks."""
+    getattr(model_module, "free_caches", model_module._CACHES.clear)()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -234,8 +258,8 @@ def ceilings(a, ceil, work):
     bandwidth, copy_repeats = rate(lambda: y.copy_(x), 2 * x.numel() * x.element_size(), a.warmup_s)
     return {"copy_bytes_per_s": bandwidth, "matmul_flops_per_s": flops, "copy_repeats": copy_repeats,
             "matmul_repeats": matmul_repeats, "warmup_s": a.warmup_s,
-            "copy_of_datasheet": bandwidth / DATASHEET["bandwidth"],
-            "matmul_of_datasheet": flops / DATASHEET["bf16_flops"], "command": "python bench/gpu.py --only ceilings"}
+            "card": a.card_name, "copy_of_datasheet": bandwidth / a.card["bandwidth"],
+            "matmul_of_datasheet": flops / a.card["bf16_flops"], "command": "python bench/gpu.py --only ceilings"}
 
 
 def sampling(model, prompts, new_tokens):
@@ -266,11 +290,30 @@ def compile_once(a, ceil, work):
     first_pass_s, graphs1, events1 = time.perf_counter() - t0, graphs(), EVENTS.now()
     for shape in calls:
         sampling(model, prompts[shape], new)
-    return {"shape": a.shapes[0], "calls": [f"{b}x{n}" for b, n in calls], "first_call_s": first_s,
-            "first_pass_s": first_pass_s, "graphs": graphs1 - graphs0, "first_pass": EVENTS.since(events0),
-            "repeat_graphs": graphs() - graphs1, "repeat": EVENTS.since(events1),
-            "compiled_by": "torch.compile, mode reduce-overhead" if a.cuda else "dynamo with the eager backend (CPU)",
-            "command": "python bench/gpu.py --only compile"}
+    result = {"shape": a.shapes[0], "calls": [f"{b}x{n}" for b, n in calls], "first_call_s": first_s,
+              "first_pass_s": first_pass_s, "graphs": graphs1 - graphs0, "first_pass": EVENTS.since(events0),
+              "repeat_graphs": graphs() - graphs1, "repeat": EVENTS.since(events1),
+              "compiled_by": "torch.compile, mode reduce-overhead" if a.cuda else "dynamo with the eager backend (CPU)",
+              "command": "python bench/gpu.py --only compile"}
+    if broken := graph_failures(result["first_pass"], result["repeat"], a.cuda):
+        result["failed"] = "; ".join(broken)
+    return result
+
+
+def graph_failures(first_pass, repeat, cuda):
+    """What the compile section checks, as a failure each (a failed row and exit status 1, never a figure): on a GPU
+    the first pass records CUDA graphs (none: the decode step runs without them, each kernel launched from the host,
+    and every decode figure measures that), and the same calls again compile and record nothing (else every rl.py
+    step pays for it). counts None: this torch gives no compile callbacks, so nothing could be checked."""
+    if first_pass is None:
+        return ["torch gives no compile callbacks: CUDA graphs and recompilations unchecked"] if cuda else []
+    broken = []
+    if cuda and first_pass["cuda_graph_recordings"] == 0:
+        broken.append("no CUDA graph recorded on the first pass: the compiled decode step runs without CUDA graphs")
+    if any(repeat.values()):
+        broken.append(f"the same calls again compiled {repeat['compiles']} and recorded {repeat['cuda_graph_recordings']} "
+                      "CUDA graphs: they must reuse the first pass's")
+    return broken
 
 
 def decode(a, ceil, work):
@@ -283,34 +326,58 @@ def decode(a, ceil, work):
 
 
 def decode_rows(a, ceil, rows):
+    """A row per (shape, batch); one the memory model refuses on this card is skipped, and one that fails all the
+    same (out of memory, say) says so and frees what it made: the rows measured before it stay, the next ones run."""
+    import memory
+    from common import UserError
     for shape in a.shapes:
         model = bf16_sampler(random_model(shape, a.device))
-        c = model.config
         for batch in a.batches:
-            prompts = torch.randint(3, c.vocab_size, (batch, a.prompt_len)).tolist()
-            # two lengths in one cache bucket: the same prefill, the same step, (long - short) more steps
-            long, short = a.new_tokens, a.new_tokens // 2 + 1
-            assert decode_buckets(batch, a.prompt_len + long) == decode_buckets(batch, a.prompt_len + short)
-            sampling(model, prompts, long), sampling(model, prompts, short)   # compile and record this bucket
-            before, times = EVENTS.now(), {long: [], short: []}
-            for _ in range(a.repeats):                                        # alternated, so drift cancels
-                for n in (long, short):
-                    times[n].append(timed(lambda: sampling(model, prompts, n))[0])
-            t_long, t_short = statistics.median(times[long]), statistics.median(times[short])
-            step_s = (t_long - t_short) / (long - short)
-            step_bytes, padded, slots = decode_step_bytes(c, batch, a.prompt_len + long, 2)
-            tokens_per_s = batch / step_s
-            roofline = batch * ceil["copy_bytes_per_s"] / step_bytes
-            rows.append({"shape": shape, "batch": batch, "prompt_len": a.prompt_len, "new_tokens": long,
-                         "call_s": t_long, "prefill_s": t_long - (long - 1) * step_s, "step_ms": 1e3 * step_s,
-                         "decode_tokens_per_s": tokens_per_s, "padded_batch": padded, "kv_slots_read": slots,
-                         "step_bytes": step_bytes, "live_kv_fraction": (a.prompt_len + long / 2) / slots,
-                         "roofline_tokens_per_s": roofline, "roofline_fraction": tokens_per_s / roofline,
-                         "datasheet_roofline_fraction": tokens_per_s * step_bytes / batch / DATASHEET["bandwidth"],
-                         "while_timed": EVENTS.since(before),
-                         "command": f"python bench/gpu.py --only decode --shapes {shape} --batches {batch}"})
+            command = f"python bench/gpu.py --only decode --shapes {shape} --batches {batch}"
+            try:
+                # the caches of the batches before this one stay (one per batch bucket) and count
+                memory.check_generation(model.config, True, batch, a.prompt_len, a.new_tokens, torch.device(a.device),
+                                        loaded=True)
+                rows.append(decode_row(a, ceil, model, shape, batch, command))
+            except OverBudget:
+                raise
+            except UserError as e:
+                rows.append({"shape": shape, "batch": batch, "skipped": f"does not fit this card: {e}", "command": command})
+            except Exception as e:       # torch.cuda.OutOfMemoryError included
+                rows.append({"shape": shape, "batch": batch, "failed": f"{type(e).__name__}: {e}"[:1000], "command": command})
+                free_device_memory()
         del model
         free_device_memory()
+
+
+def decode_row(a, ceil, model, shape, batch, command):
+    """One batch's decode figures; any compilation or CUDA-graph recording while timed fails the row (it would be
+    in the figure)."""
+    c = model.config
+    prompts = torch.randint(3, c.vocab_size, (batch, a.prompt_len)).tolist()
+    # two lengths in one cache bucket: the same prefill, the same step, (long - short) more steps
+    long, short = a.new_tokens, a.new_tokens // 2 + 1
+    assert decode_buckets(batch, a.prompt_len + long) == decode_buckets(batch, a.prompt_len + short)
+    sampling(model, prompts, long), sampling(model, prompts, short)   # compile and record this bucket
+    before, times = EVENTS.now(), {long: [], short: []}
+    for _ in range(a.repeats):                                        # alternated, so drift cancels
+        for n in (long, short):
+            times[n].append(timed(lambda: sampling(model, prompts, n))[0])
+    t_long, t_short = statistics.median(times[long]), statistics.median(times[short])
+    step_s = (t_long - t_short) / (long - short)
+    step_bytes, padded, slots = decode_step_bytes(c, batch, a.prompt_len + long, 2)
+    tokens_per_s = batch / step_s
+    roofline = batch * ceil["copy_bytes_per_s"] / step_bytes
+    row = {"shape": shape, "batch": batch, "prompt_len": a.prompt_len, "new_tokens": long,
+           "call_s": t_long, "prefill_s": t_long - (long - 1) * step_s, "step_ms": 1e3 * step_s,
+           "decode_tokens_per_s": tokens_per_s, "padded_batch": padded, "kv_slots_read": slots,
+           "step_bytes": step_bytes, "live_kv_fraction": (a.prompt_len + long / 2) / slots,
+           "roofline_tokens_per_s": roofline, "roofline_fraction": tokens_per_s / roofline,
+           "datasheet_roofline_fraction": tokens_per_s * step_bytes / batch / a.card["bandwidth"],
+           "while_timed": EVENTS.since(before), "command": command}
+    if row["while_timed"] and any(row["while_timed"].values()):
+        row["failed"] = f"compiled or recorded CUDA graphs while timed ({fmt(row['while_timed'])}): the figure includes it"
+    return row
 
 
 def versus_hf(a, ceil, work):
@@ -392,13 +459,22 @@ class Unsaved:
 
 
 def rl_step(a, ceil, work, shape, name):
-    """One measured step of rl.py (after one warm-up step) on a random checkpoint of `shape`, with
-    the memory plan rl.py chose (its last memory.memory_need call is the setting it runs with) and
-    the rows it trained (for the update's FLOPs)."""
+    """One measured step of rl.py (after one warm-up step) on a random checkpoint of `shape`, at the largest P
+    the card holds, with the memory plan rl.py chose (its last memory.memory_need call is the setting it runs
+    with) and the rows it trained (for the update's FLOPs)."""
     import rl
     from common import UserError
-    ckpt = write_checkpoint(shape, os.path.join(work, "checkpoint"), a.device)
-    data = write_problems(os.path.join(work, "problems.jsonl"), 4 * a.prompts, a.prompt_len, config_of(shape).vocab_size)
+    ckpt, data = os.path.join(work, "checkpoint"), os.path.join(work, "problems.jsonl")
+    argv = lambda P: ["--model", ckpt, "--data", data, "--out", os.path.join(work, "run"), "--schedule", "linear",
+                      "--prefix-source", "noise", "--L", "8", "--prompts-per-step", str(P), "--group-size", str(a.group),
+                      "--max-new-tokens", str(a.new_tokens), "--dtype", "bfloat16", "--steps", "2", "--lr", "1e-6",
+                      "--micro-batch-size", "0", "--activation-checkpointing", "auto", "--save-every", "0"]
+    P, refusal = prompts_that_fit(a, shape, argv)
+    if P is None:
+        return {"shape": shape, "skipped": f"rl.py would refuse P = {a.prompts} to {max(a.prompts // 4, 1)}: {refusal}",
+                "command": f"python bench/gpu.py --only {name}"}
+    write_checkpoint(shape, ckpt, a.device)
+    write_problems(data, 4 * P, a.prompt_len, config_of(shape).vocab_size)
     plans, updates = [], []
 
     def record_plan(memory_need):
@@ -418,10 +494,6 @@ def rl_step(a, ceil, work, shape, name):
             return update_policy(model, opt, ref_model, r, args)
         return wrapper
 
-    argv = ["--model", ckpt, "--data", data, "--out", os.path.join(work, "run"), "--schedule", "linear",
-            "--prefix-source", "noise", "--L", "8", "--prompts-per-step", str(a.prompts), "--group-size", str(a.group),
-            "--max-new-tokens", str(a.new_tokens), "--dtype", "bfloat16", "--steps", "2", "--lr", "1e-6",
-            "--micro-batch-size", "0", "--activation-checkpointing", "auto", "--save-every", "0"]
     held = torch.cuda.memory_allocated() if a.cuda else None
     if a.cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -436,7 +508,7 @@ def rl_step(a, ceil, work, shape, name):
         with patched(memory, "memory_need", record_plan), patched(rl, "update_policy", record_update), \
                 patched(rl, "plan_memory", plan_on_any_device), \
                 patched(rl, "checkpoint", lambda _: lambda *args, **kwargs: Unsaved()):
-            rl.main(argv)
+            rl.main(argv(P))
     except UserError as e:       # the memory model's refusal: no setting fits this GPU
         return {"shape": shape, "skipped": f"rl.py refused: {e}", "command": f"python bench/gpu.py --only {name}"}
     r = [json.loads(line) for line in open(os.path.join(work, "run", "metrics.jsonl"))][-1]
@@ -446,24 +518,43 @@ def rl_step(a, ceil, work, shape, name):
     settings, plan = plans[-1]
     padded, slots = decode_buckets(settings["gen_rows"], settings["gen_len"])
     peak = torch.cuda.max_memory_allocated() if a.cuda else None
-    return {"shape": shape, "P": a.prompts, "G": a.group, "new_tokens": a.new_tokens, "step_s": step_s,
+    return {"shape": shape, "P": P, "G": a.group, "new_tokens": a.new_tokens, "step_s": step_s,
             "generate_s": r["time_generate"], "score_s": r["time_score"], "update_s": r["time_update"],
             "generate_share": r["time_generate"] / step_s, "gen_tokens_per_s": r["gen_tokens_per_s"],
             "trained_rows": len(updates[-1]["rows"]), "trained_positions": sum(T for T, _ in updates[-1]["rows"]),
             "update_tflop": flops / 1e12, "update_mfu": flops / r["time_update"] / ceil["matmul_flops_per_s"],
-            "update_mfu_datasheet": flops / r["time_update"] / DATASHEET["bf16_flops"],
+            "update_mfu_datasheet": flops / r["time_update"] / a.card["bf16_flops"],
             "micro_batch": settings["train_rows"], "activation_checkpointing": settings["checkpointing"],
             "predicted_peak_gib": plan["total"] / GiB, "measured_peak_gib": None if peak is None else peak / GiB,
             "measured_over_predicted": None if peak is None else peak / plan["total"],
             "reserved_peak_gib": torch.cuda.max_memory_reserved() / GiB if a.cuda else None,
             "held_before_gib": None if held is None else held / GiB,
             "memory_plan_gib": {k: v / GiB for k, v in plan.items() if k != "total"},
-            # what generate() allocates on the compiled path, beside the plan's "KV cache"
+            # what generate() allocates on the compiled path for the rollouts, beside the plan's "KV caches held"
             "compiled_kv_cache_gib": padded * slots * kv_bytes_per_slot(c, 2) / GiB,
             # compilations or CUDA-graph recordings from the warm-up step's update on: the measured
             # step's time includes any of them
             "events_after_warmup_step": EVENTS.since(updates[-2]["events"]),
             "command": f"python bench/gpu.py --only {name}"}
+
+
+def prompts_that_fit(a, shape, argv):
+    """(the largest P of a.prompts, a.prompts / 2, a.prompts / 4 whose step rl.py's memory plan accepts on this card,
+    as rl.py checks it before it loads anything; the last refusal): None if it refuses them all. rl_plan reads the
+    flags and the prompts' length alone, so the checkpoint and problems need not exist yet."""
+    import memory
+    import rl
+    from common import UserError
+    refusal = None
+    for P in dict.fromkeys(max(a.prompts // k, 1) for k in (1, 2, 4)):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):        # rl.py says its plan itself when it runs
+                memory.rl_plan(rl.parser.parse_args(argv(P)), config_of(shape), [{"prompt_ids": [0] * a.prompt_len}], [],
+                               SimpleNamespace(rows=lambda L: L), None, 1, torch.device(a.device))
+            return P, None
+        except UserError as e:
+            refusal = str(e)
+    return None, refusal
 
 
 def fsdp(a, ceil, work):
@@ -549,6 +640,8 @@ def parse_args(argv=None):
         p.error(f"--only: no section {', '.join(sorted(unknown))} (sections: {', '.join(SECTIONS)})")
     a.cuda = torch.cuda.is_available() and not a.smoke
     a.device = "cuda" if a.cuda else "cpu"
+    # the card's datasheet figures, told apart by its memory (the smoke run takes the H100's: nothing there is a figure)
+    a.card_name, a.card = card_of(torch.cuda.get_device_properties(0).total_memory if a.cuda else 0)
     tiny = a.smoke or not a.cuda
     a.shapes = (a.shapes or ("tiny" if tiny else "qwen3-1.7b,qwen3-4b")).split(",")
     a.batches = [int(b) for b in (a.batches or ("1,4" if tiny else "1,64,256")).split(",")]
@@ -598,7 +691,7 @@ def run_sections(a):
     started = time.time()
     a.deadline = started + a.budget
     root = tempfile.mkdtemp(prefix="nanopalette-gpu-", dir=a.work)
-    env = {"device": torch.cuda.get_device_name() if a.cuda else f"CPU ({os.cpu_count()} cores)",
+    env = {"device": torch.cuda.get_device_name() if a.cuda else f"CPU ({os.cpu_count()} cores)", "card": a.card_name,
            "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": a.smoke, "budget_s": a.budget,
            "disk_free_gib": shutil.disk_usage(root).free / GiB}
     try:
@@ -624,7 +717,15 @@ def run_sections(a):
         shutil.rmtree(root, ignore_errors=True)
     print(markdown(report))
     print("JSON " + json.dumps(report, default=str))
+    for name, reason in failures(report):
+        print(f"FAILED {name}: {reason}", file=sys.stderr)
     return report
+
+
+def failures(report):
+    """(section, reason) of every failed or stopped row: any makes bench/gpu.sh exit with status 1."""
+    return [(name, row.get("failed") or row["stopped"]) for name, value in report["results"].items()
+            for row in (value if isinstance(value, list) else [value]) if "failed" in row or "stopped" in row]
 
 
 def run_section(name, a, ceil, work):
@@ -669,8 +770,8 @@ def fmt(v):
 
 def markdown(report):
     env, r = report["environment"], report["results"]
-    lines = [f"# GPU figures\n\n{env['device']}, torch {env['torch']} (CUDA {env['cuda']}), transformers "
-             f"{env.get('transformers')}; {env.get('seconds', 0):.0f} s so far of a {env['budget_s']:.0f} s budget. "
+    lines = [f"# GPU figures\n\n{env['device']} (datasheet figures: {env.get('card')}), torch {env['torch']} "
+             f"(CUDA {env['cuda']}), transformers {env.get('transformers')}; {env.get('seconds', 0):.0f} s so far of a {env['budget_s']:.0f} s budget. "
              "Written by `bash bench/gpu.sh`"
              + (" --smoke (tiny shapes on the CPU: no figure here means anything)" if env["smoke"] else "")
              + f", after each section; sections not listed have not run. {env['disk_free_gib']:.0f} GiB of disk free "
@@ -686,4 +787,4 @@ def markdown(report):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if failures(main()) else 0)

@@ -9,22 +9,32 @@
   section that outlives --budget is stopped.
 - The formulas by hand: the update's attention FLOPs use heads x head_dim (not hidden_size), and a
   decode step reads the whole bucketed KV cache.
+- The run survives itself: a decode row that runs out of memory is a row that says so, the rows
+  before it kept and the next ones measured; every section leaves no KV cache behind (nor does a
+  shape for the next); a row the memory model refuses on the card is skipped, an rl step runs at
+  the largest P the card holds; the datasheet figures are those of the card the device's memory
+  names; and a broken check (no CUDA graph recorded on a GPU, a recording while timed) is a failed
+  row and exit status 1.
 The figures themselves mean nothing on a CPU; bench/gpu.sh on a GPU machine measures them.
 
-Run:  python -m pytest tests/test_gpu_bench.py -q        (under a minute on two cores)
+Run:  python -m pytest tests/test_gpu_bench.py -q        (about a minute on two cores)
 """
 import json
 import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import gpu  # noqa: E402
+import memory  # noqa: E402
+import model as model_module  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 TINY_WEIGHTS = 2 * (64 * (2 * 64 + 2 * 32) + 3 * 64 * 128) + 512 * 64      # tiny: 2 layers, 4 x 16 q, 2 x 16 kv
@@ -74,13 +84,13 @@ def test_the_gpu_command_reports_every_section_at_tiny_shapes(tmp_path):
         assert step["trained_rows"] == step["P"] * step["G"]
         assert step["update_mfu"] == pytest.approx(step["update_tflop"] * 1e12 / step["update_s"] / c["matmul_flops_per_s"])
         plan = step["memory_plan_gib"]
-        assert {"weights", "optimizer", "gradients", "activations", "KV cache", "sampler copy"} <= set(plan)
+        assert {"weights", "optimizer", "gradients", "activations", "KV caches held", "sampler copy"} <= set(plan)
         assert step["predicted_peak_gib"] >= plan["weights"] + plan["optimizer"] + plan["activations"] > 0
         assert step["micro_batch"] >= 1 and step["activation_checkpointing"] in (True, False)
         assert step["measured_peak_gib"] is None        # torch.cuda.max_memory_allocated: on a GPU only
         assert step["events_after_warmup_step"]["compiles"] == 0
         # generate() on the compiled path: P G = 4 rows in one 256-slot bucket
-        assert step["compiled_kv_cache_gib"] == 4 * 256 * TINY_KV_SLOT / 2**30
+        assert step["compiled_kv_cache_gib"] == 4 * 256 * TINY_KV_SLOT / 2**30 == plan["KV caches held"]
         assert step["disk_gib"] < 0.01                  # neither the final checkpoint nor the model written
     assert r["fsdp"]["same"] and r["fsdp"]["ranks"] == 2
 
@@ -152,3 +162,130 @@ def test_a_decode_step_reads_the_whole_bucketed_cache():
     assert (padded, slots) == (4, 512)
     assert step_bytes == TINY_WEIGHTS * 2 + 4 * 512 * TINY_KV_SLOT
     assert gpu.decode_step_bytes(c, 64, 1024, 2)[1:] == (64, 1024)   # 512 + 512: exactly one bucket
+
+
+# -- the run survives itself ----------------------------------------------------------------------------
+
+def run_smoke(tmp_path, *flags):
+    (tmp_path / "work").mkdir(exist_ok=True)
+    return gpu.main(["--smoke", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), *flags])
+
+
+def test_a_row_that_runs_out_of_memory_keeps_the_rows_before_it(tmp_path, monkeypatch):
+    """Batch 4 of each shape raises torch.cuda.OutOfMemoryError in the middle of its measurement: its row says
+    so, batch 1's figures before it stay, the next shape is measured, no cache is left, and the exit status is 1."""
+    sampling, calls = gpu.sampling, []
+
+    def out_of_memory_at_batch_4(model, prompts, new_tokens):
+        calls.append(len(prompts))
+        if calls[-2:] == [4, 4]:                    # batch 4's second call: its cache is made, the figure not
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 94.50 GiB")
+        return sampling(model, prompts, new_tokens)
+    monkeypatch.setattr(gpu, "sampling", out_of_memory_at_batch_4)
+    report = run_smoke(tmp_path, "--only", "decode", "--shapes", "tiny,tiny")
+    rows = report["results"]["decode"]
+    assert [(row["shape"], row["batch"]) for row in rows] == [("tiny", 1), ("tiny", 4)] * 2
+    for measured, failed in (rows[0:2], rows[2:4]):
+        assert measured["decode_tokens_per_s"] > 0 and "failed" not in measured
+        assert failed["failed"].startswith("OutOfMemoryError: CUDA out of memory") and "decode_tokens_per_s" not in failed
+    assert model_module._CACHES == {}
+    assert [name for name, _ in gpu.failures(report)] == ["decode", "decode"]
+    assert json.load(open(tmp_path / "out" / "gpu.json"))["results"]["decode"] == rows
+
+
+def test_every_section_and_shape_frees_the_caches_it_made(tmp_path, monkeypatch):
+    """generate()'s caches (one per batch bucket, kept for the process's life) are freed after each section
+    and before each decode shape: the next starts with none."""
+    seen, random_model = {}, gpu.random_model
+
+    def counting(shape, device):
+        seen.setdefault("before each shape", []).append(len(model_module._CACHES))
+        return random_model(shape, device)
+
+    def next_section(a, ceil, work):
+        seen["after decode"] = len(model_module._CACHES)
+        return {"checked": True}
+
+    def compile_and_check(a, ceil, work):
+        result = gpu.compile_once(a, ceil, work)
+        seen["compile made"] = len(model_module._CACHES)
+        return result
+    monkeypatch.setattr(gpu, "random_model", counting)
+    monkeypatch.setattr(gpu, "SECTIONS", {"ceilings": gpu.ceilings, "compile": compile_and_check, "decode": gpu.decode,
+                                          "next": next_section})
+    report = run_smoke(tmp_path, "--shapes", "tiny,tiny")
+    assert not gpu.failures(report)
+    assert seen["compile made"] > 0                             # there was something to free
+    assert seen["before each shape"] == [0, 0, 0] and seen["after decode"] == 0 and model_module._CACHES == {}
+
+
+def test_rows_and_steps_fit_the_card(tmp_path, monkeypatch):
+    """A decode row whose caches and temporaries memory.check_generation refuses is skipped with its reason; the
+    rl step runs at the largest of P, P / 2, P / 4 rl.py's plan accepts: the 1.7B shape at 32 on an H200's memory
+    and 16 on an H100's, the 4B at 16 on an H200 and none (rl.py's refusal) on an H100."""
+    monkeypatch.setattr(memory, "free_memory", lambda device: 0)               # nothing beyond the weights loaded
+    rows = run_smoke(tmp_path, "--only", "decode")["results"]["decode"]
+    assert [row["batch"] for row in rows] == [1, 4]
+    assert all(row["skipped"].startswith("does not fit this card: --batch-size") for row in rows)
+
+    a = gpu.parse_args([])
+    a.prompts, a.group, a.prompt_len, a.new_tokens = 32, 8, 512, 512                # the GPU run's sizes
+    argv = lambda P: ["--model", "m", "--data", "d", "--out", "o", "--schedule", "linear", "--prefix-source", "noise",
+                      "--L", "8", "--prompts-per-step", str(P), "--group-size", "8", "--max-new-tokens", "512",
+                      "--dtype", "bfloat16", "--micro-batch-size", "0", "--activation-checkpointing", "auto"]
+    chosen = {}
+    for card, free_gib in (("H100", 78.5), ("H200", 139.2)):                      # the cards' memory, CUDA's own out
+        monkeypatch.setattr(memory, "free_memory", lambda device: free_gib * 2**30)
+        for shape in ("qwen3-1.7b", "qwen3-4b"):
+            chosen[card, shape] = gpu.prompts_that_fit(a, shape, argv)
+    assert {k: P for k, (P, _) in chosen.items()} == {("H100", "qwen3-1.7b"): 16, ("H100", "qwen3-4b"): None,
+                                                      ("H200", "qwen3-1.7b"): 32, ("H200", "qwen3-4b"): 16}
+    assert chosen["H100", "qwen3-4b"][1].startswith("a rank needs")
+
+
+@pytest.mark.parametrize("total_gib, card, bandwidth", [(79.1, "H100 SXM 80 GB", 3.35e12), (80e9 / 2**30, "H100 SXM 80 GB", 3.35e12),
+                                                        (139.8, "H200 SXM 141 GB", 4.8e12), (141e9 / 2**30, "H200 SXM 141 GB", 4.8e12)])
+def test_the_datasheet_figures_are_the_cards_the_memory_names(tmp_path, monkeypatch, total_gib, card, bandwidth):
+    """The device's total memory picks the card (torch reports about 79 and 140 GiB), and the fractions of the
+    datasheet the ceilings report are of that card's figures."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=int(total_gib * 2**30)))
+    a = gpu.parse_args([])
+    assert a.card_name == card and a.card["bandwidth"] == bandwidth and a.card["bf16_flops"] == 989e12
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)             # the measurement itself on the CPU
+    a.cuda, a.device = False, "cpu"
+    c = gpu.ceilings(a, None, str(tmp_path))
+    assert c["card"] == card and c["copy_of_datasheet"] == pytest.approx(c["copy_bytes_per_s"] / bandwidth)
+
+
+def test_graph_checks_fail_loudly():
+    """On a GPU the compiled decode's first pass must record CUDA graphs and its repeat must not: each broken
+    check is a failure (on the CPU, where nothing is recorded, the first is not asked)."""
+    none, recorded = {"compiles": 0, "cuda_graph_recordings": 0}, {"compiles": 1, "cuda_graph_recordings": 2}
+    assert gpu.graph_failures(recorded, none, cuda=True) == []
+    assert gpu.graph_failures(none, none, cuda=False) == []
+    assert gpu.graph_failures({"compiles": 1, "cuda_graph_recordings": 0}, none, cuda=True)[0].startswith("no CUDA graph recorded")
+    assert "recorded 2 CUDA graphs" in gpu.graph_failures(recorded, recorded, cuda=False)[0]
+    assert gpu.graph_failures(None, None, cuda=True) and gpu.graph_failures(None, None, cuda=False) == []
+
+
+def test_a_compiled_decode_without_cuda_graphs_is_a_failed_row_and_exit_status_1(tmp_path, monkeypatch):
+    """The compile section where a GPU records no CUDA graph (here: the CPU, told it is a GPU) and decode rows
+    that record while timed are failed rows, with their figures; bench/gpu.py then exits with status 1."""
+    def as_if_on_a_gpu(a, ceil, work):
+        return gpu.compile_once(SimpleNamespace(**{**vars(a), "cuda": True}), ceil, work)
+    monkeypatch.setattr(gpu, "SECTIONS", {**gpu.SECTIONS, "compile": as_if_on_a_gpu})
+    report = run_smoke(tmp_path, "--only", "compile")
+    compiled = report["results"]["compile"]
+    assert compiled["failed"].startswith("no CUDA graph recorded") and compiled["first_call_s"] > 0    # figures kept
+    assert gpu.failures(report) == [("compile", compiled["failed"])]
+
+    monkeypatch.setattr(gpu, "EVENTS", SimpleNamespace(now=lambda: None, since=lambda before: {"compiles": 0,
+                                                                                             "cuda_graph_recordings": 1}))
+    rows = run_smoke(tmp_path, "--only", "decode")["results"]["decode"]
+    assert all(row["failed"].startswith("compiled or recorded CUDA graphs while timed") and row["step_ms"] for row in rows)
+
+    # the command's exit status: a section stopped by --budget is a failure too
+    result = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--only", "ceilings", "--budget", "0.05"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "FAILED ceilings: OverBudget: ran past --budget" in result.stderr
