@@ -14,12 +14,12 @@ Toy world:
     python evaluate.py --model runs/toy/sft/model --vae runs/toy/vae --prefix-source vae \
         --mode greedy-latent --benchmarks runs/toy/data/math_test.jsonl --n 8 --k 1,8 \
         --max-new-tokens 96 --out runs/toy/eval
-8 GPUs of 80 GB (problems shard over ranks; rank 0 merges and writes the tables; 128 rows of
-2,048 new tokens hold 48 GB of KV cache a GPU, 256 would not fit):
+8 GPUs of 80 GB (problems shard over ranks; rank 0 merges and writes the tables; 64 rows of
+2,048 new tokens hold 25 GB of KV cache a GPU, 128 would pass 90% of the free memory):
     torchrun --nproc_per_node 8 evaluate.py --model runs/rl-qwen3-4b/model --template math \
         --benchmarks gsm8k,math500,minerva_math,olympiadbench,amc23 --mode greedy-latent \
-        --prefix-source noise --L 1 -n 32 --k 1,8,32 --max-new-tokens 2048 --dtype bfloat16 \
-        --batch-size 64 --out runs/eval-qwen3-4b
+        --prefix-source vae --vae runs/vae-qwen3-4b -n 32 --k 1,8,32 --max-new-tokens 2048 \
+        --dtype bfloat16 --batch-size 64 --out runs/eval-qwen3-4b
 """
 
 import argparse

@@ -10,7 +10,7 @@ Toy world:
     python infer.py --model runs/toy/sft/model --prefix-source lorem --L 8 --num-latents 4 \
         --prompt "47+38=?"                              # text prefixes: 8 lorem tokens + boundary
 A real model, Qwen3-4B on one GPU of 80 GB (one process; pick the GPU with CUDA_VISIBLE_DEVICES):
-    python infer.py --model runs/rl-qwen3-4b/model --vae runs/vae-qwen3-4b --region math --L 1 \
+    python infer.py --model runs/rl-qwen3-4b/model --vae runs/vae-qwen3-4b --region math --L 8 \
         --template math --num-latents 8 --max-new-tokens 1024 --dtype bfloat16 \
         --prompt "What is the sum of the first 100 odd numbers?"
 """

@@ -320,15 +320,15 @@ def test_gpu_command_runs_in_miniature(where, tiny):
 
 def test_prose_resume_continues_a_sharded_bf16_run(tiny, tmp_path):
     """rl.py: 'the same command with --resume', on its torchrun --fsdp --dtype bfloat16 command: the run
-    continues from its checkpoint (the sharded optimiser state loads) with one more step under FSDP2 in bf16."""
+    continues from its checkpoint (the sharded optimiser state loads) with one more step under FSDP2 in bf16.
+    The first run is the one test_gpu_command_runs_in_miniature made (it runs before this test), or made here."""
     where, command, extra = prose_command("rl.py: resume")
-    nproc, script, argv = miniature(where, command, tiny.world, tmp_path / "run")
-    first = launch(nproc, script, argv, tmp_path / "run", tmp_path / "first")
+    first = tiny(where, command)
     check(first, command)
+    argv = list(first.argv)
     argv[argv.index("--steps") + 1] = "2"                     # one step past the checkpoint
-    resumed = launch(nproc, script, argv + extra, tmp_path / "run", tmp_path / "resumed")
-    print(f"\n{where} and again with --resume: {first.seconds:.1f} s + {resumed.seconds:.1f} s "
-          f"({first.cpu_seconds + resumed.cpu_seconds:.1f} s CPU)", flush=True)
+    resumed = launch(first.nproc, first.script, argv + extra, first.out, tmp_path / "resumed")
+    print(f"\n{where} again with --resume: {resumed.seconds:.1f} s ({resumed.cpu_seconds:.1f} s CPU)", flush=True)
     check(resumed, command)
     assert sum(c["rows"] for r in resumed.reports for c in r["calls"]) == 2 * 2, "not one step of 2 x 2 rollouts"
 

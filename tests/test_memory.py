@@ -141,16 +141,14 @@ else:
 
 
 def test_the_memory_model_predicts_measured_peaks_on_the_cpu(tmp_path):
-    """Three shapes (two families, vocabularies of 2K to 32K), each with and without activation
+    """Two shapes (two families, vocabularies of 2K and 32K), each with and without activation
     checkpointing: the predicted peak of a training step (weights, gradients, AdamW, activations,
     the logits chunk) within 25% of the measured one; and a generation's KV cache and decoding
     buffers within 25% too."""
     shapes = [(dict(model_type="qwen3", vocab_size=2000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64), 8, 512),
               (dict(model_type="llama", vocab_size=32000, hidden_size=192, intermediate_size=512, num_hidden_layers=3,
-                    num_attention_heads=6, num_key_value_heads=2, head_dim=32), 4, 384),
-              (dict(model_type="qwen3", vocab_size=8000, hidden_size=384, intermediate_size=1024, num_hidden_layers=2,
-                    num_attention_heads=6, num_key_value_heads=3, head_dim=64), 6, 640)]
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=32), 4, 384)]
     runs = [("train", dict(config, max_position_embeddings=2048), rows, T, ckpt) for config, rows, T in shapes
             for ckpt in (False, True)] + [("generate", dict(shapes[0][0], max_position_embeddings=2048), 64, 256, 256)]
     (tmp_path / "probe.py").write_text(PEAK_PROBE)
@@ -171,7 +169,7 @@ def test_the_memory_model_predicts_measured_peaks_on_the_cpu(tmp_path):
         assert 0.75 <= peak["predicted"] / peak["measured"] <= (1.35 if run[0] == "generate" else 1.25), (run, peak)
     # checkpointing lowers the peak, measured and predicted alike
     for key in ("measured", "predicted"):
-        assert all(peaks[2 * i + 1][key] < peaks[2 * i][key] for i in range(3)), key
+        assert all(peaks[2 * i + 1][key] < peaks[2 * i][key] for i in range(2)), key
 
 
 # -- the parts measured tensor by tensor -------------------------------------------------------------
