@@ -10,12 +10,12 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 from safetensors.torch import save_file
 
 from common import UserError, atomic_dir, atomic_write_json, read_json, read_safetensors_file
@@ -475,7 +475,8 @@ def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0,
     tokens; compile (default: COMPILE_DECODE, else on CUDA): one compiled graph per bucket, sampling included."""
     device, B = model.embed_tokens.weight.device, len(prompts)
     compile = (device.type == "cuda" if COMPILE_DECODE is None else COMPILE_DECODE) if compile is None else compile
-    compile = compile and not isinstance(model, FSDPModule)   # FSDP2's hooks cannot be traced: sharded, eager
+    fsdp = sys.modules.get("torch.distributed.fsdp")        # loaded where fsdp.py sharded a model (0.5 s otherwise)
+    compile = compile and not (fsdp and isinstance(model, fsdp.FSDPModule))   # FSDP2's hooks cannot be traced: eager
     if keys is None and temperature > 0:
         keys = torch.randint(0, 2**32, (B,), generator=generator, device=generator.device if generator else "cpu").tolist()
     if compile:

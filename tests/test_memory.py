@@ -150,7 +150,7 @@ def test_the_memory_model_predicts_measured_peaks_on_the_cpu(tmp_path):
               (dict(model_type="llama", vocab_size=32000, hidden_size=192, intermediate_size=512, num_hidden_layers=3,
                     num_attention_heads=6, num_key_value_heads=2, head_dim=32), 4, 384)]
     runs = [("train", dict(config, max_position_embeddings=2048), rows, T, ckpt) for config, rows, T in shapes
-            for ckpt in (False, True)] + [("generate", dict(shapes[0][0], max_position_embeddings=2048), 64, 256, 256)]
+            for ckpt in (False, True)] + [("generate", dict(shapes[0][0], max_position_embeddings=2048), 64, 256, 32)]
     (tmp_path / "probe.py").write_text(PEAK_PROBE)
     def measure(run):                     # one process per measurement, two at a time (a peak is per process)
         result = subprocess.run([sys.executable, str(tmp_path / "probe.py"), json.dumps(run)], capture_output=True,
@@ -162,11 +162,8 @@ def test_the_memory_model_predicts_measured_peaks_on_the_cpu(tmp_path):
         peaks = list(pool.map(measure, runs))
     print("\n".join(f"{run[0]} {run[2]} x {run[3]} {run[4]}: measured {p['measured'] / 2**20:.0f} MiB, "
                     f"predicted {p['predicted'] / 2**20:.0f} MiB" for run, p in zip(runs, peaks)))
-    # A generation may be over-predicted by up to 35%: the prefill's terms are CUDA's efficient kernel's (the mask
-    # as a bias beside K and V repeated to every head, all MLP outputs alive at once); the CPU's flash kernel,
-    # which takes the mask as it is, measures 266 MiB of the 376 predicted here. Never under by more than 25%.
     for run, peak in zip(runs, peaks):
-        assert 0.75 <= peak["predicted"] / peak["measured"] <= (1.35 if run[0] == "generate" else 1.25), (run, peak)
+        assert 0.75 <= peak["predicted"] / peak["measured"] <= 1.25, (run, peak)
     # checkpointing lowers the peak, measured and predicted alike
     for key in ("measured", "predicted"):
         assert all(peaks[2 * i + 1][key] < peaks[2 * i][key] for i in range(2)), key
