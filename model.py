@@ -506,7 +506,8 @@ def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0,
         if t == max_new_tokens - 1 or (t % check_every == check_every - 1 and bool(finished.all())):
             break
         t_next.fill_(t + 1)
-        tokens = step(model, tokens, cache, key_tensor, t_next, temperature, top_p)
+        # cloned: a CUDA graph's next replay overwrites its output, which this step's tokens are
+        tokens = step(model, tokens, cache, key_tensor, t_next, temperature, top_p).clone()
     return Generation(tokens=out[:B], lengths=lengths[:B], stopped=finished[:B])
 
 # -----------------------------------------------------------------------------
