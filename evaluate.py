@@ -182,9 +182,9 @@ def main(argv=None):
                 batches = [slice(s, s + args.batch_size) for s in range(0, len(prompts), args.batch_size)]
                 outs = []
                 for b in batches:
-                    if decode_buckets(len(prompts[b]), 1)[0] != bucket:   # another batch bucket (a shorter last
-                        free_caches()                  # batch): its cache replaces the one held, as memory.py plans
-                        bucket = decode_buckets(len(prompts[b]), 1)[0]
+                    if (batch_bucket := decode_buckets(len(prompts[b]), 1)[0]) != bucket:   # a shorter last batch:
+                        free_caches()                 # its cache replaces the one held, as memory.py plans
+                        bucket = batch_bucket
                     outs.append(generate(model, prompts[b], prefixes[b], args.max_new_tokens, args.temperature,
                                          top_p=args.top_p, stop_tokens=[tokenizer.eos_token_id], keys=noise[b]))
                 texts = [t for out in outs for t in tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)]
