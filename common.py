@@ -282,7 +282,7 @@ def remove(path):                   # a file or a directory tree, if there
 
 # Flags a resumed run may change: how often it logs, evaluates or saves, --steps upward, and how the
 # memory is used (micro-batches and recomputation change the order of float sums, not the objective).
-MAY_CHANGE = {"resume", "eval_every", "save_every", "samples_per_step", "micro_batch_size", "activation_checkpointing"}
+MAY_CHANGE = {"resume", "eval_every", "save_every", "micro_batch_size", "activation_checkpointing"}
 
 class RunDir:
     """A stage's --out, locked by rank 0 (the OS frees the lock when the process dies); .checkpoint: to resume from."""

@@ -27,10 +27,9 @@ def check_args(args, world_size):
         raise UserError("--fsdp shards over ranks: launch with torchrun --nproc_per_node N, or leave --fsdp out")
     same, rollouts = "--fsdp needs the same forward passes on every rank (each is a collective)", \
         args.prompts_per_step // world_size * args.group_size
-    if args.truncated == "mask" or args.credit == "nudge" or "credit=nudge" in (args.resample or ""):
-        raise UserError(f"{same}, which --truncated mask (ranks keep different rollouts) and nudge's distillation "
-                        "pass (only on micro-batches with prefixed rollouts) do not give; use --truncated zero and "
-                        "another credit rule")
+    if args.credit == "nudge" or "credit=nudge" in (args.resample or ""):
+        raise UserError(f"{same}, which nudge's distillation pass (only on micro-batches with prefixed rollouts) "
+                        "does not give; use another credit rule")
     if world_size > 1 and rollouts % args.minibatches:
         raise UserError(f"{same}: a rank's {rollouts} rollouts (--prompts-per-step / {world_size} ranks x --group-size) "
                         f"do not split evenly into --minibatches {args.minibatches}; use one that divides {rollouts}")

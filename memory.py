@@ -32,7 +32,7 @@ def sync_bucket_bytes(c, bucket_numel=2**26):
     return 4 * max(a + b for a, b in zip(flats, flats[1:] + [0]))
 
 def memory_need(c, bf16=False, ranks=1, fsdp=False, sampler_copy=False, ref=False, train_rows=0, train_len=0, loss_len=None,
-                checkpointing=False, entropy=False, gen_rows=0, gen_len=0, prompt_len=None, chunk=2048, kv_held=()):
+                checkpointing=False, gen_rows=0, gen_len=0, prompt_len=None, chunk=2048, kv_held=()):
     """Bytes one rank holds at its peak, by part; "total": what is held plus the larger of training and generation. bf16: fp32
     master weights, bf16 compute. Training: train_rows rows of train_len tokens (none: inference), loss_len with loss (default
     all). Generation: gen_rows rows in gen_len cache slots, prompt_len prefilled; kv_held: (rows, slots) of every cache kept."""
@@ -45,10 +45,9 @@ def memory_need(c, bf16=False, ranks=1, fsdp=False, sampler_copy=False, ref=Fals
             # in the CUDA graph's pool between calls: logits, 3 fp32 (B, V), keyed noise (8 + 8 + 8 bytes), expanded K and V
             "decode step": gen_rows * ((b + 36) * V + expanded_kv)}
     tokens, n = train_rows * train_len, min(chunk, train_rows * (train_len if loss_len is None else loss_len))
-    # measured (tests/test_memory.py): 4 fp32 (n, V) alive at once (6 under an entropy bonus's gradient), or 3 (2) beside
-    # lm_head's fp32 gradient (V, d) made whole; with an fp32 copy of the hidden states and under FSDP of lm_head's weight
-    alone, beside = (6, 2) if entropy else (4, 3)
-    logits = 4 * (max(alone * n * V, beside * n * V + V * d) + (fsdp and bf16) * V * d + n * d) if n else 0
+    # measured (tests/test_memory.py): 4 fp32 (n, V) alive at once, or 3 beside lm_head's fp32 gradient (V, d) made
+    # whole; with an fp32 copy of the hidden states and under FSDP of lm_head's weight
+    logits = 4 * (max(4 * n * V, 3 * n * V + V * d) + (fsdp and bf16) * V * d + n * d) if n else 0
     # then, the chunk freed, the gradients in flight and under checkpointing (layer inputs kept) one layer's activations
     in_flight = tokens * (12 * d * b + (layer_bytes if checkpointing else 0))
     training = {"gradients": (4 * P / shard + (sync_bucket_bytes(c) if ranks > 1 and not fsdp else 0)) if train_rows else 0,
@@ -75,8 +74,9 @@ def describe_need(part):
     return f"{part['total'] / GiB:.3g} GiB ({parts} GiB)"
 
 def fit_memory(need, device, micro_batch_size, activation_checkpointing, lower):
-    """Resolve --micro-batch-size 0 (the largest of 32, 16, ..., 1) and --activation-checkpointing auto to the first setting
-    whose need(micro, checkpointing) fits, and say so; refuse a run that cannot, naming the flags (lower: the stage's own)."""
+    """Resolve --micro-batch-size 0 (the largest of 32, 16, ..., 1) and activation checkpointing "auto" (rl.py's, always)
+    to the first setting whose need(micro, checkpointing) fits, and say so; refuse a run that cannot, naming the flags
+    (lower: the stage's own)."""
     free = min(gather_objects([free_memory(device)]))   # the tightest rank's: one plan on all (--fsdp: a hang otherwise)
     for micro in [micro_batch_size] if micro_batch_size else [32, 16, 8, 4, 2, 1]:
         for checkpointing in {"auto": (False, True), "on": (True,), "off": (False,)}[activation_checkpointing]:
@@ -85,8 +85,8 @@ def fit_memory(need, device, micro_batch_size, activation_checkpointing, lower):
                        f"({HEADROOM:.0%} of free); micro-batch {micro}, activation checkpointing {'on' if checkpointing else 'off'}")
                 return micro, checkpointing
     raise UserError(f"a rank needs {describe_need(part)} at --micro-batch-size {micro}, more than {HEADROOM:.0%} of the "
-                    f"{free / GiB:.3g} GiB free; lower --micro-batch-size or {lower}, or use --activation-checkpointing, "
-                    "more ranks or --fsdp")
+                    f"{free / GiB:.3g} GiB free; lower --micro-batch-size or {lower}, or use "
+                    f"{'--activation-checkpointing on, ' if activation_checkpointing == 'off' else ''}more ranks or --fsdp")
 
 def check_generation(config, bf16, rows, longest, new_tokens, device, loaded=False):
     """Refuse --batch-size rows that do not fit; longest: the longest [prefix; prompt]. On a GPU every KV cache stays, one per
@@ -123,6 +123,6 @@ def rl_plan(args, config, rows, eval_rows, source, extra, world_size, device):
     prompt = longest + max(prefix_rows, extra_rows)
     return fit_memory(lambda micro, checkpointing: memory_need(
         config, args.dtype == "bfloat16", world_size, args.fsdp, sampler_copy=not args.fsdp, ref=args.kl_coef > 0,
-        train_rows=micro, train_len=prompt + new, loss_len=new, checkpointing=checkpointing, entropy=args.entropy_coef > 0,
-        gen_rows=gen_rows, gen_len=gen_len, prompt_len=prompt, kv_held=held.items()), device, args.micro_batch_size,
-        args.activation_checkpointing, "--prompts-per-step x --group-size or --max-new-tokens")
+        train_rows=micro, train_len=prompt + new, loss_len=new, checkpointing=checkpointing, gen_rows=gen_rows,
+        gen_len=gen_len, prompt_len=prompt, kv_held=held.items()), device, args.micro_batch_size, "auto",
+        "--prompts-per-step x --group-size or --max-new-tokens")

@@ -700,9 +700,9 @@ def loss_token_weights(loss_mask, aggregation, n_sequences, n_tokens, max_new_to
     return mask / LOSS_AGGREGATIONS[aggregation](mask, n_sequences, n_tokens, max_new_tokens) / n_sequences
 
 def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_high=0.2,
-                ref_logprobs=None, kl_coef=0.0, entropy=None, entropy_coef=0.0, shaped=None):
-    """PPO/GRPO's clipped surrogate per token (LoPE's where shaped (B,) is True), plus kl_coef * k3 (KL to a reference),
-    minus entropy_coef * H. (B, T) inputs, advantages (B,). Returns (loss, per-row sums (B,) over weighted tokens of
+                ref_logprobs=None, kl_coef=0.0, entropy=None, shaped=None):
+    """PPO/GRPO's clipped surrogate per token (LoPE's where shaped (B,) is True), plus kl_coef * k3 (KL to a reference).
+    (B, T) inputs, advantages (B,); entropy (B, T) is only summed. Returns (loss, per-row sums (B,) over weighted tokens of
     "loss", "tokens", "clipped", "kl", "entropy"): callers add them over micro-batches, ranks and updates, divide by tokens."""
     ratio, A = (logprobs - old_logprobs).exp(), advantages[:, None]
     unclipped, clipped = ratio * A, ratio.clamp(1 - clip_low, 1 + clip_high) * A
@@ -718,8 +718,6 @@ def policy_loss(logprobs, old_logprobs, advantages, weights, clip_low=0.2, clip_
         k3 = log_ratio.exp() - log_ratio - 1                                     # k3 estimator of KL
         per_token, stats["kl"] = per_token + kl_coef * k3, row_sum(k3)
     if entropy is not None:
-        if entropy_coef > 0:      # else no gradient through the (N, V) entropy at all
-            per_token = per_token - entropy_coef * entropy
         stats["entropy"] = row_sum(entropy)
     stats["loss"] = (weights * per_token).detach().sum(1).double()
     return (weights * per_token).sum(), stats

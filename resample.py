@@ -54,7 +54,7 @@ def regroup(rollouts, extra, groups, G, G_extra):
     k_j = min(|S_j|, G - 1) successes S_j of its resample. Returns (both records joined, `trained`
     marking each group's G rollouts; the number of groups that took a success)."""
     B, joined = len(rollouts), cat(rollouts, extra)
-    success = ((extra.rewards > 0) & extra.keep).tolist()
+    success = (extra.rewards > 0).tolist()
     rescued = 0
     for h, j in enumerate(groups):
         wins = [B + h * G_extra + s for s in range(G_extra) if success[h * G_extra + s]][:G - 1]
@@ -86,7 +86,7 @@ def regroup_failed(rollouts, source, record, step, args, device, sample_and_scor
         extra.trained = torch.zeros(len(extra), dtype=torch.bool)
         regrouped, rescued = regroup(rollouts, extra, groups, G, G_extra)
     n_extra = len(extra) if extra else 0
-    successes = int(((extra.rewards > 0) & extra.keep).sum()) if extra else 0
+    successes = int((extra.rewards > 0).sum()) if extra else 0
     groups_all, rescued_all, successes_all, extra_all = (round(v) for v in all_reduce_sum(
         [len(groups), rescued, successes, n_extra], device))
     record.update(rollouts_generated=record["rollouts_generated"] + extra_all, resampled_groups=groups_all,

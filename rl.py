@@ -9,11 +9,12 @@ any number of ranks, and after a resume.
 
 The objective, per minibatch, summed over the completion tokens t of its rollouts i:
 
-    J = sum_it w_it [min(r_it A_i, clip(r_it, 1 - eps_low, 1 + eps_high) A_i) - kl_coef k3_it + entropy_coef H_it]
+    J = sum_it w_it [min(r_it A_i, clip(r_it, 1 - eps_low, 1 + eps_high) A_i) - kl_coef k3_it]
     r_it: pi / pi_old of token t in rollout i's own context (its prefix p_i or none), at the sampling
           temperature; pi_old is the policy before the batch's first update (r = 1 with one update per batch)
     A_i:  grpo (R_i - mean_g R) / (std_g R + 1e-6); rloo R_i - mean of the other G - 1; drgrpo R_i - mean_g R
-    k3_it = exp(ref - logp) - (ref - logp) - 1 against --model as loaded;  H_it: the next-token entropy
+    R_i:  1 for a correct answer, 0 otherwise and for one cut off at --max-new-tokens
+    k3_it = exp(ref - logp) - (ref - logp) - 1 against --model as loaded
     w_it: token-mean 1 / (tokens of the minibatch); seq-mean 1 / (B' |o_i|); constant 1 / (B' max_new_tokens)
 Minibatch m holds the rollouts at place k of group j with (j G + k) mod M = m on any number of ranks.
 tests/test_rl_losses.py checks the gradient in float64; docs/trl_differences.md compares with TRL.
@@ -47,87 +48,81 @@ from model import (ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, PREFIX_SOURCES, Tran
                    generate, group_advantages, load_config, load_embedding_matrix, load_tokenizer,
                    loss_token_weights, make_prefix_source, policy_loss, resolve_checkpoint, token_logprobs)
 
-# name -> fraction of a group's rollouts that carry a prefix, from the progress tau in [0, 1), --rho
-# and last (P, G): the rewards each of the step's P problems got the last time it was drawn (NaN
-# where never). A float for every group, or a (P,) tensor, one per group. argparse's choices.
+# name -> the fraction of a group's rollouts that carry a prefix, from the progress tau in [0, 1) and
+# last (P, G): the rewards each of the step's P problems got the last time it was drawn (NaN where
+# never). A float for every group, or a (P,) tensor, one per group. --schedule also takes a number.
 SCHEDULES = {
-    "none": lambda tau, rho, last: 0.0,
-    "two-stage": lambda tau, rho, last: 1.0 if tau < 0.5 else 0.0,
-    "linear": lambda tau, rho, last: 1.0 - tau,
-    "constant": lambda tau, rho, last: rho,
+    "none": lambda tau, last: 0.0,
+    "two-stage": lambda tau, last: 1.0 if tau < 0.5 else 0.0,
+    "linear": lambda tau, last: 1.0 - tau,
 }
+
+def schedule_arg(text):   # a SCHEDULES name, or a constant fraction rho in [0, 1]
+    try:
+        return text if text in SCHEDULES else ranged(float, 0, 1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(SCHEDULES)} or a fraction in [0, 1], "
+                                         f"got {text!r}") from None
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 arg = parser.add_argument
-# Data
 arg("--data", required=True, help="training problems: domain=path_or_id,... or a path")
 arg("--template", default="plain", choices=TEMPLATES)
 arg("--eval-data", default=None, help="held-out problems: greedy pass@1 on the first 200, whatever --seed")
 arg("--eval-every", type=ranged(int, 0), default=10, help="steps between evaluations (0: at the end)")
-# Model
 arg("--model", required=True, help="hub id or checkpoint directory (after sft_warmup.py)")
 arg("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: bf16 compute, fp32 weights")
 arg("--fsdp", action="store_true", help="shard weights, gradients and optimiser state over ranks (fsdp.py)")
 arg("--micro-batch-size", type=ranged(int, 0), default=0, help="rollouts per forward/backward (0: planned)")
-arg("--activation-checkpointing", default="auto", choices=["auto", "on", "off"], help="recompute layers in backward")
-# Palette
-arg("--schedule", default="linear", choices=SCHEDULES)
-arg("--rho", type=ranged(float, 0, 1), default=0.5, help="prefixed fraction of a group (--schedule constant)")
+arg("--schedule", type=schedule_arg, default="linear", metavar="{%s} or RHO" % ",".join(SCHEDULES),
+    help="the prefixed fraction of each group over training; a number: that fraction at every step")
 arg("--prefix-source", default="vae", choices=PREFIX_SOURCES, help="vae: the palette; the rest are baselines")
 arg("--vae", default=None, help="directory written by train_vae.py")
 arg("--L", type=ranged(int, 0), default=8, help="prefix rows of a prefixed rollout")
 arg("--credit", default="prefixed", help="how a prefixed rollout is trained: prefixed, or a rule of credit.py")
 arg("--resample", default=None, metavar="G'[,source=S,L=N,credit=C]", help="LoPE's resampling (resample.py)")
-# Rollouts
 arg("--prompts-per-step", type=ranged(int, 1, 2**16), default=16, help="P, over all ranks")
 arg("--group-size", type=ranged(int, 2, 2**12), default=8, help="G completions per prompt")
-arg("--max-new-tokens", type=ranged(int, 1), default=128)
+arg("--max-new-tokens", type=ranged(int, 1), default=128, help="a completion cut off here is worth 0")
 arg("--temperature", type=ranged(float, above=0), default=1.0)
-arg("--truncated", default="zero", choices=["zero", "mask"], help="cut-off completions: reward 0 (mask: no loss)")
-# Objective
 arg("--estimator", default="grpo", choices=ADVANTAGE_ESTIMATORS)
 arg("--clip-eps", type=lambda s: (ranged(float, 0, below=1)(s.split(",")[0]), ranged(float, 0)(s.split(",")[-1])),
     default=(0.2, 0.28), metavar="LOW[,HIGH]", help="the ratio is clipped to [1 - LOW, 1 + HIGH] (DAPO)")
 arg("--kl-coef", type=ranged(float, 0), default=0.0, help="k3 KL to the initial policy")
-arg("--entropy-coef", type=ranged(float, 0), default=0.0, help="token-entropy bonus")
 arg("--aggregation", default="token-mean", choices=LOSS_AGGREGATIONS)
 arg("--epochs", type=ranged(int, 1, 100), default=1, help="passes over each rollout batch")
 arg("--minibatches", type=ranged(int, 1, 2**16), default=1, help="optimiser steps per pass")
-# Optimisation
 arg("--steps", type=ranged(int, 1), default=100)
 arg("--lr", type=ranged(float, 0), default=1e-6, help="AdamW's, after a linear warm-up of WARMUP_STEPS")
 arg("--seed", type=SEED, default=0)
-# Checkpoints and logs
 arg("--out", required=True)
 arg("--save-every", type=ranged(int, 0), default=25, help="steps between checkpoints (0: at the end)")
 arg("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-arg("--samples-per-step", type=ranged(int, 0), default=4, help="rollouts in samples.jsonl a step (0: all)")
 WARMUP_STEPS, GRAD_CLIP, EVAL_PROBLEMS = 5, 1.0, 200        # constants a copy of this script can edit
 
 def check_args(args, world_size):
     """A refusal where the run would crash, hang or compute something else; a note where a flag does nothing."""
+    if args.prompts_per_step % world_size:
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world_size} ranks")
     if args.fsdp:                              # fsdp.py: every rank must run the same forward passes
         import fsdp
         fsdp.check_args(args, world_size)
-    if args.prompts_per_step % world_size:
-        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world_size} ranks")
-    if args.schedule != "none" and (args.prefix_source == "none" or args.L == 0):
-        print0(f"note: --schedule {args.schedule} with no prefix (--prefix-source none or --L 0) is the baseline")
-        args.schedule = "none"
     if args.credit != "prefixed" or args.resample:
         import credit                          # credit.py: the other credit rules and LoPE's resampling
         credit.check_args(args, parser)
+    if args.schedule != "none" and (args.prefix_source == "none" or args.L == 0):
+        print0(f"note: --schedule {args.schedule} with no prefix (--prefix-source none or --L 0) is the baseline")
+        args.schedule = "none"
     sources = ([f"--prefix-source {args.prefix_source}"] if args.schedule != "none" else []) + \
         ([f"--resample source={args.resample_source}"] if args.resample else [])
     needs_vae = [flag for flag in sources if prefix_class(flag.split()[-1].split("=")[-1]).needs_vae]
     if needs_vae and not args.vae:
         raise UserError(f"{needs_vae[0]} needs --vae DIR (a directory written by train_vae.py)")
+    no_prefix = args.schedule == "none" and "--schedule none draws no prefix" or isinstance(args.schedule, float) and \
+        prefix_plan(args, 0.0, torch.zeros(1, 1))[1] == 0 and \
+        f"--schedule {args.schedule} prefixes round({args.schedule} x {args.group_size}) = 0 rollouts of a group"
     one_update = args.epochs * args.minibatches == 1 and args.credit in ("prefixed", "nudge") and not args.resample
-    no_prefix = args.schedule == "none" and "--schedule none draws no prefix" or \
-        args.schedule == "constant" and prefix_plan(args, 0.0, torch.zeros(1, 1))[1] == 0 and \
-        f"--rho {args.rho} prefixes round({args.rho} x {args.group_size}) = 0 rollouts of a group"
     note_unused(args, parser, {dest: why for dest, why in {
-        "rho": args.schedule != "constant" and "it is the in-group ratio of --schedule constant",
         "eval_every": not args.eval_data and "there is no --eval-data",
         "clip_eps": one_update and "one update per batch in the sampling context: the ratio is 1",
         "credit": no_prefix, "L": no_prefix, "prefix_source": args.schedule == "none" and no_prefix,
@@ -135,8 +130,9 @@ def check_args(args, world_size):
 
 def prefix_plan(args, tau, last):
     """(rollouts of each group that carry a prefix (P,) long, prefix length) at progress tau."""
-    rho = torch.as_tensor(SCHEDULES[args.schedule](tau, args.rho, last), dtype=torch.float64)
-    n_prefixed = (rho * args.group_size + 0.5).floor().long().expand(len(last)) * (args.L > 0)  # halves round up
+    rho = args.schedule if isinstance(args.schedule, float) else SCHEDULES[args.schedule](tau, last)
+    n_prefixed = (torch.as_tensor(rho, dtype=torch.float64) * args.group_size + 0.5).floor().long()  # halves round up
+    n_prefixed = n_prefixed.expand(len(last)) * (args.L > 0)
     return n_prefixed, args.L if n_prefixed.any() else 0
 
 def step_problems(n, step, P, seed):
@@ -162,7 +158,6 @@ class Rollouts:                         # one step's rollouts on this rank: G pe
     texts: list = None                  # B decoded completions                          (score)
     correct: torch.Tensor = None        # (B,) the grader's verdict                      (score)
     rewards: torch.Tensor = None        # (B,) 0 for a cut-off answer                    (score)
-    keep: torch.Tensor = None           # (B,) bool: carries loss                        (score)
     advantages: torch.Tensor = None     # (B,)                                           (set_advantages)
     stats: dict = None                  # (B,) float64 sums over the update: each rollout's share of the
                                         # loss, its tokens, clipped tokens, k3 and entropy (update)
@@ -212,12 +207,10 @@ def rollout(sampler, source, problems, first_group, n_prefixed, L, step, args, e
     return r
 
 def score(r, tokenizer, args):
-    """Rewards and the keep mask, in place. A cut-off answer is worth 0 (where the cut fell would
-    decide its grade); --truncated mask also takes it out of the loss."""
+    """Rewards, in place. A cut-off answer is worth 0: where the cut fell would decide its grade."""
     r.texts = tokenizer.batch_decode(r.completions, skip_special_tokens=True)
     r.correct = torch.tensor([grade(t, p["answer"], p["grading_kind"]) for t, p in zip(r.texts, r.problems)])
     r.rewards = r.correct.masked_fill(r.truncated, 0.0)                                   # (B,)
-    r.keep = ~r.truncated if args.truncated == "mask" else torch.ones_like(r.truncated)
     return r
 
 def set_advantages(r, args):           # in place, on the groups as they are trained
@@ -247,16 +240,16 @@ def completion_logprobs(model, r, rows, args, autocast, sampled=False):
     return out
 
 def minibatches(r, G, M):
-    """The kept trained rollouts of each of M minibatches: the one at place k of group j goes to
+    """The trained rollouts of each of M minibatches: the one at place k of group j goes to
     minibatch (j G + k) mod M, so minibatch m holds the same rollouts on any number of ranks."""
     rows = r.in_groups()
     place = r.group[rows] * G + torch.arange(len(rows)) % G
-    return [[i for i in rows[place % M == m].tolist() if r.keep[i]] for m in range(M)]
+    return [rows[place % M == m].tolist() for m in range(M)]
 
 def minibatch_backward(model, r, rows, old, ref, args):
     """Accumulate into .grad this rank's share of -J's gradient on one minibatch, micro-batch by
     micro-batch, and each rollout's share into r.stats. B' and the token count are means over ranks,
-    because the gradient sync averages. Returns the minibatch's kept rollouts and loss, over all ranks."""
+    because the gradient sync averages. Returns the minibatch's rollouts and loss, over all ranks."""
     device, world = model.device, dist.get_world_size() if dist.is_initialized() else 1
     n_seq, n_tok = all_reduce_mean([len(rows), sum(len(r.completions[i]) for i in rows)], device)
     at_loss = lambda per_rollout: None if per_rollout is None else \
@@ -270,7 +263,7 @@ def minibatch_backward(model, r, rows, old, ref, args):
         weights = loss_token_weights(loss_mask, args.aggregation, n_seq, n_tok, args.max_new_tokens, logprobs.dtype)
         shaped = None if r.credit is None else torch.tensor([r.credit[i].shaped for i in idx], device=device)
         loss, stats = policy_loss(logprobs, logprobs.detach() if old is None else at_loss(old), r.advantages[idx].to(device),
-                                  weights, *args.clip_eps, at_loss(ref), args.kl_coef, entropy, args.entropy_coef, shaped)
+                                  weights, *args.clip_eps, at_loss(ref), args.kl_coef, entropy, shaped)
         if r.credit is not None:                 # credit.py: nudge's distillation into the bare prompt
             import credit
             loss = credit.add_distillation(model, r, idx, loss, stats, n_seq, args)
@@ -284,7 +277,7 @@ def update_policy(model, opt, ref_model, r, args):
     norm raises FloatingPointError before opt.step."""
     model.train()
     r.stats = {k: torch.zeros(len(r), dtype=torch.float64) for k in ("loss", "tokens", "clipped", "kl", "entropy")}
-    trained = [i for i in r.in_groups().tolist() if r.keep[i]]
+    trained = r.in_groups().tolist()
     # pi_old: the policy before the first update, in the sampling context. With one update per batch
     # and every rollout trained in its sampling context, it is pi itself (detached).
     retrained = any(t is not p for t, p in zip(r.train_prefixes(), r.prefixes))
@@ -296,7 +289,7 @@ def update_policy(model, opt, ref_model, r, args):
         for minibatch in minibatches(r, args.group_size, args.minibatches):
             n_seq, loss = minibatch_backward(model, r, minibatch, old, ref, args)
             if n_seq == 0:
-                continue                         # nothing kept on any rank: no optimiser step
+                continue                         # an empty minibatch on every rank: no optimiser step
             grad_norm = model.sync_and_clip(GRAD_CLIP)  # the one place ranks synchronise gradients
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise FloatingPointError(f"non-finite loss or gradient norm (loss {loss:.4g}, "
@@ -334,21 +327,19 @@ def rollout_metrics(r, G, device):
             "rollouts_generated": round(n), "gen_tokens": s["tokens"]}
 
 def log_samples(run, step, r, args):
-    """--samples-per-step decoded rollouts (0: all) of every rank, with what each added to the update."""
+    """Every rollout of every rank, decoded, with what it added to the update: samples.jsonl."""
     trained, train_prefixes = set(r.in_groups().tolist()), r.train_prefixes()
     mine = [{"step": step, "group": int(r.group[i]), "problem": r.problems[i]["problem"], "completion": r.texts[i],
              "tokens": len(r.completions[i]), "reward": r.rewards[i].item(), "correct": r.correct[i].item(),
-             "truncated": bool(r.truncated[i]), "kept": bool(r.keep[i]),
+             "truncated": bool(r.truncated[i]),
              "prefix_source": r.sources[i], "resampled": r.resampled is not None and bool(r.resampled[i]),
              "prefix_rows": 0 if r.prefixes[i] is None else len(r.prefixes[i]),
              "credit": None if r.prefixes[i] is None else args.credit if r.credit is None else r.credit[i].name,
              "trained_with_prefix": train_prefixes[i] is not None, "trained": i in trained,
              "advantage": r.advantages[i].item(), **{f"update_{k}": float(v[i]) for k, v in r.stats.items()}}
             for i in range(len(r))]
-    records = gather_objects(mine)
-    n = len(records) if not args.samples_per_step else min(args.samples_per_step, len(records))
-    for k in range(n if run.master else 0):
-        run.log(records[k * len(records) // n], name="samples.jsonl")
+    for record in gather_objects(mine):
+        run.log(record, name="samples.jsonl")
 
 def checkpoint(run, step, model, opt, last_rewards):
     """checkpoint-{step}: weights, optimiser state and the schedule's memory (every random draw is a function
@@ -386,12 +377,12 @@ def main(argv=None):
     rows = load_problems(args.data, "--data", tokenizer, args.template, args.seed, room, config.max_position_embeddings)
     eval_rows = load_problems(args.eval_data, "--eval-data", tokenizer, args.template, HELD_OUT_SEED,  # whatever --seed
                               args.max_new_tokens, config.max_position_embeddings, EVAL_PROBLEMS) if args.eval_data else []
-    plan_memory(args, config, rows, eval_rows, source, extra, world_size, device)
+    args.micro_batch_size, checkpointing = plan_memory(args, config, rows, eval_rows, source, extra, world_size, device)
     run = RunDir(args.out, args, resume=args.resume)       # lock, the newest checkpoint, args.json
     # -- the policy (fp32 master weights) wrapped for the ranks, the reference, the optimiser
     model = Transformer.from_pretrained(f"{run.checkpoint}/model" if run.checkpoint else path, device)
     model.source_dir = path                    # tokenizer files are copied from --model, also on resume
-    model.gradient_checkpointing = args.activation_checkpointing == "on"
+    model.gradient_checkpointing = checkpointing
     # the initial checkpoint, fp32 like the policy: one precision path, k3 = 0 before the first update (--fsdp: bf16)
     ref_model = Transformer.from_pretrained(path, device, torch.bfloat16 if args.fsdp and args.dtype == "bfloat16"
                                             else torch.float32).eval().requires_grad_(False) if args.kl_coef > 0 else None
@@ -480,13 +471,12 @@ def resume(run, opt, model):              # the newest checkpoint's optimiser st
     return trainer["step"], trainer.get("last_rewards", {})
 
 def plan_memory(args, config, rows, eval_rows, source, extra, world_size, device):
-    """On a GPU the memory model (memory.py) takes the first micro-batch and recomputation that fit, or
-    refuses the run in one line; elsewhere a micro-batch of 0 means 32 rollouts."""
-    if device.type == "cuda":
-        import memory
-        args.micro_batch_size, on = memory.rl_plan(args, config, rows, eval_rows, source, extra, world_size, device)
-        args.activation_checkpointing = "on" if on else "off"
-    args.micro_batch_size = args.micro_batch_size or 32
+    """(micro-batch, activation checkpointing): on a GPU the first that fits by memory.py's model (or a one-line
+    refusal); elsewhere --micro-batch-size, 0 meaning 32, and no recomputation."""
+    if device.type != "cuda":
+        return args.micro_batch_size or 32, False
+    import memory
+    return memory.rl_plan(args, config, rows, eval_rows, source, extra, world_size, device)
 
 @torch.no_grad()
 def evaluate_greedy(model, tokenizer, mine, args, device, final=False):   # held-out greedy pass@1, no prefix, over ranks

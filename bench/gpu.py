@@ -468,7 +468,7 @@ def rl_step(a, ceil, work, shape, name):
     argv = lambda P: ["--model", ckpt, "--data", data, "--out", os.path.join(work, "run"), "--schedule", "linear",
                       "--prefix-source", "noise", "--L", "8", "--prompts-per-step", str(P), "--group-size", str(a.group),
                       "--max-new-tokens", str(a.new_tokens), "--dtype", "bfloat16", "--steps", "2", "--lr", "1e-6",
-                      "--micro-batch-size", "0", "--activation-checkpointing", "auto", "--save-every", "0"]
+                      "--micro-batch-size", "0", "--save-every", "0"]
     P, refusal = prompts_that_fit(a, shape, argv)
     if P is None:
         return {"shape": shape, "skipped": f"rl.py would refuse P = {a.prompts} to {max(a.prompts // 4, 1)}: {refusal}",
@@ -487,7 +487,7 @@ def rl_step(a, ceil, work, shape, name):
 
     def record_update(update_policy):
         def wrapper(model, opt, ref_model, r, args):
-            trained = [i for i in r.in_groups().tolist() if r.keep[i]]
+            trained = r.in_groups().tolist()
             prefix = [0 if p is None else p.shape[0] for p in r.train_prefixes()]
             updates.append({"rows": [(prefix[i] + len(r.problems[i]["prompt_ids"]) + len(r.completions[i]),
                                       len(r.completions[i])) for i in trained], "events": EVENTS.now()})
@@ -502,8 +502,7 @@ def rl_step(a, ceil, work, shape, name):
 
         def plan_on_any_device(plan_memory):       # rl.py plans on a GPU only; the smoke run plans on the CPU too
             def wrapper(args, config, rows, eval_rows, source, extra, world_size, device):
-                args.micro_batch_size, on = memory.rl_plan(args, config, rows, eval_rows, source, extra, world_size, device)
-                args.activation_checkpointing = "on" if on else "off"
+                return memory.rl_plan(args, config, rows, eval_rows, source, extra, world_size, device)
             return wrapper
         with patched(memory, "memory_need", record_plan), patched(rl, "update_policy", record_update), \
                 patched(rl, "plan_memory", plan_on_any_device), \

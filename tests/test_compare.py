@@ -34,7 +34,7 @@ def test_every_arm_is_a_valid_rl_command(arm):
     p = {"temperature": 0.5, "steps": 60, "lr": 5e-5, "data": "W/data/math_train.jsonl"}
     args = rl.parser.parse_args(compare.rl_argv("W", "W/run", "W/start", compare.ARMS[arm][1], 3, p))
     rl.check_args(args, 1)
-    assert (args.seed, args.steps, args.lr, args.samples_per_step) == (3, 60, 5e-5, 0)
+    assert (args.seed, args.steps, args.lr) == (3, 60, 5e-5)
     assert args.vae == ("W/vae" if "vae" in compare.ARMS[arm][1] else None)      # only an arm that reads it
     assert args.temperature == (1.0 if arm == "grpo higher T" else 0.5)          # T + 0.5 for that arm
 

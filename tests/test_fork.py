@@ -136,9 +136,9 @@ def test_a_copy_of_rl_under_another_name_logs_the_same(world, tmp_path):
 
 def test_a_reward_aware_schedule_logs_its_plan_and_resumes_exactly(world, tmp_path):
     folder = core_copy(tmp_path)
-    edit(folder / "rl.py", 'SCHEDULES = {\n', 'SCHEDULES = {\n    "stuck": lambda tau, rho, last: '
+    edit(folder / "rl.py", 'SCHEDULES = {\n', 'SCHEDULES = {\n    "stuck": lambda tau, last: '
          '((last == last[:, :1]).all(1) | last.isnan().any(1)).double(),\n')
-    argv = ["drive.py", "rl", *world["flags"], *SIZES, "--schedule", "stuck", "--samples-per-step", "0",
+    argv = ["drive.py", "rl", *world["flags"], *SIZES, "--schedule", "stuck",
             "--steps", "4", "--save-every", "2"]
     run(folder, *argv, "--out", folder / "straight", stuck=world["stuck"])
     run(folder, *argv, "--out", folder / "stopped", stuck=world["stuck"], stop=True, expect=3)

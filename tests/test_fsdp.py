@@ -193,11 +193,10 @@ def parsed(*flags):
 
 
 class RankRollouts:
-    """What rl.minibatches reads of one rank's rollouts: G of each of its groups, all trained and kept."""
+    """What rl.minibatches reads of one rank's rollouts: G of each of its groups, all trained."""
 
     def __init__(self, first_group, n_groups, G):
         self.group = torch.arange(first_group, first_group + n_groups).repeat_interleave(G)     # (n_groups G,)
-        self.keep = torch.ones(len(self.group), dtype=torch.bool)
 
     def in_groups(self):
         return torch.arange(len(self.group))
@@ -238,9 +237,8 @@ def test_fsdp_refuses_nudge_and_a_run_without_torchrun(monkeypatch):
     with pytest.raises(UserError, match="launch with torchrun"):
         fsdp.check_args(parsed(), 1)
     monkeypatch.setattr(fsdp.dist, "is_initialized", lambda: True)          # as under torchrun
-    for flags in (("--credit", "nudge"), ("--resample", "2,credit=nudge"), ("--resample", "8,source=vae,L=1,credit=nudge"),
-                  ("--truncated", "mask")):
-        with pytest.raises(UserError, match="--truncated mask .* and nudge's distillation pass"):
+    for flags in (("--credit", "nudge"), ("--resample", "2,credit=nudge"), ("--resample", "8,source=vae,L=1,credit=nudge")):
+        with pytest.raises(UserError, match="nudge's distillation pass"):
             fsdp.check_args(parsed(*flags), 2)
     for flags in ((), ("--resample", "2"), ("--resample", "2,source=none,credit=prefixed"), ("--credit", "naive-shaped")):
         fsdp.check_args(parsed(*flags), 2)
@@ -272,7 +270,7 @@ def test_fsdp_resampling_on_one_rank_matches_ddp(world, tmp_path):
     """--resample under --fsdp: at one step only rank 0 has an all-failed group, so only it generates the
     resample and (naive credit, one update a batch) recomputes pi_old; neither is a collective (the weights
     are gathered), and every group still trains G rollouts: no hang, and the weights of DDP."""
-    flags = (*RL, "--steps", "3", "--samples-per-step", "0", "--resample", "4,source=noise,L=2")
+    flags = (*RL, "--steps", "3", "--resample", "4,source=noise,L=2")
     run_script("rl.py", *rl_args(world, tmp_path / "ddp", *flags), nproc=2)
     fsdp_run = on_two_ranks(os.path.join(REPO, "rl.py"), *rl_args(world, tmp_path / "fsdp", *flags, "--fsdp"), timeout=300)
     assert fsdp_run.returncode == 0, fsdp_run.stderr[-3000:]

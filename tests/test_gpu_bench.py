@@ -232,7 +232,7 @@ def test_rows_and_steps_fit_the_card(tmp_path, monkeypatch):
     a.prompts, a.group, a.prompt_len, a.new_tokens = 32, 8, 512, 512                # the GPU run's sizes
     argv = lambda P: ["--model", "m", "--data", "d", "--out", "o", "--schedule", "linear", "--prefix-source", "noise",
                       "--L", "8", "--prompts-per-step", str(P), "--group-size", "8", "--max-new-tokens", "512",
-                      "--dtype", "bfloat16", "--micro-batch-size", "0", "--activation-checkpointing", "auto"]
+                      "--dtype", "bfloat16", "--micro-batch-size", "0"]
     chosen = {}
     for card, free_gib in (("H100", 78.5), ("H200", 139.2)):                      # the cards' memory, CUDA's own out
         monkeypatch.setattr(memory, "free_memory", lambda device: free_gib * 2**30)

@@ -112,9 +112,9 @@ SIZES = {
 }
 # Flags kept as written: they choose a path, not a size.
 KEEP = {"fsdp", "dtype", "template", "mode", "schedule", "L", "lr", "region", "prefix_source", "prompt", "tie", "seed",
-        "temperature", "top_p", "rho", "credit", "estimator", "truncated", "clip_eps", "kl_coef", "entropy_coef",
+        "temperature", "top_p", "credit", "estimator", "clip_eps", "kl_coef",
         "aggregation", "weight_decay", "grad_clip", "warmup_steps", "activation_checkpointing", "micro_batch_size",
-        "config_name", "resume", "limit", "save_every", "samples_per_step", "eval_every"}
+        "config_name", "resume", "limit", "save_every", "eval_every"}
 
 
 def parser_of(script):

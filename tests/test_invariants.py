@@ -4,12 +4,12 @@ does something.
 
 - test_rl_metrics_recompute_from_samples: a seeded subset of the covering array's accepted rl.py
   rows (12 drawn with random.Random(0), plus, for each --credit rule and each credit= rule of
-  --resample, a row that trains it over several updates), each forced to log every rollout
-  (--samples-per-step 0), clipping at 1% (so that several updates do clip), run in-process for two
+  --resample, a row that trains it over several updates), each logging every rollout (as rl.py
+  always does), clipping at 1% (so that several updates do clip), run in-process for two
   steps with test_pairwise's reward (the parity of the completion's length; group 0 fails whole, so
   that --resample has a group to resample), every checkpoint kept. Every number in metrics.jsonl is
   recomputed from samples.jsonl or by hand, exact for counts and to 1e-9 for floats (relative to
-  the terms of a sum): each rollout's verdict regraded from its text; its reward, keep, prefix rows,
+  the terms of a sum): each rollout's verdict regraded from its text; its reward, prefix rows,
   source and credit rule; the logged plan ("prefixed" per group, rho, L) against the rollouts under
   a prefix in each group; the rollout metrics; which rollouts are trained (LoPE's regrouping) and
   the resample counts; each advantage from the rewards of its group's trained rollouts (credit.py's
@@ -20,7 +20,7 @@ does something.
   that rl.py sums): their independent replay, update by update from the weights each update read,
   is tests/test_rl_losses.py::test_update_metrics_equal_a_replay_by_hand. A metric without a
   recomputation here fails the test. Not recomputable from samples.jsonl: grad_norm (it needs the
-  gradients: checked to be 0 where the loss has none, > 0 under an entropy bonus) and time_*
+  gradients: checked to be 0 where the loss has none) and time_*
   (gen_tokens_per_s x time_generate is checked to be the on-policy tokens).
 - test_every_flag_changes_the_run_or_is_refused[stage]: rl.py, sft_warmup.py, train_vae.py,
   evaluate.py and infer.py, each from a base command line where every flag matters. Every flag of
@@ -33,8 +33,8 @@ does something.
   A refusal naming another flag the flip left without effect (--vae once no source reads it) drops
   that flag and runs again. The base runs twice first: a run is a function of its flags.
 - test_flags_that_cannot_matter_are_noted[case]: rows of rl.py (EDGES) where a flag is accepted
-  though it has nothing to act on, decidable from the flags alone (--credit or --L when --rho
-  prefixes no rollout, or under --schedule none; --clip-eps with one update in the sampling
+  though it has nothing to act on, decidable from the flags alone (--credit or --L when a constant
+  --schedule prefixes no rollout, or under --schedule none; --clip-eps with one update in the sampling
   context): the flip must print a one-line note naming the flag, be refused in one line, or
   change the run.
 - test_held_out_set_ignores_seed: the problems rl.py and sft_warmup.py evaluate, and those
@@ -174,8 +174,8 @@ def value(row, flag, factors=RL_FACTORS):
 
 
 def logging_everything(row, factors=RL_FACTORS):
-    """The row with every rollout logged (a flag that only logs: it changes no number)."""
-    return row | {"--samples-per-step": factors["--samples-per-step"].index("0")}
+    """The row as it runs: rl.py logs every rollout."""
+    return row
 
 
 def several_updates(row, factors=RL_FACTORS):
@@ -185,7 +185,7 @@ def several_updates(row, factors=RL_FACTORS):
 def prefixes_something(row, factors=RL_FACTORS):
     schedule = value(row, "--schedule", factors)
     return schedule != "none" and value(row, "--prefix-source", factors) != "none" and \
-        not (schedule == "constant" and float(value(row, "--rho", factors)) == 0)
+        not (schedule not in rl.SCHEDULES and float(schedule) == 0)
 
 
 def rows_for(rule_flag, rule, rows, accepts, factors=RL_FACTORS):
@@ -372,7 +372,6 @@ def check_rl_run(out, argv, checks, grade=parity, regrade=regraded):
             correct = regrade(x)
             checks.eq(what + "correct (regraded from its text)", x["correct"], correct)
             checks.eq(what + "reward", x["reward"], 0.0 if x["truncated"] else correct)
-            checks.eq(what + "kept", x["kept"], not x["truncated"] if args.truncated == "mask" else True)
             checks.true(what + "tokens within --max-new-tokens, all of them when cut off",
                         1 <= x["tokens"] <= args.max_new_tokens
                         and (not x["truncated"] or x["tokens"] == args.max_new_tokens))
@@ -410,10 +409,10 @@ def check_rl_run(out, argv, checks, grade=parity, regrade=regraded):
                       [(j, args.resample_size) for j in failed])
             rescued = 0
             for j in range(P):
-                wins = [x for x in extra if x["group"] == j and x["reward"] > 0 and x["kept"]][:G - 1]
+                wins = [x for x in extra if x["group"] == j and x["reward"] > 0][:G - 1]
                 trained[j] = groups[j][:G - len(wins)] + wins
                 rescued += bool(wins)
-            successes = sum(x["reward"] > 0 and x["kept"] for x in extra)
+            successes = sum(x["reward"] > 0 for x in extra)
             exp.update(resampled_groups=len(failed), rescued_groups=rescued,
                        resample_accuracy=successes / len(extra) if extra else None)
         else:
@@ -434,12 +433,12 @@ def check_rl_run(out, argv, checks, grade=parity, regrade=regraded):
                 checks.eq(f"rollout {x['group']}: advantage of an untrained rollout", x["advantage"], 0.0)
 
         # -- the update: minibatch m holds the trained rollout at place k of group j with (j G + k) mod M = m
-        taking = [(j * G + k) % M for j, g in trained.items() for k, x in enumerate(g) if x["kept"]]
+        taking = [(j * G + k) % M for j, g in trained.items() for k, x in enumerate(g)]
         exp["updates"] = E * len(set(taking))
         retrained = any(x["trained_with_prefix"] != (x["prefix_rows"] > 0) for g in trained.values() for x in g)
         for x in mine:
             what = f"rollout {x['group']}: "
-            if not (id(x) in chosen and x["kept"]):
+            if id(x) not in chosen:
                 sums = [v for k, v in sorted(x.items()) if k.startswith("update_")]
                 checks.eq(what + "update sums of a rollout not trained", sums, [0.0] * len(sums))
                 continue
@@ -453,11 +452,11 @@ def check_rl_run(out, argv, checks, grade=parity, regrade=regraded):
             if E * M == 1 and x["trained_with_prefix"] == (x["prefix_rows"] > 0):
                 checks.eq(what + "one update in the sampling context: ratio 1, nothing clipped",
                           x["update_clipped"], 0.0)
-            if x["advantage"] == 0 and args.kl_coef == 0 and args.entropy_coef == 0:
-                checks.eq(what + "no advantage, no kl, no entropy bonus: no loss", x["update_loss"], 0.0)
-        if E * M == 1 and not retrained and args.kl_coef == 0 and args.entropy_coef == 0:
+            if x["advantage"] == 0 and args.kl_coef == 0:
+                checks.eq(what + "no advantage, no kl: no loss", x["update_loss"], 0.0)
+        if E * M == 1 and not retrained and args.kl_coef == 0:
             # ratio exactly 1: each rollout's loss is -A_i times its aggregation weight
-            kept = [x for g in trained.values() for x in g if x["kept"]]
+            kept = [x for g in trained.values() for x in g]
             n_seq, n_tok = len(kept), sum(x["tokens"] for x in kept)
             for x in kept:
                 if not rule_of(x).shaped and not (x["prefix_rows"] and rule_of(x).distill_coef):
@@ -477,11 +476,8 @@ def check_rl_run(out, argv, checks, grade=parity, regrade=regraded):
             exp["eval_pass1"] = rec["eval_pass1"]             # recomputed above, where the weights are kept
 
         # -- not recomputable from samples.jsonl: the gradient norm and the clock
-        if exp["updates"] == 0 or (all(x["advantage"] == 0 for x in mine) and args.kl_coef == 0
-                                   and args.entropy_coef == 0):
+        if exp["updates"] == 0 or (all(x["advantage"] == 0 for x in mine) and args.kl_coef == 0):
             checks.eq("grad_norm of a loss without gradient", rec["grad_norm"], 0.0)
-        elif exp["updates"] and args.entropy_coef > 0:
-            checks.true("grad_norm of an entropy bonus finite and > 0", 0 < rec["grad_norm"] < math.inf)
         else:        # the KL alone has no gradient while the policy is the reference; clipped tokens none
             checks.true("grad_norm finite and >= 0", 0 <= rec["grad_norm"] < math.inf)
         checks.close("gen_tokens_per_s x time_generate = the on-policy tokens",
@@ -596,15 +592,15 @@ def stages(world, other):
     prefix = ["--prefix-source", "vae", "--vae", f"{W}/vae", "--region", "math", "--L", "2"]
     return {
         "rl": (rl, ["--model", f"{W}/model", "--data", f"{W}/train.jsonl", "--out", "{dir}", "--steps", "2",
-                    "--lr", "1e-2", "--schedule", "constant", "--rho", "0.5", "--prefix-source", "noise", "--L", "2",
+                    "--lr", "1e-2", "--schedule", "0.5", "--prefix-source", "noise", "--L", "2",
                     "--resample", "4,source=vae", "--vae", f"{W}/vae",
                     "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8", "--template", "math",
-                    "--clip-eps", "0.01", "--kl-coef", "0.05", "--entropy-coef", "0.01",
+                    "--clip-eps", "0.01", "--kl-coef", "0.05",
                     "--epochs", "2", "--minibatches", "2", "--micro-batch-size", "3",
-                    "--activation-checkpointing", "on", "--eval-data", f"{W}/test.jsonl", "--eval-every", "1",
-                    "--save-every", "1", "--samples-per-step", "0"],
+                    "--eval-data", f"{W}/test.jsonl", "--eval-every", "1", "--save-every", "1"],
                {"model": [f"{O}/model"], "data": [f"{O}/train.jsonl"], "eval_data": [f"{O}/test.jsonl"],
                 "vae": [f"{O}/vae"], "credit": [c for c in credit.CREDIT_RULES if c != "prefixed"],
+                "schedule": [*rl.SCHEDULES, "0.25"],
                 "clip_eps": ["0.05", "0.01,0.05"],
                 "resample": [None, "2,source=vae", "4,source=vae,L=1",
                              *[f"4,source=vae,credit={c}" for c in credit.CREDIT_RULES if c != "naive"],
@@ -874,15 +870,14 @@ def test_every_flag_changes_the_run_or_is_refused(stage, world, other, tmp_path,
 
 
 EDGES = {   # rows of rl.py where a flag, though accepted, has nothing to act on: each must be noted
-    "credit-unprefixed": ("--credit when --rho prefixes no rollout: round(0.1 x 4) = 0",
-                          ["--schedule", "constant", "--rho", "0.1", "--L", "2"], "--credit", "naive"),
-    "L-unprefixed": ("--L when --rho 0 prefixes no rollout", ["--schedule", "constant", "--rho", "0", "--L", "2"],
-                     "--L", "3"),
+    "credit-unprefixed": ("--credit when --schedule 0.1 prefixes no rollout: round(0.1 x 4) = 0",
+                          ["--schedule", "0.1", "--L", "2"], "--credit", "naive"),
+    "L-unprefixed": ("--L when --schedule 0 prefixes no rollout", ["--schedule", "0", "--L", "2"], "--L", "3"),
     "credit-schedule-none": ("--credit under --schedule none", ["--schedule", "none"], "--credit", "naive"),
     "L-schedule-none": ("--L under --schedule none", ["--schedule", "none"], "--L", "3"),
     "source-schedule-none": ("--prefix-source under --schedule none", ["--schedule", "none"], "--prefix-source", "noise"),
     "clip-ratio-1": ("--clip-eps with one update in the sampling context: the ratio is 1",
-                     ["--schedule", "constant", "--L", "2", "--epochs", "1", "--minibatches", "1"],
+                     ["--schedule", "0.5", "--L", "2", "--epochs", "1", "--minibatches", "1"],
                      "--clip-eps", "0.1"),
 }
 
@@ -895,7 +890,7 @@ def test_flags_that_cannot_matter_are_noted(case, world, tmp_path, pairwise_rewa
     what, row, flag, flipped = EDGES[case]
     base = as_pairs(["--model", str(world / "model"), "--data", str(world / "train.jsonl"), "--out", "{dir}",
                      "--steps", "2", "--lr", "1e-2", "--prefix-source", "noise", "--prompts-per-step", "2",
-                     "--group-size", "4", "--max-new-tokens", "8", "--samples-per-step", "0", *row], rl.parser)
+                     "--group-size", "4", "--max-new-tokens", "8", *row], rl.parser)
     refused = run_stage(rl, argv_from(base, tmp_path / "base"))
     if refused is not None:              # the row itself has nothing for the flag to act on: refused
         assert refused.startswith("error: ") and "\n" not in refused, refused
@@ -988,7 +983,7 @@ def registries():
             "advantage estimator": model.ADVANTAGE_ESTIMATORS, "credit rule": credit.CREDIT_RULES}
 
 
-NEW = {"schedule": ("cosine", lambda tau, rho, last: 0.5 * (1 + math.cos(math.pi * tau))),
+NEW = {"schedule": ("cosine", lambda tau, last: 0.5 * (1 + math.cos(math.pi * tau))),
        "prefix source": (ScaledNoisePrefix.name, ScaledNoisePrefix),
        "advantage estimator": ("maxmin", lambda r: (r - r.mean(1, keepdim=True))
                                / (r.amax(1, keepdim=True) - r.amin(1, keepdim=True) + 1e-6)),
@@ -1010,9 +1005,9 @@ def registry_flags():
 
 def register(monkeypatch):
     """Register NEW; returns the flags that offer a registry as argparse choices (credit rules are
-    checked by credit.py against its registry instead)."""
+    checked by credit.py against its registry instead, schedules by rl.schedule_arg)."""
     flags = registry_flags()
-    assert {kind for _, _, _, kind in flags} == set(registries()) - {"credit rule"}
+    assert {kind for _, _, _, kind in flags} == set(registries()) - {"credit rule", "schedule"}
     for kind, (name, entry) in NEW.items():
         monkeypatch.setitem(registries()[kind], name, entry)
     return flags
@@ -1031,6 +1026,8 @@ def test_parser_choices_read_the_registries_live(world, monkeypatch):
                                                         "--resample", f"2,credit={rule}"])
     quietly(rl.check_args, args, 1)
     assert args.credit == args.resample_credit == rule
+    schedule = NEW["schedule"][0]
+    assert rl.parser.parse_args(fixed_rl(world, "x") + ["--schedule", schedule]).schedule == schedule
 
 
 def fresh_pairwise():
@@ -1064,7 +1061,8 @@ def rows_with_new_entries(rows, factors, accepts):
                                 {"--prefix-source": NEW["prefix source"][0]}),
               "advantage estimator": (lambda r: r["--estimator"] == "grpo" and r["--max-new-tokens"] != "1",
                                       {"--estimator": NEW["advantage estimator"][0]}),
-              "credit rule": (lambda r: r["--schedule"] not in ("none", "constant") and r["--resample"] is not None
+              "credit rule": (lambda r: r["--schedule"] in rl.SCHEDULES and r["--schedule"] != "none"
+                              and r["--resample"] is not None
                               and r["--prefix-source"] != "none",
                               {"--credit": NEW["credit rule"][0], "--resample credit": NEW["credit rule"][0],
                                "--epochs": "2"})}

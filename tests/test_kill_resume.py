@@ -221,7 +221,7 @@ json.dump(results, open(sys.argv[2], "w"))
 ARGV = ["--schedule", "linear", "--prefix-source", "noise", "--L", "2", "--credit", "naive", "--kl-coef", "0.05",
         "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--micro-batch-size", "3",
         "--epochs", "2", "--minibatches", "2", "--steps", "4", "--lr", "1e-3",
-        "--save-every", "1", "--samples-per-step", "3", "--eval-every", "2", "--seed", "3"]
+        "--save-every", "1", "--eval-every", "2", "--seed", "3"]
 STEPS = 4
 
 # name -> the kills, one per killed run: (point, n-th call of it in that process, what the kill
@@ -324,7 +324,7 @@ def test_the_uninterrupted_run_is_what_the_scenarios_assume(runs):
     assert all(r["updates"] == 4 for r in steps) and any(r["kl"] > 0 for r in steps)
     assert 0 < sum(r["reward_mean"] for r in steps) < STEPS and steps[0]["rho"] == 1.0
     samples = jsonl(os.path.join(out, "samples.jsonl"))
-    assert [s["step"] for s in samples] == [s for s in range(STEPS) for _ in range(3)]
+    assert [s["step"] for s in samples] == [s for s in range(STEPS) for _ in range(8)]   # every rollout
     assert checkpoints(out) == ["checkpoint-000004"] and os.path.isdir(os.path.join(out, "model"))
 
 

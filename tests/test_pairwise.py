@@ -66,15 +66,17 @@ def factors_of(parser, values, fixed, registries=None):
 RESAMPLE_PARTS = {"--resample source": [None, *model.PREFIX_SOURCES], "--resample L": [None, "1", "2"],
                   "--resample credit": [None, *credit.CREDIT_RULES]}
 RL_VALUES = {
-    "--schedule": ["constant"], "--prefix-source": ["noise"], "--L": ["2", "1", "8"], "--rho": ["0.5", "0", "1"],
+    "--schedule": ["0.5"], "--prefix-source": ["noise"], "--L": ["2", "1", "8"],
     "--prompts-per-step": ["2", "1"], "--group-size": ["5", "2"], "--max-new-tokens": ["6", "1"],
     "--temperature": ["1.0", "0.7"], "--kl-coef": ["0", "0.05"],
-    "--entropy-coef": ["0", "0.01"], "--epochs": ["1", "2"], "--minibatches": ["1", "3"],
+    "--epochs": ["1", "2"], "--minibatches": ["1", "3"],
     "--micro-batch-size": ["3", "1", "32"], "--eval-data": [None, "test"], "--eval-every": [None, "0", "1"],
-    "--save-every": ["0", "1"], "--samples-per-step": ["4", "0"], "--seed": ["0", "1"], "--resample": [None, "1", "3"],
+    "--save-every": ["0", "1"], "--seed": ["0", "1"], "--resample": [None, "1", "3"],
 }
 RL_FIXED = {"--model", "--data", "--out", "--vae", "--steps", "--lr", "--resume", "--fsdp", "--help"}
-RL_FACTORS = factors_of(rl.parser, RL_VALUES, RL_FIXED, {"--credit": credit.CREDIT_RULES}) | RESAMPLE_PARTS
+# --schedule: every name of rl.SCHEDULES and constant fractions at the edges (its base row's 0.5)
+RL_FACTORS = factors_of(rl.parser, RL_VALUES, RL_FIXED, {"--credit": credit.CREDIT_RULES,
+                                                         "--schedule": [*rl.SCHEDULES, "0.5", "0", "1"]}) | RESAMPLE_PARTS
 
 SFT_VALUES = {
     "--prefix-source": ["noise"], "--L": ["1", "0", "2"], "--region": [None, "math"], "--steps": ["2", "1"],
@@ -240,13 +242,14 @@ def test_every_flag_is_swept_or_named_as_fixed():
             if actions[flag].choices is not None:
                 assert set(factors[flag]) == set(actions[flag].choices), flag
     assert set(RL_FACTORS["--credit"]) == set(credit.CREDIT_RULES)
+    assert set(RL_FACTORS["--schedule"]) == {*rl.SCHEDULES, "0.5", "0", "1"}
     assert set(RL_FACTORS["--resample source"]) == {None, *model.PREFIX_SOURCES}
     assert set(RL_FACTORS["--resample credit"]) == {None, *credit.CREDIT_RULES}
 
 
 def check_rl_run(out, row_argv, before):
-    """What a run logged, against its flags and its samples.jsonl: the logged plan of each step (with
-    --samples-per-step 0, each group's rollouts under a prefix are exactly its logged count)."""
+    """What a run logged, against its flags and its samples.jsonl: the logged plan of each step (each
+    group's rollouts under a prefix are exactly its logged count)."""
     args = rl.parser.parse_args(row_argv)
     with contextlib.redirect_stdout(io.StringIO()):
         rl.check_args(args, 1)                   # the run's own reading (notes; --resample's parts)
@@ -262,12 +265,10 @@ def check_rl_run(out, row_argv, before):
         assert r["L"] == (args.L if any(plan) else 0) and (args.schedule != "none" or not any(plan))
         on_policy = [x for x in samples if x["step"] == r["step"] and not x["resampled"]]
         under_prefix = Counter(x["group"] for x in on_policy if x["prefix_rows"] > 0)
-        if args.samples_per_step == 0:
-            assert len(on_policy) == P * G and [under_prefix[j] for j in range(P)] == plan
-        assert all(under_prefix[j] <= plan[j] for j in range(P))
+        assert len(on_policy) == P * G and [under_prefix[j] for j in range(P)] == plan
         assert ("kl" in r) == (args.kl_coef > 0)                 # no reference model without a KL
         several = args.epochs * args.minibatches > 1
-        if args.truncated == "zero" and not args.resample:       # every minibatch holds kept rollouts
+        if not args.resample:                                    # every minibatch holds rollouts
             assert r["updates"] == args.epochs * min(args.minibatches, P * G)
         if r["updates"]:
             assert all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "entropy"))

@@ -220,7 +220,7 @@ def test_sft_warmup_two_steps(smollm2_dir, vae_dir, tmp_path):
 
 def test_rl_two_steps(smollm2_dir, vae_dir, tmp_path):
     run_stage("rl.py", "--model", smollm2_dir, "--vae", vae_dir, "--template", "chat",
-              "--data", f"{FIXTURES}/gsm8k_test.jsonl", "--schedule", "constant", "--rho", "0.5",
+              "--data", f"{FIXTURES}/gsm8k_test.jsonl", "--schedule", "0.5",
               "--L", "1", "--steps", "2", "--prompts-per-step", "1", "--group-size", "2",
               "--max-new-tokens", "12", "--lr", "1e-5", "--save-every", "0", "--out", tmp_path)
     records = metrics(tmp_path)

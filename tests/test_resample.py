@@ -45,8 +45,7 @@ def no_grad_clip(monkeypatch):
     monkeypatch.setattr(rl, "GRAD_CLIP", float("inf"))
 
 
-def rollouts_of(prompts, completions, prefixes, rewards, resampled=False, credit="prefixed",
-                keep=None, groups=None):
+def rollouts_of(prompts, completions, prefixes, rewards, resampled=False, credit="prefixed", groups=None):
     """A scored record made by hand (no sampling), every rollout trained; resampled ones carry
     their credit rule. groups: each rollout's group (default: rollout i is in group i // 2)."""
     B = len(prompts)
@@ -59,7 +58,6 @@ def rollouts_of(prompts, completions, prefixes, rewards, resampled=False, credit
     r.texts = [""] * B
     r.rewards = torch.tensor(rewards, dtype=torch.float64)
     r.correct = r.rewards.clone()
-    r.keep = torch.ones(B, dtype=torch.bool) if keep is None else torch.tensor(keep)
     return r
 
 
@@ -116,9 +114,8 @@ def test_regrouping_keeps_size_and_a_failure_and_takes_successes_only_from_the_r
     extra = rollouts_of([[1]] * 5 + [[3]] * 5, [[200 + i] for i in range(10)],
                         [torch.zeros(2, 4)] * 10,
                         [0, 1, 1, 1, 1,           # group 0: four successes, more than G - 1
-                         1, 0, 1, 0, 0],          # group 2: a success that was masked, then one
-                        resampled=True, credit="naive",
-                        keep=[True] * 5 + [False] + [True] * 4, groups=[0] * 5 + [2] * 5)
+                         0, 0, 1, 0, 0],          # group 2: one success
+                        resampled=True, credit="naive", groups=[0] * 5 + [2] * 5)
     extra.trained[:] = False
     regrouped, rescued = resample.regroup(original, extra, [0, 2], G, G_extra)
     assert len(regrouped) == 22 and rescued == 2                   # every rollout drawn stays in the record
@@ -126,7 +123,7 @@ def test_regrouping_keeps_size_and_a_failure_and_takes_successes_only_from_the_r
     names = [regrouped.completions[i][0] for i in trained]
     assert names[0:4] == [100, 201, 202, 203]           # first G - 3 originals, first 3 successes
     assert names[4:8] == [104, 105, 106, 107]           # a mixed group is left alone
-    assert names[8:12] == [108, 109, 110, 207]          # the masked success is not taken
+    assert names[8:12] == [108, 109, 110, 207]          # G - 1 originals, the one success
     groups = regrouped.rewards[trained].view(3, G)
     assert ((groups == 0).sum(1) >= 1).all()            # every group keeps a failure
     for k, i in enumerate(trained):                     # successes of failed groups: resampled
@@ -186,7 +183,7 @@ def test_a_sampled_resample_is_regrouped_and_recorded(tiny, tmp_path, monkeypatc
 
 def test_a_resample_without_success_leaves_zero_advantage(tiny, tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 0.0)       # nothing ever succeeds
-    rl.main(tiny_args(tiny, tmp_path, "--resample", "3,L=4", "--samples-per-step", 0))
+    rl.main(tiny_args(tiny, tmp_path, "--resample", "3,L=4"))
     steps = records(tmp_path)
     assert [r["step"] for r in steps] == [0, 1]
     for r in steps:
@@ -195,7 +192,7 @@ def test_a_resample_without_success_leaves_zero_advantage(tiny, tmp_path, monkey
         assert r["resample_accuracy"] == 0.0 and r["zero_variance_frac"] == 1.0
         assert r["loss"] == 0.0 and r["grad_norm"] == 0.0
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
-    assert len(samples) == 2 * (2 * 5 + 2 * 3)            # --samples-per-step 0: every rollout drawn
+    assert len(samples) == 2 * (2 * 5 + 2 * 3)            # every rollout drawn
     assert not any(s["trained"] for s in samples if s["resampled"])       # nothing was taken in
     weights = load_file(str(tmp_path / "model" / "model.safetensors"))
     before = load_file(str(tiny / "model" / "model.safetensors"))

@@ -46,7 +46,7 @@ def tiny_args(tiny, out, *extra):
     """P x G = 2 x 5 = 10 rollouts per step; micro-batches of 3 divide neither the batch (10)
     nor its minibatches (4, 3, 3 with --minibatches 3)."""
     return ["--model", str(tiny / "model"), "--data", str(tiny / "train.jsonl"), "--out", str(out),
-            "--schedule", "constant", "--rho", "0.4", "--prefix-source", "noise", "--L", "2",
+            "--schedule", "0.4", "--prefix-source", "noise", "--L", "2",
             "--prompts-per-step", "2", "--group-size", "5", "--max-new-tokens", "6",
             "--micro-batch-size", "3", "--steps", "2", "--lr", "1e-3", "--save-every", "0",
             *map(str, extra)]
@@ -101,18 +101,17 @@ REFUSED = [
     (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
     (["--lr", "-0.001"], "--lr must be >= 0"),
     (["--kl-coef", "-0.1"], "--kl-coef must be >= 0"),
-    (["--entropy-coef", "-0.1"], "--entropy-coef must be >= 0"),
     (["--clip-eps", "-0.1"], "--clip-eps must be >= 0"),
     (["--clip-eps", "0.2,-0.1"], "--clip-eps must be >= 0"),
     (["--clip-eps", "low"], "--clip-eps expected a number"),
-    (["--rho", "1.5"], "--rho must be <= 1"),
+    (["--schedule", "1.5"], "--schedule expected one of none, two-stage, linear or a fraction in [0, 1], got '1.5'"),
     (["--L", "-1"], "--L must be >= 0"),
     (["--prefix-source", "vae"], "--prefix-source vae needs --vae DIR"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
     (["--epochs", "1000"], "--epochs must be <= 100"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--seed", str(2**32)], "--seed must be <= 4294967295"),
-    (["--schedule", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--schedule", "sometimes"], "got 'sometimes'"),
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
     (["--credit", "sometimes"], "--credit sometimes: no such rule"),
     (["--fsdp"], "--fsdp shards over ranks: launch with torchrun"),
@@ -139,7 +138,7 @@ def test_impossible_flags_are_refused_in_one_line(tiny, tmp_path, capsys, flags,
     assert not out.exists()                                    # refused before anything is written
 
 
-FSDP_REFUSED = [["--credit", "nudge"], ["--truncated", "mask"], ["--resample", "3,credit=nudge"]]
+FSDP_REFUSED = [["--credit", "nudge"], ["--resample", "3,credit=nudge"]]
 
 
 @pytest.mark.parametrize("flags", FSDP_REFUSED, ids=" ".join)
@@ -156,15 +155,14 @@ def test_fsdp_refuses_passes_that_differ_between_ranks(tiny, tmp_path, monkeypat
 
 BASELINE = "is the baseline"          # --schedule X with no prefix runs schedule none
 NOTED = [
-    (["--schedule", "linear", "--rho", "0.3"], "--rho 0.3 has no effect here (it is the in-group ratio"),
     (["--eval-every", "1"], "--eval-every 1 has no effect here (there is no --eval-data)"),
     (["--clip-eps", "0.1"], "has no effect here (one update per batch in the sampling context"),
-    (["--schedule", "none", "--rho", "0.5", "--credit", "naive"],
+    (["--schedule", "none", "--credit", "naive"],
      "--credit naive has no effect here (--schedule none draws no prefix)"),
     (["--vae", "somewhere"], "--vae somewhere has no effect here (no prefix source reads a VAE)"),
     (["--L", "0"], BASELINE),
     (["--prefix-source", "none"], BASELINE),
-    (["--rho", "0.05"], "--L 2 has no effect here (--rho 0.05 prefixes round(0.05 x 5) = 0"),  # nothing prefixed
+    (["--schedule", "0.05"], "--L 2 has no effect here (--schedule 0.05 prefixes round(0.05 x 5) = 0"),  # none prefixed
     (["--minibatches", "11"], None),      # more minibatches than the 10 rollouts: the empty ones are skipped
 ]
 
@@ -179,7 +177,7 @@ def test_flags_without_effect_are_noted_and_the_run_goes_on(tiny, tmp_path, caps
     (record,) = records(tmp_path)
     args = rl.parser.parse_args(tiny_args(tiny, tmp_path, *flags))
     assert len(record["prefixed"]) == args.prompts_per_step and record["updates"] <= args.minibatches
-    if note == BASELINE or flags == ["--rho", "0.05"]:
+    if note == BASELINE or flags == ["--schedule", "0.05"]:
         assert record["prefixed"] == [0] * args.prompts_per_step and record["rho"] == 0 and record["L"] == 0
 
 
@@ -270,17 +268,18 @@ def test_a_corrupt_checkpoint_stops_in_one_line(tiny, tmp_path, capsys, one_thre
 # -- pieces: schedules, who gets a prefix, rows without ids -------------------------------------------
 
 def test_schedules_are_one_table_that_argparse_uses():
-    """Every schedule of the registry gives each group a fraction in [0, 1], from the progress, --rho
-    and the rewards of each problem's last draw (NaN where never drawn)."""
-    choices = next(a.choices for a in rl.parser._actions if a.dest == "schedule")
-    assert choices is rl.SCHEDULES                            # a schedule added to the table is a choice
+    """Every schedule of the registry is a --schedule value and gives each group a fraction in [0, 1], from
+    the progress and the rewards of each problem's last draw (NaN where never drawn); a number is a
+    constant fraction."""
+    parse = lambda value: rl.parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--schedule", value]).schedule
     last = torch.tensor([[float("nan")] * 4, [0.0, 1.0, 0.0, 0.0], [1.0] * 4])                  # (P, G)
     for name, schedule in rl.SCHEDULES.items():
+        assert parse(name) == name                            # a schedule added to the table is a value
         for tau in (0.0, 0.25, 0.5, 0.99):
-            fraction = torch.as_tensor(schedule(tau, 0.3, last), dtype=torch.float64)
+            fraction = torch.as_tensor(schedule(tau, last), dtype=torch.float64)
             assert fraction.shape in ((), (3,)) and ((0 <= fraction) & (fraction <= 1)).all(), (name, tau)
-    assert [rl.SCHEDULES["linear"](t, 0.3, last) for t in (0, 0.25)] == [1.0, 0.75]
-    assert rl.SCHEDULES["constant"](0.9, 0.3, last) == 0.3
+    assert [rl.SCHEDULES["linear"](t, last) for t in (0, 0.25)] == [1.0, 0.75]
+    assert (parse("0.3"), parse("0"), parse("1")) == (0.3, 0.0, 1.0)
 
 
 def test_each_group_prefixes_its_planned_rollouts_at_random(monkeypatch):
@@ -395,7 +394,7 @@ def test_non_finite_weights_are_never_checkpointed(tiny, tmp_path, monkeypatch, 
 
 def test_a_run_with_equal_rewards_warns_of_the_zero_gradient(tiny, tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(rl, "grade", lambda text, answer, kind: 0.0)
-    rl.main(tiny_args(tiny, tmp_path, "--steps", 4, "--truncated", "mask"))   # all rewards 0
+    rl.main(tiny_args(tiny, tmp_path, "--steps", 4))                           # all rewards 0
     assert [r["grad_norm"] for r in records(tmp_path)] == [0.0] * 4            # warned once, at the third
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and re.match(r"warning: the gradient norm has been (exactly )?0 for 3 steps", warnings[0])
@@ -404,17 +403,17 @@ def test_a_run_with_equal_rewards_warns_of_the_zero_gradient(tiny, tmp_path, mon
 def test_prefixed_counts_round_half_up():
     """round(rho G) with halves rounded up, not to even: rho 0.5 of 5 rollouts is 3, and the
     linear schedule at tau 0.75 prefixes 1 of 2 (Python's round would give 2 and 0)."""
-    def plan(schedule, tau, G, rho, L, P=3):
-        args = rl.parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--schedule", schedule])
-        args.group_size, args.rho, args.L = G, rho, L
+    def plan(schedule, tau, G, L, P=3):
+        args = rl.parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--schedule", schedule,
+                                     "--group-size", str(G), "--L", str(L)])
         n_prefixed, L = rl.prefix_plan(args, tau, torch.full((P, G), float("nan")))
         assert n_prefixed.shape == (P,) and len(set(n_prefixed.tolist())) == 1
         return int(n_prefixed[0]), L
-    assert plan("constant", 0.0, 5, 0.5, 1) == (3, 1)
-    assert plan("linear", 0.75, 2, 0.0, 4) == (1, 4)
-    assert plan("constant", 0.0, 8, 0.5, 2) == (4, 2)
-    assert plan("constant", 0.0, 8, 0.0, 2) == (0, 0)
-    assert plan("constant", 0.0, 8, 0.5, 0) == (0, 0)
+    assert plan("0.5", 0.0, 5, 1) == (3, 1)
+    assert plan("linear", 0.75, 2, 4) == (1, 4)
+    assert plan("0.5", 0.0, 8, 2) == (4, 2)
+    assert plan("0", 0.0, 8, 2) == (0, 0)
+    assert plan("0.5", 0.0, 8, 0) == (0, 0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

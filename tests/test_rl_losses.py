@@ -105,19 +105,19 @@ def test_micro_batches_add_up_to_the_batch_loss():
         torch.testing.assert_close(full, parts)
 
 
-# -- the entropy bonus ---------------------------------------------------------------------------
+# -- the entropy, logged -----------------------------------------------------------------------
 
-def test_entropy_bonus_by_hand():
+def test_the_logged_entropy_is_the_weighted_token_mean_and_adds_nothing_to_the_loss():
     # two tokens whose next-token distributions are (1/2, 1/2) and (1/4, 1/4, 1/4, 1/4)
     entropy = torch.tensor([[math.log(2), math.log(4)]])
     lp = torch.zeros(1, 2)
     w = torch.full((1, 2), 0.5)                       # token-mean over 2 tokens
-    loss, stats = policy_loss(lp, lp, torch.tensor([0.0]), w, entropy=entropy, entropy_coef=0.01)
-    assert loss.item() == pytest.approx(-0.01 * (math.log(2) + math.log(4)) / 2, abs=1e-9)
+    loss, stats = policy_loss(lp, lp, torch.tensor([0.0]), w, entropy=entropy)
+    assert loss.item() == 0.0
     assert frac(stats, "entropy") == pytest.approx((math.log(2) + math.log(4)) / 2)
 
 
-def test_token_entropy_is_that_of_the_tempered_distribution_and_has_its_gradient():
+def test_token_entropy_is_that_of_the_tempered_distribution():
     model = tiny_model()
     batch = completion_batch(model, [[3, 4], [5, 6, 7]], [[8, 9, 10], [11]])
     with torch.no_grad():               # an lm_head of zeros predicts uniformly: H = log V
@@ -126,22 +126,11 @@ def test_token_entropy_is_that_of_the_tempered_distribution_and_has_its_gradient
         _, entropy = token_logprobs(model, *batch, temperature=0.7)
         model.lm_head.weight.copy_(saved)
     torch.testing.assert_close(entropy[batch[2]], torch.full((4,), math.log(23), dtype=torch.float64))
-    # value and gradient of the bonus against the entropy written out from the full logits
-    coef, T = 0.3, 0.7
+    # against the entropy written out from the full logits
     embeds, targets, loss_mask = batch
-    lp, entropy = token_logprobs(model, embeds, targets, loss_mask, T)
-    w = loss_mask.double() / loss_mask.sum()
-    loss, _ = policy_loss(lp, lp.detach(), torch.zeros(2, dtype=torch.float64), w,
-                          entropy=entropy, entropy_coef=coef)
-    got = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, retain_graph=True)
-    logp = (model(inputs_embeds=embeds)[loss_mask] / T).log_softmax(-1)
-    by_hand = -coef * (-(logp.exp() * logp).sum(-1)).mean()
-    expected = torch.autograd.grad(by_hand, list(model.parameters()), allow_unused=True)
-    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-12)
-    for g, e in zip(got, expected):
-        assert (g is None) == (e is None)
-        if g is not None:
-            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    _, entropy = token_logprobs(model, embeds, targets, loss_mask, 0.7)
+    logp = (model(inputs_embeds=embeds)[loss_mask] / 0.7).log_softmax(-1)
+    torch.testing.assert_close(entropy[loss_mask], -(logp.exp() * logp).sum(-1), rtol=1e-12, atol=1e-12)
 
 
 # -- the policy update: micro-batches, ranks, the reference model --------------------------------
@@ -155,7 +144,7 @@ def update_args(*argv, **overrides):
     0.2 / 0.28, grpo, token-mean, one epoch of one minibatch), then the few fields a test sets."""
     args = rl.parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--group-size", "4",
                                  "--max-new-tokens", "6", "--micro-batch-size", "3", "--temperature", "0.8",
-                                 "--kl-coef", "0.1", "--entropy-coef", "0.05", *argv])
+                                 "--kl-coef", "0.1", *argv])
     for key, value in overrides.items():
         assert hasattr(args, key), key
         setattr(args, key, value)
@@ -175,7 +164,8 @@ def policy_of(model):
 def make_rollouts(model, keep, seed=1, rule=credit.PLAIN):
     """Rollouts of random tokens in groups of 4: every third rollout prefixed with its own 2 vectors
     (credited by `rule`; PLAIN: rl.py's default, no credit list), some completions at the 6-token
-    limit (truncated). Returns (r, old, ref): old and reference log-probs are the policy's own,
+    limit (truncated); r.chosen: the rows of `keep` that a test trains. Returns (r, old, ref): old and
+    reference log-probs are the policy's own,
     shifted so that ratios spread over both sides of the clip."""
     g = torch.Generator().manual_seed(seed)
     B, d = len(keep), model.config.hidden_size
@@ -188,7 +178,7 @@ def make_rollouts(model, keep, seed=1, rule=credit.PLAIN):
         truncated=torch.tensor([n == 6 for n in lengths]), sources=["test" if p is not None else "none" for p in prefixes],
         credit=None if rule is credit.PLAIN else [rule if p is not None else credit.PLAIN for p in prefixes],
         group=torch.arange(B) // 4)
-    r.keep = torch.tensor(keep)
+    r.chosen = torch.tensor(keep)
     r.advantages = torch.randn(B, generator=g, dtype=torch.float64)
     fresh_stats(r)
     own = rl.completion_logprobs(model, r, list(range(B)), update_args(), contextlib.nullcontext)   # B x (|o_i|,)
@@ -200,7 +190,7 @@ def make_rollouts(model, keep, seed=1, rule=credit.PLAIN):
 def full_batch_gradient(model, r, old_logprobs, ref_logprobs, args):
     """The gradient of one loss over every kept rollout at once, old and reference log-probs
     placed into the training layout by hand."""
-    rows = r.keep.nonzero()[:, 0].tolist()
+    rows = r.chosen.nonzero()[:, 0].tolist()
     embeds, targets, loss_mask = r.batch(model, rows)
     old, ref = torch.zeros(loss_mask.shape, dtype=torch.float64), torch.zeros(loss_mask.shape, dtype=torch.float64)
     for j, i in enumerate(rows):                       # row j's completion sits at its loss positions
@@ -208,15 +198,14 @@ def full_batch_gradient(model, r, old_logprobs, ref_logprobs, args):
     lp, entropy = token_logprobs(model, embeds, targets, loss_mask, args.temperature)
     w = loss_token_weights(loss_mask, args.aggregation, len(rows), int(loss_mask.sum()), args.max_new_tokens,
                            lp.dtype)
-    loss, stats = policy_loss(lp, old, r.advantages[rows], w, *args.clip_eps, ref, args.kl_coef, entropy,
-                              args.entropy_coef)
+    loss, stats = policy_loss(lp, old, r.advantages[rows], w, *args.clip_eps, ref, args.kl_coef, entropy)
     assert 0 < frac(stats, "clipped") < 1              # the clip is active on some tokens, not all
     model.zero_grad()
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}, loss.item()
 
 
-KEEP = [False, False, False, True, True, False, True, True, True, True, False, True]  # rollouts 0-2: a micro-batch of masked truncations
+KEEP = [False, False, False, True, True, False, True, True, True, True, False, True]  # the rows a minibatch trains (0-2: none of a micro-batch)
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean", "constant"])
@@ -226,7 +215,7 @@ def test_micro_batches_accumulate_the_full_batch_gradient(aggregation):
     expected, expected_loss = full_batch_gradient(model, r, old, ref, update_args(aggregation=aggregation))
     for micro in (1, 2, 3, 5, 100):                   # 5 divides neither 12 rows nor 8 kept
         model.zero_grad(set_to_none=True)
-        rows = r.keep.nonzero()[:, 0].tolist()
+        rows = r.chosen.nonzero()[:, 0].tolist()
         fresh_stats(r)
         n_seq, loss = rl.minibatch_backward(policy_of(model), r, rows, old, ref,
                                             update_args(aggregation=aggregation, micro_batch_size=micro))
@@ -278,7 +267,7 @@ def test_kl_is_k3_against_the_initial_checkpoint_after_the_embeddings_moved(tmp_
         policy.embed_tokens.weight.add_(0.3 * torch.randn_like(policy.embed_tokens.weight))
     r, _, _ = make_rollouts(policy, [True] * 6)
     r.advantages = torch.zeros(6, dtype=torch.float64)
-    args = update_args(kl_coef=0.1, entropy_coef=0.0)
+    args = update_args(kl_coef=0.1)
     ref = Transformer.from_pretrained(str(tmp_path / "initial"), dtype=torch.float64)   # as rl.py loads it
     wrapped = policy_of(policy)
     ref_logprobs = rl.completion_logprobs(ref, r, list(range(6)), args, wrapped.autocast)
@@ -307,14 +296,15 @@ def test_kl_is_k3_against_the_initial_checkpoint_after_the_embeddings_moved(tmp_
     assert abs(mean_k3(policy.embed_tokens.weight.detach()) - frac(r.stats, "kl")) > 1e-3
 
 
-def test_all_rollouts_truncated_and_masked_gives_no_update():
+def test_empty_minibatches_take_no_optimiser_step():
+    """2 rollouts in 5 minibatches: the 3 empty ones take no optimiser step (and no rank would)."""
     model = tiny_model()
-    r, _, _ = make_rollouts(model, [False] * 5)
-    before = [p.detach().clone() for p in model.parameters()]
+    r, _, _ = make_rollouts(model, [True] * 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    metrics = rl.update_policy(policy_of(model), opt, None, r, update_args(epochs=2, minibatches=2, kl_coef=0.0))
-    assert metrics["updates"] == 0 and metrics["clip_frac"] is None
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    steps = []
+    opt.register_step_post_hook(lambda *args: steps.append(1))
+    metrics = rl.update_policy(policy_of(model), opt, None, r, update_args(epochs=2, minibatches=5, kl_coef=0.0))
+    assert metrics["updates"] == len(steps) == 4 and 0 <= metrics["clip_frac"] <= 1
     # and a forward over a batch without a single loss position still backpropagates (zeros)
     batch = completion_batch(model, [[3, 4]], [[5, 6]])
     lp, entropy = token_logprobs(model, batch[0], batch[1], torch.zeros_like(batch[2]))
@@ -322,21 +312,18 @@ def test_all_rollouts_truncated_and_masked_gives_no_update():
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
-@pytest.mark.parametrize("truncated", ["zero", "mask"])
-def test_a_cut_off_answer_is_worth_zero_under_both_truncation_rules(truncated):
+def test_a_cut_off_answer_is_worth_zero():
     """Three finished wrong answers and one completion cut at --max-new-tokens just after the right
-    number: its grade is luck, so its reward is 0 under both rules (the group has failed, and
-    would be resampled); --truncated mask only also takes it out of the loss."""
+    number: its grade is luck, so its reward is 0 (the group has failed, and would be resampled)."""
     rows = [{"problem": "2+3=?", "answer": "5", "grading_kind": "toy", "prompt_ids": [1]}] * 4
     texts = ["answer: 4", "answer: 6", "answer: 7", "answer: 5"]
     rollouts = rl.Rollouts(rows, [None] * 4, [[2]] * 4, truncated=torch.tensor([False, False, False, True]),
                            group=torch.zeros(4, dtype=torch.long), sources=["none"] * 4)
     decoder = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: texts)
-    args = update_args("--truncated", truncated)
+    args = update_args()
     rl.score(rollouts, decoder, args)
     assert rollouts.correct.tolist() == [0.0, 0.0, 0.0, 1.0]      # what the grader saw
     assert rollouts.rewards.tolist() == [0.0, 0.0, 0.0, 0.0]      # a failed group: resampled
-    assert rollouts.keep.tolist() == ([True] * 4 if truncated == "zero" else [True, True, True, False])
     rl.set_advantages(rollouts, args)
     assert rollouts.advantages.tolist() == [0.0] * 4
 
@@ -382,7 +369,7 @@ def test_each_credit_rule_gives_the_hand_computed_loss_and_gradient(rule):
     pi_old with it, naive-shaped takes -r/(r + 0.1) A, nudge adds -0.1 A mean_t log pi(o | q) / B."""
     model, T = tiny_model(), 0.8
     r, _, _ = make_rollouts(model, [True] * 8, rule=credit.CREDIT_RULES[rule])
-    args = update_args(kl_coef=0.0, entropy_coef=0.0, aggregation="seq-mean", temperature=T)
+    args = update_args(kl_coef=0.0, aggregation="seq-mean", temperature=T)
     rows, policy = list(range(8)), policy_of(model)
     old = rl.completion_logprobs(policy, r, rows, args, policy.autocast, sampled=True)   # as update_policy does
     model.zero_grad(set_to_none=True)
@@ -410,12 +397,12 @@ def test_each_credit_rule_gives_the_hand_computed_loss_and_gradient(rule):
 
 @pytest.mark.parametrize("rule", list(credit.CREDIT_RULES))
 def test_update_metrics_equal_a_replay_by_hand(rule):
-    """Two epochs of two minibatches with a KL and an entropy bonus: the logged clip_frac, entropy,
+    """Two epochs of two minibatches with a KL: the logged clip_frac, entropy,
     kl and loss equal a replay written out by hand, update by update, from the weights each update
     read (recorded by the optimiser) and pi_old in each rollout's sampling context."""
     model, T = tiny_model(), 0.8
     initial = copy.deepcopy(model)
-    r, _, _ = make_rollouts(model, KEEP, rule=credit.CREDIT_RULES[rule])
+    r, _, _ = make_rollouts(model, [True] * 12, rule=credit.CREDIT_RULES[rule])
     states = []
 
     class Recording(torch.optim.SGD):
@@ -425,7 +412,7 @@ def test_update_metrics_equal_a_replay_by_hand(rule):
     args = update_args(epochs=2, minibatches=2, temperature=T)
     metrics = rl.update_policy(policy_of(model), Recording(model.parameters(), lr=2.0), initial, r, args)
     assert metrics["updates"] == 4 == len(states)
-    kept = [i for i in range(12) if KEEP[i]]
+    kept = list(range(12))                                                         # every rollout trains
     place = {i: int(r.group[i]) * 4 + i % 4 for i in kept}                         # group j, place k
     sums, loss = dict(tokens=0, clipped=0, entropy=0.0, kl=0.0), 0.0
     for u, state in enumerate(states):
@@ -444,7 +431,7 @@ def test_update_metrics_equal_a_replay_by_hand(rule):
             if r.prefixes[i] is not None and rule == "naive-shaped":
                 term, is_clipped = -ratio / (ratio + 0.1) * A, torch.zeros_like(is_clipped)
             k3 = (ref - new).exp() - (ref - new) - 1
-            loss += ((term + 0.1 * k3 - 0.05 * entropy) / n_tok).sum().item()
+            loss += ((term + 0.1 * k3) / n_tok).sum().item()
             if r.prefixes[i] is not None and rule == "nudge":
                 with torch.no_grad():
                     bare, _ = row_logprobs(state, r, i, False, T)

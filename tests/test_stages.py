@@ -28,7 +28,7 @@ def rl_args(world, out, *extra):
     vae = () if "--prefix-source" in extra or "none" in extra else ("--vae", world / "vae")
     return ("--model", world / "base", *vae, "--data", world / "math_train.jsonl",
             "--out", out, "--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "40",
-            "--lr", "1e-4", "--temperature", "0.8", "--samples-per-step", "4", *extra)
+            "--lr", "1e-4", "--temperature", "0.8", *extra)
 
 
 def metrics(path):
@@ -50,17 +50,17 @@ def test_schedules_give_prefixed_counts_and_L():
     """The paper's schedules (each a named entry of rl.SCHEDULES; a new entry fails nothing here)."""
     import rl
 
-    def plan(schedule, tau, G, rho, L):
+    def plan(schedule, tau, G, L):
         args = rl.parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--schedule", schedule,
-                                     "--group-size", str(G), "--rho", str(rho), "--L", str(L)])
+                                     "--group-size", str(G), "--L", str(L)])
         n_prefixed, L = rl.prefix_plan(args, tau, torch.full((2, G), float("nan")))
         return int(n_prefixed[0]), L
     G = 8
-    assert [plan("none", t, G, 0.5, 8) for t in (0, 0.6)] == [(0, 0), (0, 0)]
-    assert [plan("two-stage", t, G, 0.5, 8) for t in (0, 0.49, 0.5, 0.9)] == [(8, 8), (8, 8), (0, 0), (0, 0)]
-    assert [plan("linear", t, G, 0.5, 8)[0] for t in (0, 0.25, 0.5, 0.75, 0.99)] == [8, 6, 4, 2, 0]
-    assert [plan("constant", t, G, 0.25, 4) for t in (0, 0.9)] == [(2, 4), (2, 4)]
-    assert plan("linear", 0.1, G, 0.5, 0) == (0, 0)
+    assert [plan("none", t, G, 8) for t in (0, 0.6)] == [(0, 0), (0, 0)]
+    assert [plan("two-stage", t, G, 8) for t in (0, 0.49, 0.5, 0.9)] == [(8, 8), (8, 8), (0, 0), (0, 0)]
+    assert [plan("linear", t, G, 8)[0] for t in (0, 0.25, 0.5, 0.75, 0.99)] == [8, 6, 4, 2, 0]
+    assert [plan("0.25", t, G, 4) for t in (0, 0.9)] == [(2, 4), (2, 4)]
+    assert plan("linear", 0.1, G, 0) == (0, 0)
 
 
 def test_step_problems_are_a_function_of_the_step():
@@ -188,21 +188,25 @@ def test_rl_raises_the_reward(world, tmp_path):
     assert end > start + 0.08, f"reward {start:.3f} -> {end:.3f}"
 
 
-def test_rl_several_updates_per_batch_with_kl(world, tmp_path):
+def test_rl_several_updates_per_batch_with_kl(world, tmp_path, monkeypatch, capsys):
     """The other objective paths: old log-probs from a first forward pass (2 epochs x 2
-    minibatches), k3 KL to a reference model, seq-mean aggregation, masked truncations and
-    activation checkpointing, with a held-out evaluation at every step (it generates with the
-    model fresh from training mode). After the first update the ratio leaves 1, so the KL is
-    positive."""
-    result = run_script("rl.py", *rl_args(world, tmp_path, "--steps", "2", "--prompts-per-step", "4",
-                                          "--group-size", "4", "--schedule", "constant", "--rho", "0.5",
-                                          "--L", "2", "--epochs", "2", "--minibatches", "2",
-                                          "--micro-batch-size", "4", "--kl-coef", "0.05",
-                                          "--aggregation", "seq-mean", "--truncated", "mask",
-                                          "--activation-checkpointing", "on", "--eval-data",
-                                          world / "math_test.jsonl", "--eval-every", "1"))
+    minibatches), k3 KL to a reference model, seq-mean aggregation and activation checkpointing
+    (as the memory plan turns it on on a GPU), with a held-out evaluation at every step (it
+    generates with the model fresh from training mode). After the first update the ratio leaves 1,
+    so the KL is positive."""
+    import rl
+    monkeypatch.setattr(rl, "plan_memory", lambda *args: (4, True))
+    checkpointed, update_policy = [], rl.update_policy
+    monkeypatch.setattr(rl, "update_policy", lambda model, *args: checkpointed.append(model.gradient_checkpointing)
+                        or update_policy(model, *args))
+    rl.main(list(map(str, rl_args(world, tmp_path, "--steps", "2", "--prompts-per-step", "4",
+                                  "--group-size", "4", "--schedule", "0.5", "--L", "2", "--epochs", "2",
+                                  "--minibatches", "2", "--kl-coef", "0.05", "--aggregation", "seq-mean",
+                                  "--eval-data", world / "math_test.jsonl", "--eval-every", "1"))))
+    assert checkpointed == [True, True]
     # the base model records no warm-up (sft_warmup.py): rl.py says so once, and runs
-    assert "note: the policy's warm-up taught no prefix; this run gives it vae prefixes of L = 2" in result.stdout.splitlines()
+    assert "note: the policy's warm-up taught no prefix; this run gives it vae prefixes of L = 2" in \
+        capsys.readouterr().out.splitlines()
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2] and all("eval_pass1" in r for r in records)
     records = records[:2]

@@ -238,7 +238,7 @@ def rl_argv(world, run_dir, start, flags, seed, p):
     """rl.py's flags for one run: the shared ones, the protocol's settings p, then the arm's own."""
     return ["--model", start, *(["--vae", f"{world}/vae"] if "vae" in flags else []), "--data", p["data"],
             "--eval-data", f"{world}/data/math_test.jsonl", "--steps", str(p["steps"]), "--lr", str(p["lr"]),
-            "--temperature", str(p["temperature"]), "--seed", str(seed), "--save-every", "0", "--samples-per-step", "0",
+            "--temperature", str(p["temperature"]), "--seed", str(seed), "--save-every", "0",
             "--out", run_dir, *SHARED.split(), *flags.format(T_high=round(p["temperature"] + 0.5, 2)).split()]
 
 
