@@ -84,15 +84,12 @@ def read_json(path, what="file"):
     """A JSON object from a file; missing, corrupt, cut short or not an object is a UserError."""
     try:
         with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{what} {path}: no such file") from None
+            if isinstance(value := json.load(f), dict):
+                return value
     except (ValueError, OSError) as e:          # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{what} {path} is corrupt or cut short, or cannot be read ({one_line(e)}); "
-                        "restore it, or start again without it") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{what} {path}: expected a JSON object, found {type(value).__name__}")
-    return value
+        value = e
+    import explain  # which of the three, in one line
+    raise explain.bad_json(path, what, value)
 
 def read_jsonl(path):
     """The records of a JSON-lines file; a last line cut short by a kill is left out, a corrupt one elsewhere refused."""
@@ -290,7 +287,8 @@ class RunDir:
 
     def __init__(self, path, args, resume=False):
         self.path, self.args, self.master = path, args, is_master()
-        self.checkpoint = on_master(lambda: self._open(resume))
+        alone = self.master and not distributed()       # else rank 0 opens it, and every rank learns what it found
+        self.checkpoint = self._open(resume) if alone else on_master(lambda: self._open(resume))
         RunDir.current = self
 
     def _open(self, resume):
@@ -373,15 +371,13 @@ def missing(path):
 def is_complete(path):
     return not missing(path)
 
-def checkpoints(out, complete=False):
-    """The paths of the checkpoint-NNNNNN entries of `out` (whole or not, unless `complete`), oldest first (other
-    names are not ours)."""
+def checkpoints(out):
+    """The paths of the checkpoint-NNNNNN entries of `out`, whole or not, oldest first (other names are not ours)."""
     names = [n for n in os.listdir(out) if n[:11] == "checkpoint-" and n[11:].isdecimal()] if os.path.isdir(out) else []
-    paths = [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
-    return [p for p in paths if is_complete(p)] if complete else paths
+    return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
 
 def latest_checkpoint(out):
-    return (checkpoints(out, complete=True) or [None])[-1]
+    return next((path for path in reversed(checkpoints(out)) if is_complete(path)), None)
 
 def kept_note(out):
     return f"the last checkpoint, {last}, is kept" if (last := latest_checkpoint(out)) else "no checkpoint had been written yet"
@@ -441,7 +437,8 @@ class Replicated:
         return getattr(self.module, name)
 
     def sync_and_clip(self, max_norm):
-        sync_gradients(self.module)
+        if distributed():                        # the one place replicated ranks synchronise
+            sync_gradients(self.module)
         return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
 
     def refresh_sampler(self):
@@ -457,4 +454,5 @@ class Replicated:
     load_optimizer_state = staticmethod(torch.optim.Optimizer.load_state_dict)    # (opt, state)
 
     def end(self):
-        check_ranks_in_sync(self.module)
+        if distributed():
+            check_ranks_in_sync(self.module)

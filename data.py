@@ -48,26 +48,13 @@ def _adapt_metamath(row):
 
 HUB_ADAPTERS = {"openai/gsm8k": (_adapt_gsm8k, "main"), "meta-math/MetaMathQA": (_adapt_metamath, None)}  # (adapter, config)
 
-def _read_jsonl(path):           # (where, row) pairs
+def _read_jsonl(path):           # (where, row) pairs; none unless each line is a JSON object or blank (explain says why)
     try:
-        lines = Path(path).read_bytes().split(b"\n")  # decoded line by line: a bad byte is reported with its line
-    except OSError as e:        # missing, a directory, not readable
-        raise DataError(f"{path}: {e.strerror.lower()}. Pass a JSON-lines file (one {{\"problem\": ...}} "
-                        "object per line) or a Hugging Face dataset id such as openai/gsm8k.") from None
-    for lineno, raw in enumerate(lines, 1):
-        try:
-            if not (line := raw.decode("utf-8")).strip():
-                continue
-            row = json.loads(line)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at "
-                            f"byte {e.start + 1} of the line); save the file as UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                            "expected one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        yield f"{path}:{lineno}", _adapt_generic(row)
+        lines = Path(path).read_bytes().decode("utf-8").split("\n")
+        rows = [(f"{path}:{i}", json.loads(line)) for i, line in enumerate(lines, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    return [(where, _adapt_generic(row)) for where, row in rows] if all(isinstance(r, dict) for _, r in rows) else []
 
 def _read_hub(source, split):
     try:
@@ -87,32 +74,22 @@ HELD_OUT_SEED = 0
 def load_rows(source, domain=None, split="train", limit=None, seed=0):
     """Rows of one source in the common schema: a file (or a name ending in .jsonl), else a hub dataset.
     `domain` overrides the rows' own (required if they have none); `limit` keeps a seeded random subset."""
-    rows, is_file = [], Path(source).is_file() or str(source).endswith(".jsonl")
-    for where, row in _read_jsonl(source) if is_file else _read_hub(source, split):
-        if row.get("problem") is None:
-            raise DataError(f"{where}: row has no 'problem' field (a non-empty string; 'question' and 'query' "
-                            "are accepted too)")
-        if not isinstance(row["problem"], str) or not row["problem"].strip():
-            raise DataError(f"{where}: 'problem' is {_describe(row['problem'])}; expected a non-empty string")
-        for name in ("answer", "solution"):  # text the graders and tokenizers read, or absent
-            if row.setdefault(name, None) is not None and not isinstance(row[name], str):
-                raise DataError(f"{where}: {name!r} is {_describe(row[name])}; expected a string"
-                                + (" or a number" if name == "answer" else "") + ", or null")
-        row["domain"] = domain or row.get("domain")
-        if not row["domain"]:
-            raise DataError(f"{where}: row has no 'domain' field; add one to each row or give the domain in the "
-                            f"data spec, e.g. math={source}")
-        if not isinstance(row["domain"], str):
-            raise DataError(f"{where}: 'domain' is {_describe(row['domain'])}; expected a string")
-        row["grading_kind"] = row.get("grading_kind") or grading_kind_for(row.get("source") or source)
-        if row["grading_kind"] not in GRADING_KINDS:
-            raise DataError(f"{where}: 'grading_kind' is {row['grading_kind']!r}; known: {', '.join(GRADING_KINDS)}")
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{source}: no rows (empty file or split)")
+    is_file = Path(source).is_file() or str(source).endswith(".jsonl")
+    read = _read_jsonl(source) if is_file else _read_hub(source, split)
+    rows = [{**row, "domain": domain or row.get("domain"),
+             "grading_kind": row.get("grading_kind") or grading_kind_for(row.get("source") or source)}
+            for _, row in read]
+    if not rows or not all(map(row_ok, rows)):
+        import explain  # the first line or row that is wrong, and how, in one line
+        raise explain.bad_rows(source, domain, None if is_file else read)
     if limit is not None and limit < len(rows):
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
     return rows
+
+def row_ok(row):                   # what graders and tokenizers read: text, and a grading kind we know
+    return (isinstance(row["problem"], str) and row["problem"].strip() != "" and isinstance(row["domain"], str)
+            and row["domain"] != "" and row["grading_kind"] in GRADING_KINDS
+            and all(row[name] is None or isinstance(row[name], str) for name in ("answer", "solution")))
 
 def check_fits_context(rows, extra, what, flag, context):
     """Every prompt (row["prompt_ids"]) plus `extra` tokens fits the context; the longest prompt's length."""
@@ -121,10 +98,6 @@ def check_fits_context(rows, extra, what, flag, context):
         raise UserError(f"{flag}: problem {longest.get('id') or longest['problem'][:40]!r}: {what} = "
                         f"{len(longest['prompt_ids']) + extra} tokens exceeds the model's context of {context}; lower them")
     return len(longest["prompt_ids"])
-
-def _describe(value):              # 'a list', 'an int', 'an empty string': what a field holds
-    name = "empty string" if isinstance(value, str) and not value.strip() else type(value).__name__
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 def parse_data_spec(spec):
     """'math=a.jsonl,c.jsonl' -> [('math', 'a.jsonl'), (None, 'c.jsonl')]: without 'domain=', the rows' own domain."""
