@@ -5,7 +5,7 @@ import os
 import re
 
 from common import UserError, one_line, read_json, read_safetensors_file
-from model import SUPPORTED_MODEL_TYPES, TOKENIZER_FILES, PaletteVAE
+from model import SUPPORTED_MODEL_TYPES, TOKENIZER_FILES, PaletteVAE, short_hash, vocab_hash
 
 def download(path_or_id):   # a hub id fetched into the local cache (config, weights, tokenizer): its directory
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", path_or_id) or os.path.isdir(path_or_id.split("/")[0]):
@@ -64,7 +64,14 @@ def tensors_error(expected, tensors, where, error):   # expected: name -> shape,
                          f"imply {tuple(expected[name])}; the files do not belong together")
     return UserError(f"{where}: the tensors do not load ({type(error).__name__}: {one_line(error)})")
 
-def tokenizer_error(tokenizer, probe, path):   # did not load (`tokenizer` is the exception), no tokens, or no eos
+def tokenizer_error(tokenizer, probe, path, vocab_size):   # `tokenizer` is the exception where it did not load
+    if probe and tokenizer.eos_token_id is not None:   # it works, but its ids are not the model's
+        if (top := max(probe + [tokenizer.eos_token_id])) >= vocab_size:
+            return UserError(f"{path}: the tokenizer gives token id {top}, but the model has only {vocab_size} "
+                             "embeddings; the tokenizer belongs to another model")
+        recorded = read_json(os.path.join(path, "config.json"), "config").get("nanopalette_vocab")
+        return UserError(f"{path}: the tokenizer's vocabulary (hash {vocab_hash(tokenizer)}) is not the one the "
+                         f"weights were saved with ({recorded}); copy back the tokenizer files they were saved with")
     found = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(path, name))]
     # without usable files transformers still builds one, that encodes every text to [] (failing deep in attention)
     return UserError(f"{path} (tokenizer files: {', '.join(found) or 'none'}): " + next((message for bad, message in [
@@ -72,7 +79,7 @@ def tokenizer_error(tokenizer, probe, path):   # did not load (`tokenizer` is th
         (not probe, "the tokenizer encodes text to no tokens; its files are missing or corrupt")] if bad),
         "the tokenizer has no eos token to end completions with") + "; copy the tokenizer files of the base model")
 
-def vae_error(meta, path, state, file, error):   # vae.json's fields, each domain's statistics, then the tensors
+def vae_error(vae_dir, path, file, meta, state, E):   # vae.json's fields, its domains, the tensors, the model
     if missing := [k for k in ("dim", "latent_dim", "hidden_dim", "depth", "fingerprint") if k not in meta]:
         return UserError(f"{path}: no {', '.join(missing)} field; re-create the VAE with train_vae.py")
     k, fp, scale, domains = meta["latent_dim"], meta["fingerprint"], meta.get("prefix_scale", 1.0), meta.get("domains", {})
@@ -92,4 +99,10 @@ def vae_error(meta, path, state, file, error):   # vae.json's fields, each domai
             (region, f"domain {region!r} needs 'mean' ({k} numbers) and 'cov' ({k} x {k} numbers)")] if bad), None):
         return UserError(f"{path}: {problem}")
     vae = PaletteVAE(meta["dim"], k, meta["hidden_dim"], meta["depth"], meta.get("prefix_form", "rescaled"), scale)
-    return tensors_error({name: t.shape for name, t in vae.state_dict().items()}, state, file, error)
+    try:
+        vae.load_state_dict(state)
+    except Exception as e:
+        return tensors_error({name: t.shape for name, t in vae.state_dict().items()}, state, file, e)
+    return UserError(f"{vae_dir}: the VAE was trained for another model ({meta.get('model')}, embeddings of "
+                     f"size {meta['dim']}, fingerprint {short_hash(meta['fingerprint'])}); this model's "
+                     f"are of size {E.shape[1]} and differ; train a VAE for this model with train_vae.py")

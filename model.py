@@ -48,26 +48,6 @@ class ModelConfig:
     pad_token_id: int | None = None
     warmup: dict | None = None            # the prefixes sft_warmup.py taught: {"prefix_source", "L", "steps"}
 
-    @classmethod
-    def from_hf(cls, d):
-        """config.json's dict (transformers 4.x or 5.x RoPE); ValueError if we do not run it (hf.config_error)."""
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope_type, heads = rope.get("rope_type", rope.get("type", "default")), d["num_attention_heads"]
-        c = cls(**{f.name: d[f.name] for f in fields(cls)[:6]},          # model_type .. num_attention_heads: required
-                **{k: d[k] for k in ("rms_norm_eps", "attention_bias", "tie_word_embeddings", "max_position_embeddings",
-                                     "bos_token_id", "eos_token_id", "pad_token_id") if k in d},
-                num_key_value_heads=d.get("num_key_value_heads") or heads,
-                head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                rope_theta=rope.pop("rope_theta", d.get("rope_theta", 10000.0)),
-                rope_scaling=rope if rope_type == "llama3" else None, warmup=d.get("nanopalette_warmup"))
-        c.attention_bias = c.model_type == "qwen2" or c.attention_bias     # Qwen2: q/k/v biases by construction
-        numbers = [getattr(c, f.name) for f in fields(c) if f.type in (int, float)]     # sizes, eps, theta
-        if (c.model_type not in SUPPORTED_MODEL_TYPES or rope_type not in ("default", "llama3") or d.get("mlp_bias")
-                or d.get("use_sliding_window") or not all(type(v) in (int, float) and v > 0 for v in numbers)
-                or heads % c.num_key_value_heads):
-            raise ValueError("a config.json nanopalette does not run")
-        return c
-
     def to_hf(self, dtype):   # transformers keeps unknown keys of config.json (nanopalette_warmup) as they are
         skip = ("rope_scaling", "warmup", "attention_bias" if self.model_type == "qwen2" else None)
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
@@ -86,10 +66,11 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 def rope_inv_freq(config):   # (head_dim/2,)
-    dim, s = config.head_dim, config.rope_scaling
+    dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if s is None:
-        return inv_freq
+    return inv_freq if config.rope_scaling is None else llama3_inv_freq(inv_freq, config.rope_scaling)
+
+def llama3_inv_freq(inv_freq, s):
     # Llama 3: low frequencies (long wavelengths) divided by `factor`, high ones kept, the band between interpolated
     factor, low, high, old_len = (s[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                  "original_max_position_embeddings"))
@@ -126,10 +107,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)   # (B, Hkv, S, hd): every slot of the cache
-        # mask None: right-padded training rows, causal with no mask to build or save; else (B, 1, T, S) bool,
-        # True = may attend (left-padded rows, a KV cache). GQA: each kv head serves n_heads / n_kv_heads queries.
-        # No fast CUDA kernel takes a mask with grouped heads (it falls to the fp32 math kernel, 4x a score
-        # tensor): with a mask, K and V are repeated to every query head, which the efficient kernel serves
+        # mask None: right-padded training rows, causal with no mask to build or save; else (B, 1, T, S) bool, True =
+        # may attend (left-padded rows, a KV cache). GQA: each kv head serves n_heads / n_kv_heads queries; with a mask,
+        # K and V are repeated to every query head (no fast CUDA kernel takes both: fp32 math kernel, 4x a score tensor)
         if mask is not None and self.n_kv_heads != self.n_heads:
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))   # (B, H, S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -162,8 +142,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.source_dir = None          # where tokenizer files are copied from on save
-        self.gradient_checkpointing = False
+        self.source_dir, self.gradient_checkpointing = None, False     # source_dir: tokenizer files copied on save
 
     def init_weights(self, std=0.02):   # models trained from scratch (the toy world); checkpoints skip this
         for m in self.modules():
@@ -198,8 +177,7 @@ class Transformer(nn.Module):
         freqs = positions[..., None].float() * self.inv_freq                          # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]                           # (B,1,T,D)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        # recompute layers in backward only on a training forward: a forward that fills a KV cache
-        # (generation, in either mode) must run the blocks with it
+        # recompute layers in backward only on a training forward (a forward filling a KV cache runs the blocks with it)
         checkpointed = self.gradient_checkpointing and self.training and kv_cache is None
         for block in self.model.layers:
             x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, use_reentrant=False) \
@@ -254,17 +232,12 @@ def load_tokenizer(path, vocab_size):   # checked: it loads, fits the model's vo
         probe = tokenizer("Question: 12 + 30 = ?\nAnswer:", add_special_tokens=False)["input_ids"]
     except Exception as e:  # a corrupt file surfaces as a JSON, tokenizers or OS error
         tokenizer, probe = e, []
-    if not probe or tokenizer.eos_token_id is None:
-        import hf  # which of the three, and the tokenizer files it finds
-        raise hf.tokenizer_error(tokenizer, probe, path)
-    if (top := max(probe + [tokenizer.eos_token_id])) >= vocab_size:
-        raise UserError(f"{path}: the tokenizer gives token id {top}, but the model has only {vocab_size} "
-                        "embeddings; the tokenizer belongs to another model")
-    config = os.path.join(path, "config.json")        # a hub model has no record: taken as it is
-    recorded = read_json(config, "config").get("nanopalette_vocab") if os.path.exists(config) else None
-    if recorded not in (None, vocab_hash(tokenizer)):
-        raise UserError(f"{path}: the tokenizer's vocabulary (hash {vocab_hash(tokenizer)}) is not the one the "
-                        f"weights were saved with ({recorded}); copy back the tokenizer files they were saved with")
+    fits = probe and tokenizer.eos_token_id is not None and max(probe + [tokenizer.eos_token_id]) < vocab_size
+    config = os.path.join(path, "config.json")   # the hash of the vocabulary the weights were saved with (hub: none)
+    if not fits or os.path.exists(config) and read_json(config, "config").get("nanopalette_vocab") not in (
+            None, vocab_hash(tokenizer)):
+        import hf  # which check failed, in one line
+        raise hf.tokenizer_error(tokenizer, probe, path, vocab_size)
     return tokenizer
 
 def vocab_hash(tokenizer):   # of the (token, id) pairs: a tokenizer whose ids moved reads other embeddings
@@ -280,9 +253,25 @@ def resolve_checkpoint(path_or_id):   # a local checkpoint directory, or a hub i
     import hf  # a hub id (or no such directory)
     return hf.download(path_or_id)
 
-def load_config(path):
+def load_config(path):   # path/config.json (transformers 4.x or 5.x RoPE) -> ModelConfig, or one line (hf.config_error)
     try:
-        return ModelConfig.from_hf(read_json(os.path.join(path, "config.json"), "config"))
+        d = read_json(os.path.join(path, "config.json"), "config")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_type, heads = rope.get("rope_type", rope.get("type", "default")), d["num_attention_heads"]
+        c = ModelConfig(**{f.name: d[f.name] for f in fields(ModelConfig)[:6]},     # model_type .. heads: required
+                        **{k: d[k] for k in ("rms_norm_eps", "tie_word_embeddings", "max_position_embeddings",
+                                             "bos_token_id", "eos_token_id", "pad_token_id") if k in d},
+                        num_key_value_heads=d.get("num_key_value_heads") or heads,
+                        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                        attention_bias=d["model_type"] == "qwen2" or d.get("attention_bias", False),  # Qwen2: always
+                        rope_theta=rope.pop("rope_theta", d.get("rope_theta", 10000.0)),
+                        rope_scaling=rope if rope_type == "llama3" else None, warmup=d.get("nanopalette_warmup"))
+        numbers = [getattr(c, f.name) for f in fields(c) if f.type in (int, float)]     # sizes, eps, theta
+        if (c.model_type not in SUPPORTED_MODEL_TYPES or rope_type not in ("default", "llama3") or d.get("mlp_bias")
+                or d.get("use_sliding_window") or not all(type(v) in (int, float) and v > 0 for v in numbers)
+                or heads % c.num_key_value_heads):
+            raise ValueError("a config.json nanopalette does not run")
+        return c
     except Exception:
         import hf  # says in one line what is wrong with config.json
         raise hf.config_error(path) from None
@@ -370,10 +359,6 @@ class KVCache:
                           for _ in "kv")
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.seen, self.slot = (torch.zeros(n, dtype=torch.long, device=device) for n in (batch_size, 1))
-        # every tensor the decode step writes, static: a CUDA graph then reads and writes them where they
-        # are (a mutated input that is not static makes torch skip CUDA graphs altogether)
-        for buffer in self.k + self.v + [self.key_valid, self.seen, self.slot]:
-            torch._dynamo.mark_static_address(buffer)
 
     def prepare(self, attention_mask):   # -> positions (B, T), key_valid (B, S), query_slots (T,)
         slots = self.slot + torch.arange(attention_mask.shape[1], device=self.slot.device)          # (T,)
@@ -406,17 +391,18 @@ def sample_next(logits, temperature=1.0, top_p=1.0, keys=None, t=0):
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # drop a token once the mass before it already reaches top_p (the top token always stays)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))   # order: a permutation
+    logits = top_p_filter(logits, top_p) if top_p < 1.0 else logits
     logp = logits.log_softmax(-1).double()                                                # (B, V)
     u = keyed_uniform(keys, t, logp.shape[1])
     # in log space, with u strictly inside (0, 1): 0 < q < inf, so every token of probability 0
     # (outside top-p, or a logit of -inf) scores -inf, below any other, and is never drawn, not even by a tie
     return (logp - (-u.log()).log()).argmax(-1)
+
+def top_p_filter(logits, top_p):   # (B, V): -inf on each token once the mass before it reaches top_p (the top stays)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(-1)
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))   # order: a permutation
 
 @dataclass
 class Generation:
@@ -435,14 +421,67 @@ def _decode_step(model, tokens, cache, keys, t, temperature, top_p):
     logits = model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])   # (B, V)
     return sample_next(logits, temperature, top_p, keys, t)
 
+@torch.inference_mode()
+def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0, top_p=1.0, stop_tokens=(),
+             keys=None, generator=None, compile=None, check_every=16):
+    """Batched sampling with a KV cache: B prompts (token ids) after B prefixes (embed_rows), each row until its first
+    stop token or max_new_tokens; row b's noise at its t-th token is keyed_uniform(keys[b], t) (keys drawn from
+    `generator` if not given). Shapes stay fixed (a finished row stays, masked); one host sync every check_every
+    tokens; compile (default: COMPILE_DECODE, else on CUDA): the compiled decode of bucketed_decode."""
+    device, B = model.embed_tokens.weight.device, len(prompts)
+    compile = (device.type == "cuda" if COMPILE_DECODE is None else COMPILE_DECODE) if compile is None else compile
+    if keys is None and temperature > 0:
+        keys = torch.randint(0, 2**32, (B,), generator=generator, device=generator.device if generator else "cpu").tolist()
+    keys = None if keys is None else torch.tensor([k % 2**32 for k in keys], device=device)           # (B,)
+    if compile and not sharded(model):
+        embeds, mask, keys, cache, step = bucketed_decode(model, prompts, prefixes, keys, max_new_tokens)
+    else:
+        embeds, mask = embed_rows(model, prompts, prefixes)                                    # (B, T, d)
+        cache, step = KVCache(model.config, B, embeds.shape[1] + max_new_tokens, device, embeds.dtype), _decode_step
+    # The prefill needs the next-token logits of the last position only: the full (B, T, V) would
+    # be 4 GB for 64 prompts of 300 tokens with a 49K vocabulary, and a fifth of the prefill's work.
+    logits = model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])    # (B', V)
+    tokens = sample_next(logits, temperature, top_p, keys, 0)                       # (B',)
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    out = torch.zeros((len(embeds), max_new_tokens), dtype=torch.long, device=device)
+    finished = torch.arange(len(embeds), device=device) >= B      # the bucket's padding rows, then stopped ones
+    lengths = torch.zeros(len(embeds), dtype=torch.long, device=device)
+    t_next = torch.zeros((), dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        live = ~finished
+        out[:, t] = torch.where(live, tokens, 0)
+        lengths += live.long()
+        finished |= live & torch.isin(tokens, stop)
+        if t == max_new_tokens - 1 or (t % check_every == check_every - 1 and bool(finished.all())):
+            break
+        t_next.fill_(t + 1)
+        tokens = step(model, tokens, cache, keys, t_next, temperature, top_p)
+    return Generation(tokens=out[:B], lengths=lengths[:B], stopped=finished[:B])
+
+# The compiled decode: one graph for every batch bucket, sampling included; on a GPU, CUDA graphs. COMPILE_DECODE None:
+# on CUDA only. tests/test_gpu_commands.py sets True to run a GPU's code path on the CPU (Inductor compiles it there)
+COMPILE_DECODE = None
+
+def sharded(model):   # FSDP2's hooks cannot be traced: a sharded model decodes eagerly
+    fsdp = sys.modules.get("torch.distributed.fsdp")        # loaded where fsdp.py sharded a model (0.5 s otherwise)
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+def bucketed_decode(model, prompts, prefixes, keys, max_new_tokens):   # generate's inputs, cache and step, compiled
+    """The batch padded to its bucket with copies of row 0 (finished from the start), the bucket's cache, the step."""
+    pad = decode_buckets(len(prompts), 0)[0] - len(prompts)
+    prompts, keys = list(prompts) + [prompts[0]] * pad, None if keys is None else torch.cat([keys, keys.new_zeros(pad)])
+    prefixes = None if prefixes is None else list(prefixes) + [prefixes[0]] * pad
+    embeds, mask = embed_rows(model, prompts, prefixes)                          # (B', T, d)
+    length = decode_buckets(len(prompts), embeds.shape[1] + max_new_tokens)[1]
+    cache = bucketed_cache(model.config, len(prompts), length, embeds.device, embeds.dtype)
+    step = compiled_decode_step(embeds.device.type)
+    # cloned: a CUDA graph's next replay overwrites its output, which the step's tokens are (the next step's input)
+    return embeds, mask, keys, cache, lambda *args: step(*args).clone()
+
 @functools.cache   # once per process, symbolic sizes: one graph for every call; on a GPU, CUDA graphs per bucket
 def compiled_decode_step(device_type):
     return torch.compile(_decode_step, fullgraph=True, dynamic=True,
                          mode="reduce-overhead" if device_type == "cuda" else None)
-
-# None: the compiled, bucketed decode on CUDA only. tests/test_gpu_commands.py sets True to run a GPU's
-# code path on the CPU (Inductor compiles it there)
-COMPILE_DECODE = None
 
 def decode_buckets(batch, length):
     # the shapes a compiled step runs at, so that varied batches share a few graphs: the batch rounded up to
@@ -457,7 +496,11 @@ def bucketed_cache(config, batch, length, device, dtype):
     key = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, batch, dtype, str(device))
     if key not in _CACHES or _CACHES[key].key_valid.shape[1] < length:
         _CACHES.pop(key, None)                   # the shorter one is freed before the longer one is made
-        _CACHES[key] = KVCache(config, batch, length, device, dtype)
+        _CACHES[key] = cache = KVCache(config, batch, length, device, dtype)
+        # every tensor the decode step writes, static: a CUDA graph then reads and writes them where they
+        # are (a mutated input that is not static makes torch skip CUDA graphs altogether)
+        for buffer in cache.k + cache.v + [cache.key_valid, cache.seen, cache.slot]:
+            torch._dynamo.mark_static_address(buffer)
     cache = _CACHES[key]
     for counter in (cache.key_valid, cache.seen, cache.slot):   # slots are overwritten, only the counters restart
         counter.zero_()
@@ -465,50 +508,6 @@ def bucketed_cache(config, batch, length, device, dtype):
 
 def free_caches():   # the caches kept between calls (bench/gpu.py between sections, evaluate.py between benchmarks)
     _CACHES.clear()
-
-@torch.inference_mode()
-def generate(model, prompts, prefixes=None, max_new_tokens=128, temperature=1.0, top_p=1.0, stop_tokens=(),
-             keys=None, generator=None, compile=None, check_every=16):
-    """Batched sampling with a KV cache: B prompts (token ids) after B prefixes (embed_rows), each row until its first
-    stop token or max_new_tokens; row b's noise at its t-th token is keyed_uniform(keys[b], t) (keys drawn from
-    `generator` if not given). Shapes stay fixed (a finished row stays, masked); one host sync every check_every
-    tokens; compile (default: COMPILE_DECODE, else on CUDA): one compiled graph per bucket, sampling included."""
-    device, B = model.embed_tokens.weight.device, len(prompts)
-    compile = (device.type == "cuda" if COMPILE_DECODE is None else COMPILE_DECODE) if compile is None else compile
-    fsdp = sys.modules.get("torch.distributed.fsdp")        # loaded where fsdp.py sharded a model (0.5 s otherwise)
-    compile = compile and not (fsdp and isinstance(model, fsdp.FSDPModule))   # FSDP2's hooks cannot be traced: eager
-    if keys is None and temperature > 0:
-        keys = torch.randint(0, 2**32, (B,), generator=generator, device=generator.device if generator else "cpu").tolist()
-    if compile:
-        pad = decode_buckets(B, 0)[0] - B
-        prompts, keys = list(prompts) + [prompts[0]] * pad, None if keys is None else list(keys) + [0] * pad
-        prefixes = None if prefixes is None else list(prefixes) + [prefixes[0]] * pad
-    embeds, mask = embed_rows(model, prompts, prefixes)                          # (B', T, d)
-    length = embeds.shape[1] + max_new_tokens
-    cache = bucketed_cache(model.config, len(prompts), decode_buckets(B, length)[1], device, embeds.dtype) \
-        if compile else KVCache(model.config, B, length, device, embeds.dtype)
-    # The prefill needs the next-token logits of the last position only: the full (B, T, V) would
-    # be 4 GB for 64 prompts of 300 tokens with a 49K vocabulary, and a fifth of the prefill's work.
-    logits = model.lm_head(model.hidden_states(embeds, mask, kv_cache=cache)[:, -1])    # (B', V)
-    key_tensor = None if keys is None else torch.tensor([k % 2**32 for k in keys], device=device)
-    tokens = sample_next(logits, temperature, top_p, key_tensor, 0)                 # (B',)
-    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-    out = torch.zeros((len(prompts), max_new_tokens), dtype=torch.long, device=device)
-    finished = torch.arange(len(prompts), device=device) >= B      # the bucket's padding rows, then stopped ones
-    lengths = torch.zeros(len(prompts), dtype=torch.long, device=device)
-    t_next = torch.zeros((), dtype=torch.long, device=device)
-    step = compiled_decode_step(device.type) if compile else _decode_step
-    for t in range(max_new_tokens):
-        live = ~finished
-        out[:, t] = torch.where(live, tokens, 0)
-        lengths += live.long()
-        finished |= live & torch.isin(tokens, stop)
-        if t == max_new_tokens - 1 or (t % check_every == check_every - 1 and bool(finished.all())):
-            break
-        t_next.fill_(t + 1)
-        # cloned: a CUDA graph's next replay overwrites its output, which this step's tokens are
-        tokens = step(model, tokens, cache, key_tensor, t_next, temperature, top_p).clone()
-    return Generation(tokens=out[:B], lengths=lengths[:B], stopped=finished[:B])
 
 # -----------------------------------------------------------------------------
 # 4. The palette: a VAE over mean-pooled trace embeddings, and the prefix sources
@@ -584,20 +583,16 @@ def load_vae(vae_dir, E):   # -> (the VAE of a train_vae.py directory, vae.json'
         k, scale = meta["latent_dim"], meta.get("prefix_scale", 1.0)
         vae = PaletteVAE(meta["dim"], k, meta["hidden_dim"], meta["depth"], meta.get("prefix_form", "rescaled"), scale)
         vae.load_state_dict(state)
-        fingerprint = torch.tensor(meta["fingerprint"], dtype=torch.float)
         for stats in meta.get("domains", {}).values():              # each region's mean (k,) and cov (k, k)
             torch.tensor([stats["mean"]] + stats["cov"], dtype=torch.float).view(k + 1, k)
-        if not (type(scale) in (int, float) and scale > 0 and meta["depth"] >= 0):
-            raise ValueError("prefix_scale or depth out of range")
-    except Exception as e:
-        import hf  # names the field or tensor that is wrong, in one line
-        raise hf.vae_error(meta, json_path, state, file, e) from None
-    # cosine similarity: fine-tuned descendants (embeddings moved a little) still match, other models do not
-    if (E.shape[1] != meta["dim"] or (mine := torch.tensor(embedding_fingerprint(E))).shape != fingerprint.shape
-            or F.cosine_similarity(mine, fingerprint, dim=0).item() < 0.95):
-        raise UserError(f"{vae_dir}: the VAE was trained for another model ({meta.get('model')}, embeddings of "
-                        f"size {meta['dim']}, fingerprint {short_hash(meta['fingerprint'])}); this model's "
-                        f"are of size {E.shape[1]} and differ; train a VAE for this model with train_vae.py")
+        # cosine similarity: fine-tuned descendants (embeddings moved a little) still match, other models do not
+        fingerprint, mine = torch.tensor(meta["fingerprint"], dtype=torch.float), torch.tensor(embedding_fingerprint(E))
+        if (not (type(scale) in (int, float) and scale > 0 and meta["depth"] >= 0) or E.shape[1] != meta["dim"]
+                or mine.shape != fingerprint.shape or F.cosine_similarity(mine, fingerprint, dim=0).item() < 0.95):
+            raise ValueError("prefix_scale or depth out of range, or the VAE of another model")
+    except Exception:
+        import hf  # names the field or tensor that is wrong, or the model the VAE was trained for, in one line
+        raise hf.vae_error(vae_dir, json_path, file, meta, state, E) from None
     return vae.eval().requires_grad_(False), meta
 
 class PrefixSource:
@@ -637,18 +632,21 @@ class VAEPrefix(PrefixSource):
     def __init__(self, E, vae=None, region=None, tie=False, **context):
         super().__init__(E, tie)
         self.vae, meta = (vae, {}) if isinstance(vae, PaletteVAE) else load_vae(vae, E)
-        self.region, domains = region, meta.get("domains", {})
-        if region is not None and region not in domains:
-            raise UserError(f"the VAE has no latent region {region!r}; it knows {sorted(domains)}")
+        self.region = region
         if region is not None:
-            mean, cov = (torch.tensor(domains[region][key]) for key in ("mean", "cov"))
-            self.region_mean, self.region_chol = mean, torch.linalg.cholesky(cov + 1e-5 * torch.eye(len(cov)))
+            self.region_mean, self.region_chol = latent_region(meta.get("domains", {}), region)
 
     def _draw(self, n, L, generator):
         z = self._noise(n, L, self.vae.latent_dim, generator)                  # (n, L, k) ~ N(0, I), the prior
         if self.region is not None:
             z = self.region_mean + z @ self.region_chol.T                      # ~ N(mean_d, cov_d), d's region
         return self.vae.prefix(z)                                              # (n, L, d)
+
+def latent_region(domains, region):   # --region: that domain's latent Gaussian, its mean (k,) and Cholesky factor
+    if region not in domains:
+        raise UserError(f"the VAE has no latent region {region!r}; it knows {sorted(domains)}")
+    mean, cov = (torch.tensor(domains[region][key]) for key in ("mean", "cov"))
+    return mean, torch.linalg.cholesky(cov + 1e-5 * torch.eye(len(cov)))
 
 class NoisePrefix(PrefixSource):
     name, norm = "noise", "token"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import model as model_module
 from conftest import tiny_toy_model
-from model import KVCache, _decode_step, completion_batch, decode_buckets, generate, token_logprobs
+from model import _decode_step, completion_batch, decode_buckets, generate, token_logprobs
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_one_cache_per_batch_bucket_sized_to_what_it_served(gqa_model):
 def test_every_tensor_the_decode_step_writes_is_static(gqa_model):
     """A compiled step that writes to an input that is not marked static makes torch skip CUDA graphs
     ("mutated inputs"). Find what one decode step writes by running it, then check each is static."""
-    cache = KVCache(gqa_model.config, 2, 16, "cpu", torch.float32)
+    cache = model_module.bucketed_cache(gqa_model.config, 2, 16, "cpu", torch.float32)   # the compiled path's cache
     from model import embed_rows
     embeds, mask = embed_rows(gqa_model, [[5, 6, 7], [8, 9]])
     with torch.no_grad():
