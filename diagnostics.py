@@ -29,32 +29,30 @@ def prefix_health(source, model=None, prompts=None, tokenizer=None, L=1, n_prefi
     drawn = source.sample(n_prefixes, 1, g)
     if drawn.is_floating_point():          # text prefixes (token ids) have no geometry of their own
         unit = F.normalize(drawn[:, 0], dim=-1)                                       # (n, d)
-        health["prefix_pairwise_cos"] = (unit @ unit.T)[~torch.eye(n_prefixes, dtype=torch.bool)].mean().item()
-        line = (f"prefix health ({source.name}): mean pairwise cosine of prior prefixes "
-                f"{health['prefix_pairwise_cos']:.3f} (noise: about 0)")
+        cos = health["prefix_pairwise_cos"] = (unit @ unit.T)[~torch.eye(n_prefixes, dtype=torch.bool)].mean().item()
+        lines.append(f"prefix health ({source.name}): mean pairwise cosine of prior prefixes {cos:.3f} "
+                     "(noise: about 0)")
         if isinstance(source, VAEPrefix):
             to_mean = unit @ F.normalize(source.vae.h_mean.float(), dim=0)           # (n,)
             health["prefix_cos_to_corpus_mean"] = to_mean.mean().item()
-            line += (f" | cosine to the corpus mean {to_mean.mean().item():.3f} ({to_mean.min().item():.3f} "
-                     f"to {to_mean.max().item():.3f}), form {source.vae.prefix_form}")
-        lines.append(line)
+            lines[-1] += (f" | cosine to the corpus mean {to_mean.mean().item():.3f} ({to_mean.min().item():.3f} "
+                          f"to {to_mean.max().item():.3f}), form {source.vae.prefix_form}")
     if model is not None and prompts:
         answers = [greedy_answers(model, tokenizer, prompts, max_new_tokens, source, L, g)[0] for _ in range(2)]
-        broken = [is_broken(ids, tokenizer.decode(ids, skip_special_tokens=True)) for draw in answers for ids in draw]
-        health["frac_answers_change"] = sum(a != b for a, b in zip(*answers)) / len(prompts)
-        health["frac_broken"] = sum(broken) / len(broken)
-        lines.append(f"prefix health ({source.name}, L = {L}, {len(prompts)} prompts, greedy): answers that "
-                     f"change between two prefixes {health['frac_answers_change']:.1%} | broken answers "
-                     f"(empty or one repeated token) {health['frac_broken']:.1%}")
+        changed = health["frac_answers_change"] = sum(a != b for a, b in zip(*answers)) / len(prompts)
+        broken = health["frac_broken"] = sum(is_broken(ids, tokenizer.decode(ids, skip_special_tokens=True))
+                                             for draw in answers for ids in draw) / (2 * len(prompts))
+        lines.append(f"prefix health ({source.name}, L = {L}, {len(prompts)} prompts, greedy): answers that change "
+                     f"between two prefixes {changed:.1%} | broken answers (empty or one repeated token) {broken:.1%}")
     fix = isinstance(source, VAEPrefix) and source.vae.prefix_form != DEFAULT_PREFIX_FORM and (   # a VAE of another form
         f"train the VAE with `train_vae.py --prefix-form {DEFAULT_PREFIX_FORM}` (or set \"prefix_form\": "
         f"\"{DEFAULT_PREFIX_FORM}\" in its vae.json: the form needs no retraining)")
-    if health.get("prefix_pairwise_cos", 0.0) > COLLAPSED_COSINE:
-        lines.append(f"warning: the prior prefixes collapse to one direction (mean pairwise cosine {health['prefix_pairwise_cos']:.2f}"
-                     f" > {COLLAPSED_COSINE}): the policy reads every latent as the same token, so the palette cannot steer it; "
-                     + (fix or "retrain the VAE with a smaller --beta, or use another prefix source"))
-    if health.get("frac_broken", 0.0) > BROKEN_SHARE:
-        lines.append(f"warning: {health['frac_broken']:.0%} of greedy answers under prefixes are broken (> {BROKEN_SHARE:.0%}): "
+    if (cos := health.get("prefix_pairwise_cos", 0.0)) > COLLAPSED_COSINE:
+        lines.append(f"warning: the prior prefixes collapse to one direction (mean pairwise cosine {cos:.2f} > "
+                     f"{COLLAPSED_COSINE}): the policy reads every latent as the same token, so the palette cannot "
+                     "steer it; " + (fix or "retrain the VAE with a smaller --beta, or use another prefix source"))
+    if (share := health.get("frac_broken", 0.0)) > BROKEN_SHARE:
+        lines.append(f"warning: {share:.0%} of greedy answers under prefixes are broken (> {BROKEN_SHARE:.0%}): "
                      "the policy cannot read these prefixes; " + (fix or "try a longer warm-up (sft_warmup.py --steps) or L = 1"))
     return health, lines
 

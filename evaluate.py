@@ -37,8 +37,9 @@ import memory
 from common import (ArgumentParser, UserError, atomic_write_json, atomic_write_text, compute_init, derived_seed, on_master,
                     print0, progress, ranged, read_json, run_main)
 from data import GRADER, HELD_OUT_SEED, SHARED_DATA_DIR, DataError, answer_of, grade, load_rows
-from infer import add_arguments, check_prefix, load, tokenize
+from infer import add_arguments, load, tokenize
 from model import decode_buckets, free_caches, generate
+from prefixes import check_prefix
 
 # The paper's evaluation sets: name -> (hub id, split, file in ../shared/data).
 BENCHMARKS = {
@@ -93,8 +94,7 @@ def read_records(out_dir, name):
                 records.append(json.loads(line))
     return records
 
-def check_args(args):
-    """The rules between flags, before anything is loaded; the sorted k of pass@k."""
+def check_args(args):     # the rules between flags, before anything is loaded; the sorted k of pass@k
     ks = sorted({1, args.n} if args.k is None else {int(k) if k.strip().isdecimal() else 0 for k in args.k.split(",") if k.strip()})
     if not ks or ks[0] < 1 or ks[-1] > args.n:     # pass@k needs at least k candidates a problem (not a number: 0)
         raise UserError(f"--k {args.k}: expected comma-separated integers from 1 to --n {args.n}, such as 1,8,32")
@@ -112,9 +112,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ks = check_args(args)
     args.temperature = 0.0 if args.mode == "greedy-latent" else args.temperature     # whatever the flag
-    prefix = [f"{args.prefix_source}{':' + args.region if args.region else ''}", f"L={args.L}"]
-    name = args.config_name or " ".join([args.mode] + prefix * (args.prefix_source != "none" and args.L > 0)
-                                        + [f"T={args.temperature:g}"] * bool(args.temperature))
+    prefix = [args.prefix_source + (f":{args.region}" if args.region else ""), f"L={args.L}"] * (args.mode != "sample")
+    name = args.config_name or " ".join([args.mode, *prefix] + [f"T={args.temperature:g}"] * bool(args.temperature))
     if "|" in name or "\n" in name:
         raise UserError(f"--config-name {name!r}: no '|' or newlines (it is a Markdown table cell)")
     specs = []   # (benchmark name, source, split)
@@ -179,16 +178,14 @@ def main(argv=None):
                          for i in chunk]                                                   # (n, rows, d) or None each
                 prefixes = [p for d in drawn for p in ([None] * n if d is None else d.to(device))]
                 noise = [derived_seed(args.seed, keys[i], j) for i in chunk for j in range(n)]
-                batches = [slice(s, s + args.batch_size) for s in range(0, len(prompts), args.batch_size)]
-                outs = []
-                for b in batches:
-                    if (batch_bucket := decode_buckets(len(prompts[b]), 1)[0]) != bucket:   # a shorter last batch:
-                        free_caches()                 # its cache replaces the one held, as memory.py plans
-                        bucket = batch_bucket
-                    outs.append(generate(model, prompts[b], prefixes[b], args.max_new_tokens, args.temperature,
-                                         top_p=args.top_p, stop_tokens=[tokenizer.eos_token_id], keys=noise[b]))
-                texts = [t for out in outs for t in tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)]
-                stopped = [done for out in outs for done in out.stopped.tolist()]
+                texts, stopped = [], []
+                for b in (slice(s, s + args.batch_size) for s in range(0, len(prompts), args.batch_size)):
+                    if bucket != (bucket := decode_buckets(len(prompts[b]), 1)[0]):   # a shorter last batch: its
+                        free_caches()                     # cache replaces the one held, as memory.py plans
+                    out = generate(model, prompts[b], prefixes[b], args.max_new_tokens, args.temperature,
+                                   top_p=args.top_p, stop_tokens=[tokenizer.eos_token_id], keys=noise[b])
+                    texts += tokenizer.batch_decode(out.token_lists(), skip_special_tokens=True)
+                    stopped += out.stopped.tolist()
                 for j, i in enumerate(chunk):
                     completions, finished = texts[j * n:(j + 1) * n], stopped[j * n:(j + 1) * n]
                     # a completion cut off at --max-new-tokens is no answer (as in rl.py): a grader would score luck

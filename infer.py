@@ -21,9 +21,9 @@ import os
 
 import torch
 
-from common import SEED, ArgumentParser, UserError, compute_init, derived_seed, note_unused, ranged, run_main
+from common import SEED, ArgumentParser, UserError, compute_init, derived_seed, ranged, run_main
 from data import TEMPLATES, check_fits_context, format_prompt, load_rows
-from prefixes import add_prefix_arguments, check_prefix_sources
+from prefixes import add_prefix_arguments, check_prefix
 from model import generate, load_policy, make_prefix_source
 
 def add_arguments(parser, temperature, max_new_tokens, rows, **prefix):
@@ -39,13 +39,7 @@ def add_arguments(parser, temperature, max_new_tokens, rows, **prefix):
     arg("--seed", type=SEED, default=0, help="seeds the latents and the token sampler")
     add_prefix_arguments(parser, **prefix)
 
-def check_prefix(args, parser, unused):      # a note for each flag without effect (unused: {dest: why}); the prefix checks
-    none = dict.fromkeys(("L", "tie", "vae", "region"), "--prefix-source none draws no prefix")
-    note_unused(args, parser, unused | (none if args.prefix_source == "none" else {}))
-    check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie, args.L)
-
-def load(args, device):
-    """The policy in eval mode, its tokenizer, and the flags' prefix source."""
+def load(args, device):      # the policy in eval mode, its tokenizer, the flags' prefix source
     model, tokenizer = load_policy(args.model, device, getattr(torch, args.dtype))
     return model.eval(), tokenizer, make_prefix_source(args.prefix_source, model.embed_tokens.weight, tokenizer, args.vae,
                                                        args.region, args.tie, args.seed)

@@ -4,7 +4,7 @@ imports this file only when a run names one of them. Each is a PrefixSource (mod
 import torch
 import torch.nn as nn
 
-from common import UserError, print0, ranged
+from common import UserError, note_unused, print0, ranged
 from model import PREFIX_SOURCES, PrefixSource, prefix_class
 
 class RandomDecoderPrefix(PrefixSource):
@@ -67,14 +67,12 @@ class LoremPrefix(PrefixSource):
     def rows(self, L):
         return L + len(self.boundary_ids) if L else 0
 
-    def text(self, n, L, generator=None):   # n strings of L words (at least L tokens); ". " after ~1 in 8, ", " 1 in 12
+    def _draw(self, n, L, generator):   # n texts of L words (at least L tokens); ". " after ~1 in 8, ", " 1 in 12
         words = torch.randint(len(LOREM_WORDS), (n, L), generator=generator).tolist()     # (n, L)
         marks = torch.rand(n, L, generator=generator).tolist()                              # (n, L)
         end = lambda m: ". " if m < 1 / 8 else ", " if m < 1 / 8 + 1 / 12 else " "
-        return ["".join(LOREM_WORDS[w] + end(m) for w, m in zip(ws, ms)).rstrip() for ws, ms in zip(words, marks)]
-
-    def _draw(self, n, L, generator):
-        return torch.tensor([self.encode(t)[:L] + self.boundary_ids for t in self.text(n, L, generator)])
+        texts = ["".join(LOREM_WORDS[w] + end(m) for w, m in zip(ws, ms)).rstrip() for ws, ms in zip(words, marks)]
+        return torch.tensor([self.encode(t)[:L] + self.boundary_ids for t in texts])     # L tokens, the boundary
 
 SOURCES = {cls.name: cls for cls in (RandomDecoderPrefix, RSPPrefix, LoremPrefix)}
 
@@ -86,15 +84,19 @@ def add_prefix_arguments(parser, L_help, source="vae"):   # the palette's flags 
     parser.add_argument("--L", type=ranged(int, 0), default=1, help=L_help)
     parser.add_argument("--tie", action="store_true", help="one draw repeated L times instead of L draws")
 
+def check_prefix(args, parser, unused):     # a note for each flag without effect (unused: {dest: why}); the checks
+    none = dict.fromkeys(("L", "tie", "vae", "region"), "--prefix-source none draws no prefix")
+    note_unused(args, parser, unused | (none if args.prefix_source == "none" else {}))
+    check_prefix_sources([("--prefix-source", args.prefix_source)], args.vae, args.region, args.tie, args.L)
+
 def check_prefix_sources(used, vae, region, tie, L=2):
     """used: (flag, source name) of every source a run draws, the longest L prefix tokens. A source without
     what it needs is refused; a flag none of them can use gets a one-line note."""
-    reads_vae = any(prefix_class(name).needs_vae for _, name in used)
-    if vae is None and (needy := [f"{flag} {name}" for flag, name in used if prefix_class(name).needs_vae]):
+    if (needy := [f"{flag} {name}" for flag, name in used if prefix_class(name).needs_vae]) and vae is None:
         raise UserError(f"{needy[0]} needs --vae DIR (a directory written by train_vae.py)")
     notes = [tie and L <= 1 and f"--tie repeats one draw over the L prefix vectors, and --L is {L}",
              tie and not any(prefix_class(name).tieable for _, name in used) and "no source here draws vectors to tie",
-             vae is not None and not reads_vae and "--vae: no prefix source of this run reads a VAE",
-             region is not None and not reads_vae and "--region: regions are areas of a VAE source's latent space"]
+             vae is not None and not needy and "--vae: no prefix source of this run reads a VAE",
+             region is not None and not needy and "--region: regions are areas of a VAE source's latent space"]
     for why in filter(None, notes):
         print0(f"note: a flag has no effect here ({why})")

@@ -25,10 +25,9 @@ import memory
 from common import (SEED, ArgumentParser, Replicated, RunDir, UserError, all_reduce_mean, compute_init, derived_seed,
                     print0, progress, ranged, run_main)
 from data import HELD_OUT_SEED, TEMPLATES, check_fits_context, format_prompt, load_mixture
-from infer import check_prefix
-from prefixes import add_prefix_arguments
-from model import (Transformer, completion_batch, load_config,
-                   load_embedding_matrix, load_tokenizer, make_prefix_source, resolve_checkpoint, token_logprobs)
+from prefixes import add_prefix_arguments, check_prefix
+from model import (Transformer, completion_batch, load_config, load_embedding_matrix, load_tokenizer,
+                   make_prefix_source, resolve_checkpoint, token_logprobs)
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 arg = parser.add_argument
@@ -45,8 +44,7 @@ arg("--model", required=True, help="hub id or checkpoint directory")
 arg("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: bf16 compute, fp32 master")
 arg("--activation-checkpointing", default="auto", choices=["auto", "on", "off"], help="auto: on a GPU, if memory needs it")
 arg("--fsdp", action="store_true", help="shard weights, gradients and AdamW over ranks (fsdp.py)")
-# Palette
-add_prefix_arguments(parser, L_help="prefix tokens per example")     # --prefix-source --vae --region --L --tie
+add_prefix_arguments(parser, L_help="prefix tokens per example")   # palette: --prefix-source --vae --region --L --tie
 # Optimisation
 arg("--steps", type=ranged(int, 1), default=10)
 arg("--batch-size", type=ranged(int, 1), default=32, help="pairs per step, over all ranks")
@@ -56,7 +54,6 @@ arg("--warmup-steps", type=ranged(int, 0), default=2)
 arg("--weight-decay", type=ranged(float, 0), default=0.0)
 arg("--grad-clip", type=ranged(float, above=0, inf=True), default=1.0, help="inf: no clipping")
 arg("--seed", type=SEED, default=0)
-# Output
 arg("--out", required=True)
 
 def check_args(args, world_size=1):     # the rules between flags, before anything is loaded
@@ -79,23 +76,23 @@ def main(argv=None):
     tokenizer, context = load_tokenizer(path, config.vocab_size), config.max_position_embeddings
     source = make_prefix_source(args.prefix_source, load_embedding_matrix(path), tokenizer, args.vae, args.region,
                                 args.tie, args.seed)              # L = 0: it draws no prefix (None)
-    L1 = max(args.L, 1)                                           # the checks draw at least one prefix token
+    L1, prefix_rows = max(args.L, 1), source.rows(args.L)        # the checks draw at least one prefix token
     tokenize = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     # (prompt ids, answer ids + eos) of the rows with a solution that fit, with the prefix, in --max-tokens
     rows = [r for r in load_mixture(args.data, per_domain_cap=args.per_domain_cap, seed=args.seed) if r.get("solution")]
     limit, why = min(args.max_tokens, context), "--max-tokens" if args.max_tokens <= context else "the model's context"
     pairs = [(tokenize(format_prompt(r["problem"], args.template, tokenizer)), tokenize(r["solution"]) + [tokenizer.eos_token_id])
              for r in rows]
-    pairs = [(p, a) for p, a in pairs if len(p) + len(a) + source.rows(args.L) <= limit]
+    pairs = [(p, a) for p, a in pairs if len(p) + len(a) + prefix_rows <= limit]
     if not pairs:
         raise UserError(f"--data {args.data}: no pairs with a solution within {limit} tokens ({why}) "
-                        f"with L = {args.L} ({source.rows(args.L)} prefix rows)")
+                        f"with L = {args.L} ({prefix_rows} prefix rows)")
     if len(pairs) < len(rows):
         print0(f"note: left out {len(rows) - len(pairs)} of {len(rows)} pairs longer than {limit} tokens with the prefix ({why})")
     if args.batch_size > len(pairs):   # ranks would get unequal or empty batches (--fsdp: a hang)
         raise UserError(f"--batch-size {args.batch_size} is more than the {len(pairs)} (question, answer) pairs of --data; "
                         "lower it or add data")
-    longest = max(len(p) + len(a) for p, a in pairs) + source.rows(args.L)
+    longest = max(len(p) + len(a) for p, a in pairs) + prefix_rows
     print0(f"{len(pairs)} (question, answer) pairs, at most {longest} tokens; prefix source {source.name}, L = {args.L}")
     args.micro_batch_size, checkpointing = memory.sft_plan(args, config, world_size, longest, device)
     run = RunDir(args.out, args)                       # nothing is written before the checks above
@@ -119,21 +116,19 @@ def main(argv=None):
     mine = slice(rank * args.batch_size // world_size, (rank + 1) * args.batch_size // world_size)
     for step in (bar := progress(range(args.steps), "sft")):
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        opt.param_groups[0]["lr"] = lr                 # (one group)
         batch = order.sample(pairs, args.batch_size)[mine]
         # prior draws for the whole batch from the step's seed, this rank's share taken: any number of ranks
         drawn = source.sample(args.batch_size, args.L, torch.Generator().manual_seed(derived_seed(args.seed, step)))
-        drawn = None if drawn is None else drawn[mine]                                                # (b, L, d)
+        prefixes = [None] * len(batch) if drawn is None else list(drawn[mine])        # a prefix (or None) a row
         # the token mean over the whole batch: the count is a mean over ranks, as the gradient is
         n_tokens = all_reduce_mean([sum(len(a) for _, a in batch)], device)[0]
         total_loss = 0.0
-        for i in range(0, len(batch), args.micro_batch_size):
-            micro, prefixes = batch[i:i + args.micro_batch_size], None if drawn is None else list(drawn[i:i + args.micro_batch_size])
+        for micro in (slice(i, i + args.micro_batch_size) for i in range(0, len(batch), args.micro_batch_size)):
+            prompts, answers = zip(*batch[micro])
             policy.before_microbatch()   # (FSDP: embed_rows and the log-probs read the root's weights)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not args.fsdp):
-                embeds, targets, loss_mask = completion_batch(model, [p for p, _ in micro], [a for _, a in micro], prefixes)
-                logprobs, _ = token_logprobs(model, embeds, targets, loss_mask)
+                logprobs, _ = token_logprobs(model, *completion_batch(model, prompts, answers, prefixes[micro]))
             loss = -logprobs.sum() / n_tokens          # this rank's share of the batch's token mean
             loss.backward()
             total_loss += loss.item()

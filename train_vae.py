@@ -48,7 +48,6 @@ arg("--steps", type=ranged(int, 1), default=2000)
 arg("--batch-size", type=ranged(int, 1), default=128)
 arg("--lr", type=ranged(float, above=0), default=1e-3)
 arg("--seed", type=SEED, default=0)
-# Output
 arg("--out", required=True, help="output directory")
 
 def mean_pooled_embeddings(E, token_rows):
