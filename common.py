@@ -419,6 +419,31 @@ def load_checkpoint(path, key=int):
         raise UserError(f"{path}: the checkpoint is incomplete or damaged ({type(e).__name__}: {e}); resume from "
                         "an older checkpoint (move this one away) or start again in a new --out") from None
 
+def checkpoint(run, step, model, opt, trainer_state):
+    """checkpoint-{step} of a training run (model: Replicated or fsdp.Sharded): weights, optimiser state and
+    trainer_state; every random draw is a function of --seed and the step, so no RNG state. Non-finite weights
+    are never written: the run stops. Returns the whole model (under FSDP, rank 0's copy)."""
+    if all_reduce_mean([float(model.all_finite())], model.device)[0] < 1.0:
+        raise UserError(f"non-finite weights after step {step - 1}, so no checkpoint is written; "
+                        f"{kept_note(run.path)}; lower --lr or use --dtype float32")
+    whole, opt_state = model.whole(opt)
+    if run.master:
+        save_checkpoint(run.path, step, whole, opt_state, trainer_state)
+    if distributed():
+        dist.barrier()
+    return whole
+
+def resume(run, opt, model):
+    """The trainer state of the run's newest checkpoint, its optimiser state loaded into opt."""
+    trainer, opt_state = load_checkpoint(run.checkpoint, key=model.optimizer_key)
+    try:
+        model.load_optimizer_state(opt, opt_state)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"{run.checkpoint}: its optimiser state does not fit this model ({e}); resume "
+                        "with the flags that wrote it") from None
+    print0(f"resumed from {run.checkpoint} at step {trainer['step']}")
+    return trainer
+
 class Replicated:
     """Data parallelism by hand (fsdp.Sharded has the same methods): every rank holds the whole fp32 model;
     --dtype bfloat16 computes under autocast and samples with a bf16 copy refreshed after each update."""

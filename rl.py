@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from common import (ArgumentParser, Replicated, RunDir, UserError, all_reduce_mean, all_reduce_sum,
-                    compute_init, derived_seed, gather_objects, kept_note, load_checkpoint, note_unused,
-                    print0, progress, ranged, run_main, save_checkpoint, seed_everything, SEED)
+from common import (ArgumentParser, Replicated, RunDir, UserError, all_reduce_mean, all_reduce_sum, checkpoint,
+                    compute_init, derived_seed, gather_objects, kept_note, note_unused, print0, progress, ranged,
+                    resume, run_main, seed_everything, SEED)
 from data import HELD_OUT_SEED, TEMPLATES, grade, load_problems
 from model import (ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, PREFIX_SOURCES, Transformer, completion_batch, prefix_class,
                    generate, group_advantages, load_config, load_embedding_matrix, load_tokenizer,
@@ -306,7 +306,7 @@ def update_policy(model, opt, ref_model, r, args):
             **({"kl": per_token("kl")} if ref_model is not None else {})}
 
 # -----------------------------------------------------------------------------
-# What a user watches: one record per step, decoded samples, checkpoints
+# What a user watches: one record per step, decoded samples
 
 def rollout_metrics(r, G, device):
     """Means over every on-policy rollout of every rank, from sums (ranks hold different numbers of them)."""
@@ -340,19 +340,6 @@ def log_samples(run, step, r, args):
             for i in range(len(r))]
     for record in gather_objects(mine):
         run.log(record, name="samples.jsonl")
-
-def checkpoint(run, step, model, opt, last_rewards):
-    """checkpoint-{step}: weights, optimiser state and the schedule's memory (every random draw is a function
-    of --seed and the step: no RNG state). Non-finite weights are never written: the run stops."""
-    if all_reduce_mean([float(model.all_finite())], model.device)[0] < 1.0:
-        raise UserError(f"non-finite weights after step {step - 1}, so no checkpoint is written; "
-                        f"{kept_note(run.path)}; lower --lr or use --dtype float32")
-    whole, opt_state = model.whole(opt)
-    if run.master:
-        save_checkpoint(run.path, step, whole, opt_state, {"last_rewards": last_rewards})
-    if dist.is_initialized():
-        dist.barrier()
-    return whole
 
 def main(argv=None):
     args = parser.parse_args(argv)
@@ -388,11 +375,10 @@ def main(argv=None):
                                             else torch.float32).eval().requires_grad_(False) if args.kl_coef > 0 else None
     if args.fsdp:                              # fsdp.py: the optimiser then holds only this rank's shards
         import fsdp
-        model = fsdp.Sharded(model, args.dtype == "bfloat16")
-    else:                                      # common.py: DDP by hand, and a bf16 sampler copy
-        model = Replicated(model, args.dtype == "bfloat16")
+    model = (fsdp.Sharded if args.fsdp else Replicated)(model, args.dtype == "bfloat16")   # Replicated: DDP by hand
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99), fused=device.type == "cuda")
-    start, last_rewards = resume(run, opt, model) if run.checkpoint else (0, {})
+    trainer = resume(run, opt, model) if run.checkpoint else {"step": 0}      # its step, the schedule's memory
+    start, last_rewards = trainer["step"], trainer.get("last_rewards", {})
     run.begin(start)                           # args.json, and the logs of the steps before `start`
 
     # -- the loop: rollout -> score -> advantages -> update -> log
@@ -423,14 +409,15 @@ def main(argv=None):
                             "lower --lr or check the data") from None
         log_step(run, record, (t0, t1, t2, time.perf_counter()), r, args, bar, history)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            checkpoint(run, step + 1, model, opt, last_rewards)
+            checkpoint(run, step + 1, model, opt, {"last_rewards": last_rewards})
 
     if eval_rows:
         model.before_rollouts()
-        run.log({"step": args.steps, "eval_pass1": evaluate_greedy(model.sampler, tokenizer, eval_rows[rank::world_size],
-                                                                   args, device, final=True)})
+        run.log({"step": args.steps, "eval_pass1": (final := evaluate_greedy(model.sampler, tokenizer,
+                                                                              eval_rows[rank::world_size], args, device))})
+        print0(f"held-out greedy pass@1 after RL: {final:.3f}")
     model.end()
-    whole = checkpoint(run, args.steps, model, opt, last_rewards)
+    whole = checkpoint(run, args.steps, model, opt, {"last_rewards": last_rewards})
     if run.master:
         whole.save_pretrained(run.file("model"))
         print0(f"saved {run.file('model')}")
@@ -460,16 +447,6 @@ def remember_rewards(r, chosen, G):       # {problem index (a JSON key): its G r
     mine = [(int(r.group[j * G]), r.rewards[j * G:(j + 1) * G].tolist()) for j in range(len(r) // G)]
     return {str(chosen[j]): rewards for j, rewards in gather_objects(mine)}
 
-def resume(run, opt, model):              # the newest checkpoint's optimiser state: its step, the schedule's memory
-    trainer, opt_state = load_checkpoint(run.checkpoint, key=model.optimizer_key)
-    try:
-        model.load_optimizer_state(opt, opt_state)
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"{run.checkpoint}: its optimiser state does not fit this model ({e}); resume "
-                        "with the flags that wrote it") from None
-    print0(f"resumed from {run.checkpoint} at step {trainer['step']}")
-    return trainer["step"], trainer.get("last_rewards", {})
-
 def plan_memory(args, config, rows, eval_rows, source, extra, world_size, device):
     """(micro-batch, activation checkpointing): on a GPU the first that fits by memory.py's model (or a one-line
     refusal); elsewhere --micro-batch-size, 0 meaning 32, and no recomputation."""
@@ -479,7 +456,7 @@ def plan_memory(args, config, rows, eval_rows, source, extra, world_size, device
     return memory.rl_plan(args, config, rows, eval_rows, source, extra, world_size, device)
 
 @torch.no_grad()
-def evaluate_greedy(model, tokenizer, mine, args, device, final=False):   # held-out greedy pass@1, no prefix, over ranks
+def evaluate_greedy(model, tokenizer, mine, args, device):   # held-out greedy pass@1, no prefix, over ranks
     correct = 0.0
     if mine:
         out = generate(model, [r["prompt_ids"] for r in mine], None, args.max_new_tokens, temperature=0,
@@ -488,8 +465,6 @@ def evaluate_greedy(model, tokenizer, mine, args, device, final=False):   # held
         correct = sum(grade(t, r["answer"], r["grading_kind"]) * done
                       for t, r, done in zip(texts, mine, out.stopped.tolist()))
     total, n = all_reduce_sum([correct, len(mine)], device)
-    if final:
-        print0(f"held-out greedy pass@1 after RL: {total / max(n, 1e-9):.3f}")
     return total / max(n, 1e-9)
 
 if __name__ == "__main__":

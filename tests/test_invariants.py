@@ -74,6 +74,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common
 import credit
 import diagnostics
 import evaluate
@@ -120,8 +121,8 @@ def clipped(argv):
 def keep_checkpoints(monkeypatch):
     """Every checkpoint kept (rl.py keeps the newest), so that each evaluation can be replayed on the
     weights of its step."""
-    save = rl.save_checkpoint
-    monkeypatch.setattr(rl, "save_checkpoint", lambda *a, **k: save(*a, **{**k, "keep": 1000}))
+    save = common.save_checkpoint                              # rl.py saves through common.checkpoint
+    monkeypatch.setattr(common, "save_checkpoint", lambda *a, **k: save(*a, **{**k, "keep": 1000}))
 
 
 def quietly(fn, *args):
@@ -782,7 +783,7 @@ def trace(monkeypatch):
             seen.append(("checkpoint", step))
             return real(out, step, *a, **k)
         return traced
-    monkeypatch.setattr(rl, "save_checkpoint", saving(rl.save_checkpoint))
+    monkeypatch.setattr(common, "save_checkpoint", saving(common.save_checkpoint))
     monkeypatch.setattr(rl, "token_logprobs", forward(rl.token_logprobs))
     monkeypatch.setattr(sft_warmup, "token_logprobs", forward(sft_warmup.token_logprobs))
     for module in (evaluate, infer, diagnostics):

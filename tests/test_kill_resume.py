@@ -406,6 +406,7 @@ def test_a_checkpoint_without_its_tokenizer_files_resumes_with_those_of_model(tm
     """The tokenizer files come from --model, the source of truth: a checkpoint that lost them still
     resumes into a next checkpoint and a model/ that carry them (both used to be written without)."""
     import functools
+    import common
     import rl
     from common import save_checkpoint
     from conftest import stopping_toy_model
@@ -415,7 +416,7 @@ def test_a_checkpoint_without_its_tokenizer_files_resumes_with_those_of_model(tm
     write_jsonl(toy_rows("math", 20, seed=1, digits=1), str(tmp_path / "train.jsonl"))
     argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
             "--out", str(tmp_path / "run"), *ARGV[:ARGV.index("--steps")], "--steps", "2", "--save-every", "1"]
-    monkeypatch.setattr(rl, "save_checkpoint", functools.partial(save_checkpoint, keep=2))   # both checkpoints kept
+    monkeypatch.setattr(common, "save_checkpoint", functools.partial(save_checkpoint, keep=2))   # both checkpoints kept
     rl.main(argv)
     for name in ("checkpoint-000002", "model"):               # as if killed after checkpoint-000001
         shutil.rmtree(tmp_path / "run" / name)
