@@ -56,9 +56,15 @@ def memory_need(c, bf16=False, ranks=1, fsdp=False, sampler_copy=False, ref=Fals
                 "autocast weights": (2 * P / (layers if fsdp else 1)) if bf16 and train_rows else 0,
                 # fsdp.py gathers the root (embedding, lm_head, final norm) for a whole micro-batch; its unsharded gradient
                 "FSDP root": 2 * b * (V * d * (1 if c.tie_word_embeddings else 2) + d) if fsdp and train_rows else 0}
-    # a prompt token's MLP and projection outputs, the mask as bool and as the attention kernel's bias; the expanded K, V
-    per_token = (3 * c.intermediate_size + 6 * d + 2 * heads) * b + (1 + b) * gen_len
-    prefill = gen_rows * ((gen_len if prompt_len is None else prompt_len) * per_token + expanded_kv)
+    # A prefill layer's temporaries peak in its attention or in its MLP, never in both (inference frees each as it
+    # goes): per prompt token, the attention's q and its RoPE products, the output and o_proj's (5 heads + 2 d) and
+    # the mask as the kernel's bias, per row the K and V repeated per query head; or the MLP's SiLU(gate), up and
+    # their product (3 f). Beside either: the residual and its norm, RoPE's cos and sin, the bool mask (measured
+    # tensor by tensor on the CPU: tests/test_memory.py)
+    tokens = gen_len if prompt_len is None else prompt_len
+    attention = tokens * ((5 * heads + 2 * d) * b + b * gen_len) + expanded_kv
+    beside = tokens * ((2 * d + 2 * c.head_dim) * b + gen_len)
+    prefill = gen_rows * (beside + max(attention, tokens * 3 * c.intermediate_size * b))
     generation = {"KV cache": kv_bytes * gen_rows * gen_len if not kv_held else 0, "prefill": prefill,
                   "gathered weights": (2 if bf16 else 4) * P if fsdp and gen_rows else 0}
     return {**held, **training, **generation, "total": sum(held.values()) + max(sum(training.values()), sum(generation.values()))}
