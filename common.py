@@ -287,8 +287,7 @@ class RunDir:
 
     def __init__(self, path, args, resume=False):
         self.path, self.args, self.master = path, args, is_master()
-        alone = self.master and not distributed()       # else rank 0 opens it, and every rank learns what it found
-        self.checkpoint = self._open(resume) if alone else on_master(lambda: self._open(resume))
+        self.checkpoint = on_master(lambda: self._open(resume))     # every rank learns what rank 0 found
         RunDir.current = self
 
     def _open(self, resume):
@@ -343,10 +342,10 @@ class RunDir:
     def file(self, name):
         return os.path.join(self.path, name)
 
-    def log(self, record, name="metrics.jsonl"):
-        """Append one JSON line (rank 0); a failed append is cut back, and is one line."""
+    def log(self, *records, name="metrics.jsonl"):
+        """Append one JSON line per record (rank 0) in one write; a failed append is cut back, and is one line."""
         if self.master:
-            line = (to_json(record) + "\n").encode()
+            line = "".join(to_json(record) + "\n" for record in records).encode()
             with open(self.file(name), "ab", buffering=0) as f:     # unbuffered: the write fails here
                 size = f.tell()
                 try:
@@ -462,8 +461,7 @@ class Replicated:
         return getattr(self.module, name)
 
     def sync_and_clip(self, max_norm):
-        if distributed():                        # the one place replicated ranks synchronise
-            sync_gradients(self.module)
+        sync_gradients(self.module)              # the one place replicated ranks synchronise
         return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
 
     def refresh_sampler(self):
@@ -479,5 +477,4 @@ class Replicated:
     load_optimizer_state = staticmethod(torch.optim.Optimizer.load_state_dict)    # (opt, state)
 
     def end(self):
-        if distributed():
-            check_ranks_in_sync(self.module)
+        check_ranks_in_sync(self.module)

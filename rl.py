@@ -338,8 +338,7 @@ def log_samples(run, step, r, args):
              "trained_with_prefix": train_prefixes[i] is not None, "trained": i in trained,
              "advantage": r.advantages[i].item(), **{f"update_{k}": float(v[i]) for k, v in r.stats.items()}}
             for i in range(len(r))]
-    for record in gather_objects(mine):
-        run.log(record, name="samples.jsonl")
+    run.log(*gather_objects(mine), name="samples.jsonl")
 
 def main(argv=None):
     args = parser.parse_args(argv)
